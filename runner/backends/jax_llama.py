@@ -1,0 +1,259 @@
+"""Functional JAX implementation of the Llama family (and LFM2) with factored LoRA adapters.
+
+Every adapted Linear computes ``y = x Wᵀ + b + c · ((x V) · S) Uᵀ`` with ``U (out, r)``,
+``S (r,)``, ``V (in, r)`` and a per-module scalar ``c``; this matches the torch backend.
+
+API::
+
+    params = params_from_torch(model.state_dict(), model.config)   # JaxParams pytree, float32
+    out = logits(params, input_ids, attention_mask=None, adapters=None)        # (B, T, V)
+    loss = masked_cross_entropy(out, labels)                                  # HF shift, -100 ignored
+    loss, grads = loss_and_grads(params, adapters, batch)   # grads[name] = (dU, dS, dV)
+
+``adapters`` maps full module names (``model.layers.0.self_attn.q_proj``, ``lm_head``)
+to ``(U, S, V, c)``.  ``batch`` is a mapping with ``input_ids`` and optionally
+``attention_mask`` and ``labels`` (default: ``input_ids`` with padding set to -100).
+Positions are ``arange(T)`` as in HF when no ``position_ids`` are given.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._spec import (
+    IGNORE_INDEX,
+    ModelSpec,
+    final_norm_key,
+    lm_head_key,
+    spec_from_config,
+    split_adapters,
+    state_dict_to_numpy,
+)
+
+__all__ = [
+    "JaxParams",
+    "params_from_torch",
+    "logits",
+    "masked_cross_entropy",
+    "loss_and_grads",
+    "default_labels",
+]
+
+
+@jax.tree_util.register_pytree_node_class
+class JaxParams:
+    """Weights (dict of jnp arrays, HF names) plus the static :class:`ModelSpec`."""
+
+    def __init__(self, weights: dict[str, jax.Array], spec: ModelSpec):
+        self.weights = weights
+        self.spec = spec
+
+    def tree_flatten(self):
+        return (self.weights,), self.spec
+
+    @classmethod
+    def tree_unflatten(cls, spec, children):
+        return cls(children[0], spec)
+
+    def __getitem__(self, key: str) -> jax.Array:
+        return self.weights[key]
+
+    def __repr__(self) -> str:
+        return f"JaxParams({self.spec.arch}, {len(self.weights)} tensors)"
+
+
+def params_from_torch(state_dict: Mapping[str, Any], config: Any) -> JaxParams:
+    """Convert a HF ``LlamaForCausalLM``/``Lfm2ForCausalLM`` state dict (+ its config)."""
+    spec = spec_from_config(config)
+    w = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in state_dict_to_numpy(state_dict, spec).items()}
+    return JaxParams(w, spec)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def _linear(p: JaxParams, name: str, x, usv, scales):
+    w = p.weights[name + ".weight"]
+    y = x @ w.T
+    b = p.weights.get(name + ".bias")
+    if b is not None:
+        y = y + b
+    if name in usv:
+        u, s, v = usv[name]
+        y = y + scales[name] * (((x @ v) * s) @ u.T)
+    return y
+
+
+def _rms_norm(x, w, eps):
+    var = jnp.mean(x * x, axis=-1, keepdims=True)
+    return w * (x * jax.lax.rsqrt(var + eps))
+
+
+def _rope_cos_sin(spec: ModelSpec, position_ids):
+    d = spec.head_dim
+    inv_freq = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float32) / d))
+    freqs = position_ids.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # (B|1, T, d/2)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., h:], x[..., :h]], axis=-1)
+
+
+def _apply_rope(x, cos, sin):  # x (B, T, H, D); cos/sin (B|1, T, D)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+def _attention(p, prefix, x, cos, sin, mask, usv, scales, qk_norm: bool, o_name: str):
+    spec = p.spec
+    B, T, _ = x.shape
+    D, Hkv, G = spec.head_dim, spec.num_kv_heads, spec.kv_groups
+    q = _linear(p, f"{prefix}.q_proj", x, usv, scales).reshape(B, T, spec.num_heads, D)
+    k = _linear(p, f"{prefix}.k_proj", x, usv, scales).reshape(B, T, Hkv, D)
+    v = _linear(p, f"{prefix}.v_proj", x, usv, scales).reshape(B, T, Hkv, D)
+    if qk_norm:
+        q = _rms_norm(q, p.weights[f"{prefix}.q_layernorm.weight"], spec.norm_eps)
+        k = _rms_norm(k, p.weights[f"{prefix}.k_layernorm.weight"], spec.norm_eps)
+    q = _apply_rope(q, cos, sin)
+    k = _apply_rope(k, cos, sin)
+    q = q.reshape(B, T, Hkv, G, D)  # head h = kv * G + g (HF repeat_kv order)
+    scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k) * (D**-0.5)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    # zero fully-masked rows (left padding) like torch SDPA's safe softmax, which HF uses by default
+    probs = jax.nn.softmax(scores, axis=-1) * mask[:, None, None]
+    o = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(B, T, spec.num_heads * D)
+    return _linear(p, f"{prefix}.{o_name}", o, usv, scales)
+
+
+def _short_conv(p, prefix, x, pad_mask, usv, scales):
+    spec = p.spec
+    H, K, T = spec.hidden_size, spec.conv_kernel, x.shape[1]
+    if pad_mask is not None:
+        x = x * pad_mask[:, :, None].astype(x.dtype)
+    bcx = _linear(p, f"{prefix}.in_proj", x, usv, scales)
+    b, c, xx = bcx[..., :H], bcx[..., H : 2 * H], bcx[..., 2 * H :]
+    bx = b * xx  # (B, T, H)
+    w = p.weights[f"{prefix}.conv.weight"]  # (H, K)
+    xp = jnp.pad(bx, ((0, 0), (K - 1, 0), (0, 0)))
+    conv = sum(xp[:, j : j + T, :] * w[:, j] for j in range(K))
+    cb = p.weights.get(f"{prefix}.conv.bias")
+    if cb is not None:
+        conv = conv + cb
+    return _linear(p, f"{prefix}.out_proj", c * conv, usv, scales)
+
+
+def _mlp(p, prefix, x, usv, scales, names):
+    gate, up, down = names
+    g = _linear(p, f"{prefix}.{gate}", x, usv, scales)
+    u = _linear(p, f"{prefix}.{up}", x, usv, scales)
+    return _linear(p, f"{prefix}.{down}", jax.nn.silu(g) * u, usv, scales)
+
+
+def _forward(p: JaxParams, input_ids, attention_mask, usv, scales, position_ids=None):
+    spec, w = p.spec, p.weights
+    B, T = input_ids.shape
+    h = jnp.take(w["model.embed_tokens.weight"], input_ids, axis=0)
+    if position_ids is None:
+        position_ids = jnp.arange(T)[None, :]
+    cos, sin = _rope_cos_sin(spec, position_ids)
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))[None]
+    if attention_mask is not None:
+        am = attention_mask.astype(bool)
+        mask = causal & am[:, None, :]
+    else:
+        am = None
+        mask = causal
+    eps = spec.norm_eps
+    for i, lt in enumerate(spec.layer_types):
+        pre = f"model.layers.{i}"
+        if spec.arch == "llama":
+            a = _rms_norm(h, w[f"{pre}.input_layernorm.weight"], eps)
+            h = h + _attention(p, f"{pre}.self_attn", a, cos, sin, mask, usv, scales, False, "o_proj")
+            m = _rms_norm(h, w[f"{pre}.post_attention_layernorm.weight"], eps)
+            h = h + _mlp(p, f"{pre}.mlp", m, usv, scales, ("gate_proj", "up_proj", "down_proj"))
+        else:
+            a = _rms_norm(h, w[f"{pre}.operator_norm.weight"], eps)
+            if lt == "conv":
+                h = h + _short_conv(p, f"{pre}.conv", a, am, usv, scales)
+            else:
+                h = h + _attention(p, f"{pre}.self_attn", a, cos, sin, mask, usv, scales, True, "out_proj")
+            m = _rms_norm(h, w[f"{pre}.ffn_norm.weight"], eps)
+            h = h + _mlp(p, f"{pre}.feed_forward", m, usv, scales, ("w1", "w3", "w2"))
+    h = _rms_norm(h, w[final_norm_key(spec)], eps)
+    head = w[lm_head_key(w)]
+    out = h @ head.T
+    if "lm_head" in usv:
+        u, s, v = usv["lm_head"]
+        out = out + scales["lm_head"] * (((h @ v) * s) @ u.T)
+    return out
+
+
+def _prep_adapters(adapters):
+    usv, scales = split_adapters(adapters)
+    usv = {k: tuple(jnp.asarray(t, dtype=jnp.float32) for t in a) for k, a in usv.items()}
+    scales = {k: jnp.asarray(c, dtype=jnp.float32) for k, c in scales.items()}
+    return usv, scales
+
+
+@jax.jit
+def _logits_jit(params, input_ids, attention_mask, usv, scales, position_ids):
+    return _forward(params, input_ids, attention_mask, usv, scales, position_ids)
+
+
+def logits(params: JaxParams, input_ids, attention_mask=None, adapters=None, position_ids=None):
+    """Logits ``(B, T, vocab)`` in float32.  Jitted (retraces per shape / adapter set)."""
+    usv, scales = _prep_adapters(adapters)
+    ids = jnp.asarray(input_ids, dtype=jnp.int32)
+    am = None if attention_mask is None else jnp.asarray(attention_mask, dtype=jnp.int32)
+    pos = None if position_ids is None else jnp.asarray(position_ids, dtype=jnp.int32)
+    return _logits_jit(params, ids, am, usv, scales, pos)
+
+
+def masked_cross_entropy(logits_, labels):
+    """Mean next-token CE as HF computes it: ``logits[:, :-1]`` vs ``labels[:, 1:]``, -100 ignored."""
+    lg = logits_[:, :-1, :].astype(jnp.float32)
+    lb = jnp.asarray(labels)[:, 1:]
+    valid = lb != IGNORE_INDEX
+    safe = jnp.where(valid, lb, 0)
+    lse = jax.nn.logsumexp(lg, axis=-1)
+    tgt = jnp.take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
+    nll = jnp.where(valid, lse - tgt, 0.0)
+    return nll.sum() / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+
+
+def default_labels(input_ids, attention_mask=None):
+    """Labels = input ids with padding positions set to -100 (numpy)."""
+    lab = np.array(input_ids, dtype=np.int32, copy=True)
+    if attention_mask is not None:
+        lab[np.asarray(attention_mask) == 0] = IGNORE_INDEX
+    return lab
+
+
+def _loss(usv, params, scales, input_ids, attention_mask, labels, position_ids):
+    out = _forward(params, input_ids, attention_mask, usv, scales, position_ids)
+    return masked_cross_entropy(out, labels)
+
+
+_value_and_grad_jit = jax.jit(jax.value_and_grad(_loss))
+
+
+def loss_and_grads(params: JaxParams, adapters, batch: Mapping[str, Any]):
+    """``(loss, {name: (dU, dS, dV)})`` for the masked LM loss, via jitted ``jax.value_and_grad``."""
+    usv, scales = _prep_adapters(adapters)
+    ids = jnp.asarray(batch["input_ids"], dtype=jnp.int32)
+    am = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = default_labels(batch["input_ids"], am)
+    am = None if am is None else jnp.asarray(am, dtype=jnp.int32)
+    pos = batch.get("position_ids")
+    pos = None if pos is None else jnp.asarray(pos, dtype=jnp.int32)
+    loss, grads = _value_and_grad_jit(usv, params, scales, ids, am, jnp.asarray(labels, jnp.int32), pos)
+    return loss, grads
