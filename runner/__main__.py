@@ -1,0 +1,6 @@
+"""`python -m runner ...`: see runner.app."""
+
+from runner.app import main
+
+if __name__ == "__main__":
+    main()

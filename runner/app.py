@@ -1,0 +1,102 @@
+"""The Hydra entry point: `python -m runner [overrides]`.
+
+1. `main` first composes the config for every job the command line describes (each point of a
+   `-m` sweep too) and converts it to the typed `RunConfig`. A typo, a wrong type or a missing
+   value stops here with one line naming the key -- before any model is loaded.
+2. Hydra then runs the job(s) as usual (`--help`, `--cfg job`, multirun and launchers work as
+   Hydra users expect); `run_job` converts the config once and dispatches to the task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from runner.config import config_error_line, to_run_config
+from runner.errors import ConfigError, UserError
+from runner.schema import TaskName, register_configs
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_job(cfg)
+    except UserError as err:
+        _fail(str(err), err.exit_code)
+
+
+def run_job(cfg: DictConfig) -> object:
+    """Convert the composed config once and run its task."""
+    run_cfg = to_run_config(cfg)
+    if run_cfg.task.name is TaskName.train:
+        from runner.tasks.train import train_task
+
+        return train_task(run_cfg)
+    if run_cfg.task.name is TaskName.model_info:
+        from runner.tasks.model_info import model_info_task
+
+        return model_info_task(run_cfg)
+    raise UserError(f"task={run_cfg.task.name.value}: not implemented")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if _is_plain_job(args):
+        try:
+            precheck(args)
+        except UserError as err:
+            _fail(str(err), err.exit_code)
+    sys.argv = [sys.argv[0], *args]
+    _hydra_main()
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _is_plain_job(args: list[str]) -> bool:
+    """True unless Hydra is asked for something other than running jobs (--help, --cfg, ...)."""
+    return not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args)
+
+
+def precheck(args: list[str]) -> None:
+    """Compose and type-check every job of the command line; raise ConfigError on the first bad one."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(job_overrides)
+    except Exception as err:  # Hydra's grammar errors
+        raise ConfigError(config_error_line(err)) from None
+
+    # Expand sweeps (a=1,2 b=x,y) into their cartesian product of plain overrides.
+    choices = []
+    for ov in parsed:
+        if ov.is_sweep_override():
+            values = list(ov.sweep_string_iterator())
+            choices.append([f"{ov.get_key_element()}={v}" for v in values])
+        else:
+            choices.append([ov.input_line])
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        for combo in itertools.product(*choices) if choices else [()]:
+            try:
+                cfg = compose(config_name="config", overrides=list(combo))
+            except Exception as err:
+                raise ConfigError(config_error_line(err)) from None
+            to_run_config(cfg)
+    GlobalHydra.instance().clear()
+
+

@@ -1,0 +1,129 @@
+"""Convert the composed Hydra config into typed dataclasses, once, with one-line errors."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from runner.errors import ConfigError
+from runner.schema import TRAINER_SCHEMAS, ModelSource, RunConfig, TrainerConfig
+
+# Why a key is rejected on the derived trainer: these knobs are what it derives.
+DERIVED_KNOBS = {
+    "lr", "learning_rate", "r", "rank", "lora_alpha", "alpha", "warmup_ratio", "warmup_steps",
+    "schedule", "max_grad_norm", "clip", "weight_decay", "lora_dropout", "dropout", "momentum",
+    "betas", "eps", "target_modules", "batch_size",
+}
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Return the typed RunConfig for a composed config, or raise ConfigError naming the key."""
+    trainer_name = _trainer_name(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing required value ({_missing_hint(cfg, missing[0])})")
+    try:
+        run_cfg = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(config_error_line(err)) from None
+    assert isinstance(run_cfg, RunConfig)
+    schema = TRAINER_SCHEMAS[trainer_name]
+    if not isinstance(run_cfg.trainer, schema):
+        raise ConfigError(f"trainer: option '{trainer_name}' must use the schema {schema.__name__}")
+    _check_values(run_cfg)
+    return run_cfg
+
+
+def _trainer_name(cfg: DictConfig) -> str:
+    name = OmegaConf.select(cfg, "trainer.name", throw_on_missing=False)
+    if name not in TRAINER_SCHEMAS:
+        known = ", ".join(sorted(TRAINER_SCHEMAS))
+        raise ConfigError(f"trainer.name: unknown trainer '{name}' (known: {known})")
+    return str(name)
+
+
+def _missing_hint(cfg: DictConfig, key: str) -> str:
+    return f"set it in the config or on the command line: {key}=..."
+
+
+def _check_values(cfg: RunConfig) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "must be in (0, 1)"),
+        ("data.max_seq_len", cfg.data.max_seq_len >= 8, "must be >= 8"),
+        ("budget.max_tokens", cfg.budget.max_tokens > 0, "must be > 0"),
+        ("budget.eval_every", cfg.budget.eval_every > 0, "must be > 0"),
+        ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),
+        ("trainer.batch_size", getattr(cfg.trainer, "batch_size", 1) > 0, "must be > 0"),
+        ("hardware.threads", cfg.hardware.threads >= 0, "must be >= 0"),
+    ]
+    if cfg.model.source is ModelSource.pretrained and not cfg.model.path:
+        raise ConfigError(
+            f"model.path: missing required value: {cfg.model.id} is not embedded; pass "
+            "model.path=/path/to/weights (a directory with config.json and *.safetensors, "
+            "a .gguf file, or a hub id when online)"
+        )
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why}")
+
+
+def config_error_line(err: BaseException) -> str:
+    """Condense a Hydra/OmegaConf error into one line that names the key."""
+    omega = _find_omegaconf_error(err)
+    if omega is not None and getattr(omega, "full_key", None):
+        key = omega.full_key
+        msg = _first_line(getattr(omega, "msg", None) or str(omega))
+        line = f"{key}: {msg}"
+        leaf = key.rsplit(".", 1)[-1]
+        object_type = getattr(omega, "object_type", None)
+        if getattr(object_type, "__name__", "") == "DerivedTrainerConfig" and leaf in DERIVED_KNOBS:
+            line += " (the derived trainer has no such option: it derives it from the weights)"
+        elif "not in" in msg:
+            valid = _valid_keys(omega)
+            if valid:
+                line += f" (valid keys: {', '.join(valid)})"
+        return line
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    line = lines[0]
+    if "Available options" in text:
+        idx = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        options = [
+            ln for ln in lines[idx + 1 :] if re.fullmatch(r"[\w./-]+", ln) and not ln.startswith("base_")
+        ]
+        line += f" (available: {', '.join(options)})"
+    elif len(lines) > 1 and not line.endswith("."):
+        line += f": {lines[1]}"
+    return line
+
+
+def _find_omegaconf_error(err: BaseException | None) -> OmegaConfBaseException | None:
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OmegaConfBaseException):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0].strip() if text.strip() else text
+
+
+def _valid_keys(err: OmegaConfBaseException) -> list[str]:
+    object_type = getattr(err, "object_type", None)
+    if isinstance(object_type, type) and hasattr(object_type, "__dataclass_fields__"):
+        return [f.name for f in fields(object_type)]
+    return []
+
+
+def trainer_options(trainer: TrainerConfig) -> dict:
+    """The trainer's options as a plain dict (for the ledger)."""
+    return OmegaConf.to_container(OmegaConf.structured(trainer), resolve=True, enum_to_str=True)

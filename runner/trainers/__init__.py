@@ -1,0 +1,1 @@
+"""Trainers: the derived (geometry-first) trainer and the baselines it is tested against."""

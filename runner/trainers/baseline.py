@@ -1,0 +1,83 @@
+"""PEFT LoRA baselines: every knob the derived trainer removes is an explicit option here.
+
+`adamw` follows PEFT's common defaults (r=8, alpha=16, q/v projections). The learning rate and
+the rest come from the trainer config; nothing is derived.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from runner.schema import LoraBaselineConfig, Schedule
+from runner.training import StepLog
+
+
+def attach_lora(model, cfg: LoraBaselineConfig):
+    """Wrap `model` with PEFT LoRA adapters as the config says."""
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def build_optimizer(params, cfg: LoraBaselineConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    raise ValueError(f"trainer.optimizer: unknown optimizer '{cfg.optimizer}'")
+
+
+def lr_factor(step: int, total_steps: int, cfg: LoraBaselineConfig) -> float:
+    """Multiplier of the base learning rate at `step` (0-based): linear warmup, then the schedule."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total_steps - warmup, 1)
+    if cfg.schedule is Schedule.linear:
+        return max(0.0, 1.0 - progress)
+    if cfg.schedule is Schedule.cosine:
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+class BaselineTrainer:
+    """One optimizer step per batch on the PEFT LoRA parameters."""
+
+    def __init__(self, peft_model, cfg: LoraBaselineConfig, total_steps: int):
+        self.model = peft_model
+        self.cfg = cfg
+        self.batch_size = cfg.batch_size
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, total_steps, cfg)
+        )
+        self.total_steps = total_steps
+
+    def step(self, batch) -> StepLog:
+        self.model.train()
+        out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         labels=batch.labels)
+        loss = out.loss
+        if not torch.isfinite(loss):
+            return StepLog(loss=float(loss.detach()))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepLog(loss=float(loss.detach()), extra={"lr": lr, "grad_norm": float(grad_norm)})

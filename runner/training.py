@@ -1,0 +1,150 @@
+"""The training loop shared by every trainer, and loss evaluation.
+
+A trainer supplies `step(batch) -> StepLog`; this loop owns everything around it: batching by
+(seed, epoch), the token budget, periodic evaluation, divergence detection and the progress bar.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from runner.data import Example, batches
+from runner.schema import BudgetConfig
+
+
+@dataclass
+class StepLog:
+    loss: float
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer(Protocol):
+    batch_size: int
+
+    def step(self, batch: Any) -> StepLog: ...
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    tokens: int
+    val_loss: float
+    retention_loss: float | None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int  # non-padding input tokens seen by training
+    loss_tokens: int  # tokens that carried loss (answer tokens for masked data)
+    train_losses: list[float]
+    evals: list[EvalPoint]
+    stop_reason: str  # "budget", "max_steps" or "diverged"
+    train_seconds: float
+    step_logs: list[dict[str, float]]
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: tuple[Example, ...], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean next-token cross-entropy over the unmasked labels of `examples`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches(examples, batch_size, seed=0, epoch=0, pad_id=pad_id, shuffle=False):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        # Shift: position t predicts token t+1 (as transformers' causal LM loss does).
+        logits = logits[:, :-1, :].float()  # (B, T-1, V)
+        labels = batch.labels[:, 1:]  # (B, T-1)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=-100, reduction="sum",
+        )
+        total += float(loss)
+        count += int((labels != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _Evaluator:
+    def __init__(self, model, splits, budget: BudgetConfig, pad_id: int):
+        self.model, self.budget, self.pad_id = model, budget, pad_id
+        self.val = splits.val[: budget.eval_examples]
+        self.retention = splits.retention[: budget.eval_examples]
+
+    def __call__(self, step: int, tokens: int) -> EvalPoint:
+        bs = self.budget.eval_batch_size
+        val = evaluate_loss(self.model, self.val, bs, self.pad_id)
+        ret = evaluate_loss(self.model, self.retention, bs, self.pad_id) if self.retention else None
+        return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]train[/]"),
+        BarColumn(),
+        TextColumn("{task.completed:,}/{task.total:,} tok"),
+        TextColumn("step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TextColumn("val {task.fields[val]}"),
+        TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: int,
+               pad_id: int, console: Console | None = None) -> TrainResult:
+    """Train until the token budget (or max_steps) is spent or the loss stops being finite."""
+    console = console or Console(stderr=True)
+    evaluate = _Evaluator(model, splits, budget, pad_id)
+    evals = [evaluate(0, 0)]
+    step, tokens, loss_tokens, epoch = 0, 0, 0, 0
+    losses: list[float] = []
+    step_logs: list[dict[str, float]] = []
+    stop_reason = "budget"
+    start = time.perf_counter()
+    with _progress(console) as bar:
+        task = bar.add_task("train", total=budget.max_tokens, step=0, loss=float("nan"),
+                            val=f"{evals[0].val_loss:.4f}", tok_s=0.0)
+        while stop_reason == "budget" and tokens < budget.max_tokens:
+            for batch in batches(splits.train, trainer.batch_size, seed=seed, epoch=epoch,
+                                 pad_id=pad_id):
+                log = trainer.step(batch)
+                step += 1
+                tokens += int(batch.attention_mask.sum())
+                loss_tokens += int(batch.n_tokens)
+                losses.append(log.loss)
+                step_logs.append({"step": step, "tokens": tokens, "loss": log.loss, **log.extra})
+                if not math.isfinite(log.loss):
+                    stop_reason = "diverged"
+                    break
+                if step % budget.eval_every == 0:
+                    evals.append(evaluate(step, tokens))
+                elapsed = time.perf_counter() - start
+                bar.update(task, completed=min(tokens, budget.max_tokens), step=step,
+                           loss=log.loss, val=f"{evals[-1].val_loss:.4f}",
+                           tok_s=tokens / max(elapsed, 1e-9))
+                if tokens >= budget.max_tokens:
+                    break
+                if budget.max_steps is not None and step >= budget.max_steps:
+                    stop_reason = "max_steps"
+                    break
+            epoch += 1
+    train_seconds = time.perf_counter() - start
+    if stop_reason != "diverged" and evals[-1].step != step:
+        evals.append(evaluate(step, tokens))
+    return TrainResult(step, tokens, loss_tokens, losses, evals, stop_reason, train_seconds,
+                       step_logs)

@@ -1,0 +1,82 @@
+"""The ledger never loses or overwrites a row; `make results` is idempotent."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import pytest
+
+from runner import report
+from runner.ledger import read_trials, stable_hash, write_trial
+
+
+def _row(run_id: str, val: float = 2.0) -> dict:
+    return {
+        "run_id": run_id, "experiment": "unit", "arm": "adamw", "model_id": "tiny_llama",
+        "data_id": "stdlib_docs", "seed": 0, "hardware": "cpu", "status": "ok",
+        "stop_reason": "budget",
+        "metrics": {"steps": 3, "tokens": 300, "val_loss_initial": 3.0, "val_loss_final": val,
+                    "retention_loss_initial": 3.1, "retention_loss_final": 3.2,
+                    "tokens_per_second": 1234.5, "peak_rss_mb": 100.0},
+    }
+
+
+def test_write_then_read_roundtrip(tmp_path: Path) -> None:
+    path = write_trial(tmp_path, _row("a"))
+    assert json.loads(path.read_text())["run_id"] == "a"
+    assert [r["run_id"] for r in read_trials(tmp_path)] == ["a"]
+    assert not list((tmp_path / "trials").glob(".tmp-*"))
+
+
+def test_existing_trial_is_never_overwritten(tmp_path: Path) -> None:
+    write_trial(tmp_path, _row("a", val=1.0))
+    with pytest.raises(FileExistsError):
+        write_trial(tmp_path, _row("a", val=9.0))
+    assert read_trials(tmp_path)[0]["metrics"]["val_loss_final"] == 1.0
+
+
+def _write_many(args: tuple[str, int]) -> None:
+    results_dir, worker = args
+    for i in range(25):
+        write_trial(results_dir, _row(f"w{worker:02d}-{i:03d}"))
+
+
+def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
+    with mp.get_context("spawn").Pool(8) as pool:
+        pool.map(_write_many, [(str(tmp_path), w) for w in range(8)])
+    rows = read_trials(tmp_path)
+    assert len(rows) == 8 * 25
+    assert len({r["run_id"] for r in rows}) == 8 * 25
+
+
+def test_stable_hash_ignores_key_order() -> None:
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_results_are_idempotent(tmp_path: Path) -> None:
+    results, docs, readme = tmp_path / "results", tmp_path / "docs", tmp_path / "README.md"
+    readme.write_text("# X\n\nintro\n")
+    write_trial(results, _row("a"))
+    write_trial(results, _row("b", val=1.5))
+    first = report.build(results, docs, readme)
+    assert set(first) == {docs / "runs.md", readme}
+    snapshot = {p: p.read_text() for p in (docs / "runs.md", readme)}
+    assert report.build(results, docs, readme) == []
+    assert {p: p.read_text() for p in snapshot} == snapshot
+    assert "intro" in readme.read_text() and "1.7500" in readme.read_text()  # mean of 2.0, 1.5
+
+
+def test_committed_docs_match_the_ledger(tmp_path: Path) -> None:
+    """The committed docs are exactly what `make results` produces from the committed ledger."""
+    root = Path(__file__).resolve().parent.parent
+    readme = tmp_path / "README.md"
+    readme.write_text((root / "README.md").read_text())
+    docs = tmp_path / "docs"
+    (docs).mkdir()
+    if (root / "docs" / "runs.md").exists():
+        (docs / "runs.md").write_text((root / "docs" / "runs.md").read_text())
+    changed = report.build(root / "results", docs, readme)
+    assert changed == [], "run `make results` and commit the regenerated docs"
