@@ -277,7 +277,7 @@ def encode_record(record: dict, tokenizer, *, max_seq_len: int, where: str = "<r
             ids += seg
             train += mask
     ids, train = ids[:max_seq_len], train[:max_seq_len]
-    labels = [t if keep and j > 0 else IGNORE_INDEX for j, (t, keep) in enumerate(zip(ids, train))]
+    labels = [t if keep and j > 0 else IGNORE_INDEX for j, (t, keep) in enumerate(zip(ids, train, strict=False))]
     if all(x == IGNORE_INDEX for x in labels):
         raise DataError(f"{where}: every label is masked after truncation to max_seq_len="
                         f"{max_seq_len} ({len(ids)} tokens, none to train on)")

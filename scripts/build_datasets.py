@@ -292,6 +292,8 @@ def build_retention(topics: dict[str, str]) -> list[str]:
 # Writing
 # ---------------------------------------------------------------------------------------------
 
+PLURAL = {"class": "classes", "function": "functions", "method": "methods",
+          "module": "modules", "property": "properties"}
 SYSTEM_PROMPT = "You are a concise assistant that explains Python's standard library."
 
 
@@ -346,6 +348,7 @@ def text_samples(docs: list[dict]) -> list[dict]:
 
 
 def licence_note(what: str, py: str) -> str:
+    copyright = sys.copyright.split("\n\n")[0].replace("\n", " ")  # the PSF line, e.g. 2001-2023
     return f"""# Licence
 
 {what}
@@ -355,7 +358,7 @@ the reference implementation of Python. CPython, including its standard-library 
 and the `pydoc_data` topics, is distributed under the **Python Software Foundation License
 Version 2** (PSF-2.0, <https://docs.python.org/3/license.html>).
 
-Copyright (c) 2001 Python Software Foundation; All Rights Reserved.
+{copyright}
 
 As required by the PSF License Agreement, paragraph 3: this derivative data set was made by
 extracting and reformatting text from Python {py}; the changes are a mechanical selection,
@@ -420,7 +423,8 @@ python scripts/build_datasets.py --out DIR  # same tree under DIR
 ```
 
 Built with **Python {py}** (CPython). The output is byte-identical for the same Python
-version; another version's docstrings differ, so its output will too. `tests/test_data.py`
+version (and a build with the same optional extension modules, e.g. `_ssl`, `_sqlite3`,
+`_lzma`); another version's docstrings differ, so its output will too. `tests/test_data.py`
 rebuilds into a temporary directory and compares bytes when the running Python is {py}.
 """
     write_text(
@@ -435,7 +439,7 @@ as `{{"prompt", "completion"}}` pairs (JSONL, one object per line, keys sorted),
 ```
 
 * **{len(pc)} examples** in `train.jsonl` ({result["stdlib_docs/train.jsonl"][1]} characters,
-  {result["stdlib_docs/train.jsonl"][2]} bytes): {", ".join(f"{v} {k}s" for k, v in kinds.items())}.
+  {result["stdlib_docs/train.jsonl"][2]} bytes): {", ".join(f"{v} {PLURAL[k]}" for k, v in kinds.items())}.
 * Sources: public modules, classes, functions, methods and properties of {len(SAFE_MODULES)}
   allow-listed standard-library modules (see `SAFE_MODULES` in the build script), imported in
   an isolated child interpreter (`python -I -S`). GUI, test, easter-egg and deprecated modules
@@ -444,8 +448,7 @@ as `{{"prompt", "completion"}}` pairs (JSONL, one object per line, keys sorted),
   hard-wrapped paragraphs rejoined (indented or bulleted blocks kept as is).
 * Filtering: {MIN_DOC_CHARS}-{MAX_DOC_CHARS} characters; starts with a letter; at least 6 words;
   at least 70% letters among visible characters; no doctest (`>>>`) and no reST literal
-  (`::`) code blocks; not mostly indented
-  (code/tables); interpreter boilerplate ("Initialize self...", "Return repr(self)", ...)
+  (`::`) code blocks; not mostly indented (code/tables); interpreter boilerplate ("Initialize self...", "Return repr(self)", ...)
   and copyright notices dropped.
 * Deduplication: by docstring text and by qualified name, first in qualified-name order;
   records are in qualified-name order.
