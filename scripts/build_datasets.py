@@ -170,8 +170,8 @@ def clean_doc(doc: str) -> str | None:
     paragraphs: list[str] = []
     for para in "\n".join(lines).split("\n\n"):
         plines = [ln for ln in para.split("\n") if ln.strip()]
-        if not plines:
-            continue
+        if not plines or plines[0].startswith(("XXX", "TODO", "FIXME")):
+            continue  # empty, or a maintainer's note rather than documentation
         listy = any(
             ln.startswith((" ", "|", ">")) or re.match(r"^([-*+]|\d+[.)])\s", ln) for ln in plines
         )
@@ -183,6 +183,9 @@ def clean_doc(doc: str) -> str | None:
         return None  # boilerplate, doctests, reST literal (code) blocks
     if not text[0].isalpha() or len(text.split()) < 6:
         return None
+    first = text.split("\n")[0]
+    if "->" in first or re.match(r"^\w+\s*=", first) or "automatically generated" in text.lower():
+        return None  # a signature or code line first, or generated text
     visible = [c for c in text if not c.isspace()]
     if sum(c.isalpha() for c in visible) / len(visible) < 0.7:
         return None
@@ -445,10 +448,12 @@ as `{{"prompt", "completion"}}` pairs (JSONL, one object per line, keys sorted),
   an isolated child interpreter (`python -I -S`). GUI, test, easter-egg and deprecated modules
   are never imported.
 * Cleaning: `inspect.cleandoc`, leading `name(args) -> result` signature lines removed,
-  hard-wrapped paragraphs rejoined (indented or bulleted blocks kept as is).
+  hard-wrapped paragraphs rejoined (indented or bulleted blocks kept as is), maintainers'
+  notes (paragraphs starting XXX/TODO/FIXME) removed.
 * Filtering: {MIN_DOC_CHARS}-{MAX_DOC_CHARS} characters; starts with a letter; at least 6 words;
   at least 70% letters among visible characters; no doctest (`>>>`) and no reST literal
-  (`::`) code blocks; not mostly indented (code/tables); interpreter boilerplate ("Initialize self...", "Return repr(self)", ...)
+  (`::`) code blocks; no signature or code on the first line; not mostly indented
+  (code/tables); no generated text; interpreter boilerplate ("Initialize self...", "Return repr(self)", ...)
   and copyright notices dropped.
 * Deduplication: by docstring text and by qualified name, first in qualified-name order;
   records are in qualified-name order.
