@@ -202,6 +202,13 @@ def _prep_adapters(adapters):
     return usv, scales
 
 
+def _mask_or_ones(attention_mask, ids):
+    # always pass a mask so padded / unpadded batches of one shape share a compiled function
+    if attention_mask is None:
+        return jnp.ones(ids.shape, dtype=jnp.int32)
+    return jnp.asarray(attention_mask, dtype=jnp.int32)
+
+
 @jax.jit
 def _logits_jit(params, input_ids, attention_mask, usv, scales, position_ids):
     return _forward(params, input_ids, attention_mask, usv, scales, position_ids)
@@ -211,7 +218,7 @@ def logits(params: JaxParams, input_ids, attention_mask=None, adapters=None, pos
     """Logits ``(B, T, vocab)`` in float32.  Jitted (retraces per shape / adapter set)."""
     usv, scales = _prep_adapters(adapters)
     ids = jnp.asarray(input_ids, dtype=jnp.int32)
-    am = None if attention_mask is None else jnp.asarray(attention_mask, dtype=jnp.int32)
+    am = _mask_or_ones(attention_mask, ids)
     pos = None if position_ids is None else jnp.asarray(position_ids, dtype=jnp.int32)
     return _logits_jit(params, ids, am, usv, scales, pos)
 
@@ -252,7 +259,7 @@ def loss_and_grads(params: JaxParams, adapters, batch: Mapping[str, Any]):
     labels = batch.get("labels")
     if labels is None:
         labels = default_labels(batch["input_ids"], am)
-    am = None if am is None else jnp.asarray(am, dtype=jnp.int32)
+    am = _mask_or_ones(am, ids)
     pos = batch.get("position_ids")
     pos = None if pos is None else jnp.asarray(pos, dtype=jnp.int32)
     loss, grads = _value_and_grad_jit(usv, params, scales, ids, am, jnp.asarray(labels, jnp.int32), pos)
