@@ -41,13 +41,10 @@ IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant")
 SHAPES = ('{"text"}', '{"prompt","completion"}', '{"messages":[...]}')
 
-try:  # one line, no traceback, at the entry point, when runner.errors provides UserError
-    from runner.errors import UserError as _UserError
-except Exception:  # pragma: no cover - runner.errors missing or broken
-    _UserError = Exception  # type: ignore[misc,assignment]
+from runner.errors import UserError
 
 
-class DataError(_UserError, ValueError):  # type: ignore[misc]
+class DataError(UserError, ValueError):
     """A problem with a data file; the message names the file and line: ``path:17: problem``."""
 
 

@@ -164,6 +164,10 @@ def _cached_gguf(model_id: str, gguf_path: Path) -> Path:
             model = AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32)
         except Exception as err:
             raise ModelError(f"{gguf_path}: cannot read GGUF ({err})") from None
+        # The weights are dequantized float32 now; drop the GGUF marker that blocks saving.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         return {"source": "gguf", "gguf_file": str(gguf_path), "gguf_sha256": gguf_sha}

@@ -131,9 +131,13 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
                 if not math.isfinite(log.loss):
                     stop_reason = "diverged"
                     break
+                elapsed = time.perf_counter() - start
                 if step % budget.eval_every == 0:
                     evals.append(evaluate(step, tokens))
-                elapsed = time.perf_counter() - start
+                    if not console.is_terminal:  # a log file gets one line per evaluation
+                        console.print(f"step {step} tokens {tokens} loss {log.loss:.4f} "
+                                      f"val {evals[-1].val_loss:.4f} "
+                                      f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
                 bar.update(task, completed=min(tokens, budget.max_tokens), step=step,
                            loss=log.loss, val=f"{evals[-1].val_loss:.4f}",
                            tok_s=tokens / max(elapsed, 1e-9))
