@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
 from runner.schema import TRAINER_SCHEMAS, ModelSource, RunConfig, TrainerConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Why a key is rejected on the derived trainer: these knobs are what it derives.
 DERIVED_KNOBS = {
@@ -127,3 +130,26 @@ def _valid_keys(err: OmegaConfBaseException) -> list[str]:
 def trainer_options(trainer: TrainerConfig) -> dict:
     """The trainer's options as a plain dict (for the ledger)."""
     return OmegaConf.to_container(OmegaConf.structured(trainer), resolve=True, enum_to_str=True)
+
+
+def load_trainer_option(name: str, overrides: dict | None = None) -> TrainerConfig:
+    """Typed trainer config for `conf/trainer/<name>.yaml` plus overrides, without Hydra.
+
+    Used where one job runs several arms (claims, benchmarks): each arm names a trainer option.
+    """
+    path = CONF_DIR / "trainer" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ConfigError(f"trainer={name}: no such trainer option (known: {known})")
+    raw = OmegaConf.load(path)
+    raw.pop("defaults", None)
+    trainer_name = str(raw.get("name", name))
+    if trainer_name not in TRAINER_SCHEMAS:
+        raise ConfigError(f"trainer={name}: unknown trainer name '{trainer_name}'")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TRAINER_SCHEMAS[trainer_name]), raw,
+                                 overrides or {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        line = config_error_line(err)
+        raise ConfigError(f"trainer={name}: {line}") from None

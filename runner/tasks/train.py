@@ -50,7 +50,9 @@ def check_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
     return data_path, retention_path
 
 
-def train_task(cfg: RunConfig) -> dict:
+def train_task(cfg: RunConfig, *, claim_id: str | None = None,
+               rule_hash: str | None = None) -> dict:
+    """Run one trial; `claim_id` / `rule_hash` tag it when a claim's decision rule asked for it."""
     console = Console(stderr=True)
     started = utc_now()
     wall_start = time.perf_counter()
@@ -91,6 +93,7 @@ def train_task(cfg: RunConfig) -> dict:
     # 5. One trial row in the ledger.
     row = _trial_row(cfg, hw, loaded, splits, result, run_id, chash, started,
                      time.perf_counter() - wall_start, adapter_dir, reload_diff)
+    row.update(claim_id=claim_id, rule_hash=rule_hash)
     path = write_trial(cfg.results_dir, row)
     m = row["metrics"]
     console.print(f"[bold]done[/] {result.stop_reason}: val {m['val_loss_initial']:.4f} -> "
