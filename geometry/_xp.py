@@ -1,0 +1,83 @@
+"""Array-namespace helpers: one place that decides namespace, device and working dtype.
+
+Everything in ``geometry`` goes through these helpers so that the same function runs on numpy,
+torch, jax and array-api-strict arrays without importing any of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+Array = Any
+
+
+def as_array(x: Any) -> Array:
+    """Return ``x`` unchanged if it is an array-API array, else a float64 numpy array.
+
+    Lets small inputs (lists of singular values, Python floats) be passed directly.
+    """
+    if array_api_compat.is_array_api_obj(x):
+        return x
+    return np.asarray(x, dtype=np.float64)
+
+
+def namespace(*arrays: Array):
+    """The array-API namespace shared by ``arrays`` (``array_api_compat.array_namespace``)."""
+    return array_api_compat.array_namespace(*arrays)
+
+
+def device(x: Array):
+    """The device that holds ``x``."""
+    return array_api_compat.device(x)
+
+
+def _supports(xp, dtype, dev) -> bool:
+    try:
+        probe = xp.asarray(0.0, dtype=dtype, device=dev)
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return probe.dtype == dtype
+
+
+def work_dtype(x: Array):
+    """float64 where the device supports it (CPU, CUDA, x64 jax), else the input's float dtype.
+
+    Spectra are computed in float64 when possible; on devices without float64 (Apple MPS, jax
+    without x64) we fall back to the input's floating dtype (at least float32).
+    """
+    xp = namespace(x)
+    dev = device(x)
+    if _supports(xp, xp.float64, dev):
+        return xp.float64
+    if xp.isdtype(x.dtype, "real floating"):
+        return x.dtype if x.dtype != xp.float16 else xp.float32
+    return xp.float32
+
+
+def to_work(x: Array) -> Array:
+    """Cast ``x`` to :func:`work_dtype` (a no-op when it already is)."""
+    xp = namespace(x)
+    dt = work_dtype(x)
+    return x if x.dtype == dt else xp.astype(x, dt)
+
+
+def to_float(x: Any) -> float:
+    """A Python float from a 0-d array or number (one host transfer)."""
+    return float(x)
+
+
+def require_matrix(w: Array, name: str = "w") -> None:
+    """ValueError unless ``w`` is a 2-D array with both dimensions >= 1."""
+    if w.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (got ndim={w.ndim})")
+    if w.shape[0] < 1 or w.shape[1] < 1:
+        raise ValueError(f"{name} must have both dimensions >= 1 (got shape={tuple(w.shape)})")
+
+
+def require_vector(s: Array, name: str = "s") -> None:
+    """ValueError unless ``s`` is a non-empty 1-D array."""
+    if s.ndim != 1 or s.shape[0] < 1:
+        raise ValueError(f"{name} must be a non-empty 1-D array (got shape={tuple(s.shape)})")
