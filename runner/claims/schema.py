@@ -1,0 +1,398 @@
+"""Claims as typed, pre-registered decision rules: `conf/claim/<id>.yaml` -> `Claim`.
+
+A claim names what is compared (arms), what is measured (a metric path into the trial row),
+which way is better, how many seeds, which test, alpha and the smallest effect that matters.
+Everything that decides the verdict is the *rule*; its hash (`rule_hash`) is computed before
+any trial runs, stored on every trial the claim asks for, and verdicts count only trials that
+carry the same hash: changing the rule after seeing data starts a new claim.
+
+Invalid files fail at load time with one line naming the file and the key
+(`conf/claim/x.yaml: alpha: must be in (0, 0.5), got 0.7`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from runner.errors import ConfigError
+from runner.ledger import stable_hash
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CLAIM_DIR = PROJECT_ROOT / "conf" / "claim"
+TRAINER_DIR = PROJECT_ROOT / "conf" / "trainer"
+BUDGET_KEYS = ("max_tokens", "max_steps", "eval_every", "eval_examples", "eval_batch_size")
+INVARIANT_OPS = ("<=", ">=", "==", "<", ">")
+
+
+class Kind(StrEnum):
+    paired_comparison = "paired_comparison"  # arm A vs arm B, paired by seed
+    correlation = "correlation"  # x vs y over the entries of a per-layer table
+    invariant = "invariant"  # a per-step inequality that must never break
+    counterexample_search = "counterexample_search"  # any bad trial disproves
+    by_construction = "by_construction"  # an identity checked to float tolerance
+
+
+class Direction(StrEnum):
+    lower = "lower"  # paired comparison: lower metric is better (losses)
+    higher = "higher"  # paired comparison: higher metric is better
+    positive = "positive"  # correlation: the claimed sign of r
+    negative = "negative"
+
+
+class StatTest(StrEnum):
+    paired_t = "paired_t"  # scipy.stats.ttest_rel
+    wilcoxon = "wilcoxon"  # scipy.stats.wilcoxon (signed-rank)
+    bootstrap = "bootstrap"  # scipy.stats.bootstrap (percentile CI of the mean difference)
+    pearson = "pearson"  # scipy.stats.pearsonr
+    spearman = "spearman"  # scipy.stats.spearmanr
+    none = "none"  # invariant, counterexample search, by construction: no test
+
+
+PAIRED_TESTS = (StatTest.paired_t, StatTest.wilcoxon, StatTest.bootstrap)
+CORRELATION_TESTS = (StatTest.pearson, StatTest.spearman)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One trainer configuration: `trainer` names `conf/trainer/<trainer>.yaml`."""
+
+    name: str
+    trainer: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A pre-registered claim. Fields after `rationale` are the decision rule."""
+
+    id: str
+    statement: str
+    source: str
+    kind: Kind
+    rationale: str = ""  # why min_effect / margin / tolerance have the values they have
+    arms: tuple[Arm, ...] = ()
+    metric: str | None = None  # dotted path into the trial row, e.g. metrics.val_loss_final
+    direction: Direction | None = None
+    trials: int = 3  # seeds 0..trials-1
+    test: StatTest = StatTest.none
+    alpha: float = 0.05
+    min_effect: float = 0.0  # smallest effect that matters, in metric units (|r| for correlation)
+    margin: float | None = None  # "matches or beats": non-inferiority margin, metric units
+    budget: dict[str, int] = field(default_factory=dict)  # BudgetConfig overrides, equal for arms
+    x: str | None = None  # correlation: path to the x values (e.g. derived.layers[*].stable_rank)
+    y: str | None = None
+    invariant: str | None = None  # "PATH OP PATH|NUMBER", checked elementwise
+    reference: str | None = None  # counterexample: metric must beat this path (e.g. initial loss)
+    check: str | None = None  # by_construction: name of a registered check
+    tolerance: float = 0.0  # by_construction / invariant: float slack, with its reason in rationale
+    path: str = ""  # the file it was loaded from (not part of the rule)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.trials))
+
+    def rule(self) -> dict[str, Any]:
+        """Everything that decides the verdict (not the wording, source or file)."""
+        return {
+            "kind": self.kind.value,
+            "arms": [{"name": a.name, "trainer": a.trainer, "overrides": a.overrides}
+                     for a in self.arms],
+            "metric": self.metric, "direction": self.direction.value if self.direction else None,
+            "trials": self.trials, "test": self.test.value, "alpha": self.alpha,
+            "min_effect": self.min_effect, "margin": self.margin, "budget": self.budget,
+            "x": self.x, "y": self.y, "invariant": self.invariant, "reference": self.reference,
+            "check": self.check, "tolerance": self.tolerance,
+        }
+
+    @property
+    def rule_hash(self) -> str:
+        return stable_hash(self.rule())
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "statement": self.statement, "source": self.source,
+                "rationale": self.rationale, **self.rule(), "rule_hash": self.rule_hash}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def claim_path(claim_id: str, claim_dir: Path = CLAIM_DIR) -> Path:
+    path = claim_dir / f"{claim_id}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in claim_dir.glob("*.yaml"))) or "none"
+        raise ConfigError(f"claim={claim_id}: no such claim in {_show(claim_dir)} "
+                          f"(known: {known})")
+    return path
+
+
+def load_claim(claim: str | Path, claim_dir: Path = CLAIM_DIR) -> Claim:
+    """Load and validate one claim, by id (`conf/claim/<id>.yaml`) or by file path."""
+    path = Path(claim) if str(claim).endswith((".yaml", ".yml")) else claim_path(str(claim),
+                                                                                 claim_dir)
+    where = _show(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        line = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{where}: cannot read claim ({line})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: a claim must be a mapping of keys to values")
+    return _ClaimParser(where, raw, path.stem).parse()
+
+
+def load_claims(claim_dir: Path = CLAIM_DIR) -> list[Claim]:
+    """Every claim under `claim_dir`, sorted by id."""
+    return [load_claim(p) for p in sorted(claim_dir.glob("*.yaml"))]
+
+
+def _show(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+class _ClaimParser:
+    """Type and range checks, one per key, each raising one line `<file>: <key>: <why>`."""
+
+    def __init__(self, where: str, raw: dict, stem: str) -> None:
+        self.where, self.raw, self.stem = where, raw, stem
+
+    def fail(self, key: str, why: str) -> None:
+        raise ConfigError(f"{self.where}: {key}: {why}")
+
+    def parse(self) -> Claim:
+        known = {f.name for f in fields(Claim)} - {"path"}
+        for key in self.raw:
+            if key not in known:
+                self.fail(str(key), f"unknown key (valid keys: {', '.join(sorted(known))})")
+        for key in ("id", "statement", "source", "kind"):
+            if self.raw.get(key) in (None, ""):
+                self.fail(key, "missing required value")
+        claim = Claim(
+            id=self.text("id"), statement=self.text("statement"), source=self.text("source"),
+            kind=self.enum("kind", Kind), rationale=self.text("rationale", ""),
+            arms=self.arms(), metric=self.text("metric", None),
+            direction=self.enum("direction", Direction, None), trials=self.integer("trials", 3),
+            test=self.enum("test", StatTest, StatTest.none), alpha=self.number("alpha", 0.05),
+            min_effect=self.number("min_effect", 0.0), margin=self.number("margin", None),
+            budget=self.budget(), x=self.text("x", None), y=self.text("y", None),
+            invariant=self.text("invariant", None), reference=self.text("reference", None),
+            check=self.text("check", None), tolerance=self.number("tolerance", 0.0),
+            path=self.where,
+        )
+        self.validate(claim)
+        return claim
+
+    # -- typed getters --------------------------------------------------------------------
+
+    def text(self, key: str, default: Any = ...) -> Any:
+        value = self.raw.get(key, default)
+        if value is ...:
+            self.fail(key, "missing required value")
+        if value is not None and not isinstance(value, str):
+            self.fail(key, f"must be a string, got {type(value).__name__} {value!r}")
+        return value.strip() if isinstance(value, str) else value
+
+    def number(self, key: str, default: float | None) -> float | None:
+        value = self.raw.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"must be a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            self.fail(key, f"must be finite, got {value}")
+        return float(value)
+
+    def integer(self, key: str, default: int) -> int:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"must be an integer, got {type(value).__name__} {value!r}")
+        return value
+
+    def enum(self, key: str, enum: type[Enum], default: Any = ...) -> Any:
+        value = self.raw.get(key, default)
+        if value is ... or value is None:
+            if default is ...:
+                self.fail(key, "missing required value")
+            return default
+        try:
+            return enum(value)
+        except ValueError:
+            valid = ", ".join(m.value for m in enum)
+            self.fail(key, f"'{value}' is not one of: {valid}")
+
+    def arms(self) -> tuple[Arm, ...]:
+        raw = self.raw.get("arms") or []
+        if not isinstance(raw, list):
+            self.fail("arms", "must be a list of {name, trainer, overrides}")
+        arms = []
+        for i, item in enumerate(raw):
+            key = f"arms[{i}]"
+            if not isinstance(item, dict):
+                self.fail(key, "must be a mapping {name, trainer, overrides}")
+            extra = set(item) - {"name", "trainer", "overrides"}
+            if extra:
+                self.fail(f"{key}.{sorted(extra)[0]}", "unknown key (valid keys: name, "
+                          "overrides, trainer)")
+            for sub in ("name", "trainer"):
+                if not isinstance(item.get(sub), str) or not item[sub]:
+                    self.fail(f"{key}.{sub}", "missing required value (a string)")
+            overrides = item.get("overrides") or {}
+            if not isinstance(overrides, dict):
+                self.fail(f"{key}.overrides", "must be a mapping of trainer options")
+            arms.append(Arm(item["name"], item["trainer"], dict(overrides)))
+        return tuple(arms)
+
+    def budget(self) -> dict[str, int]:
+        raw = self.raw.get("budget") or {}
+        if not isinstance(raw, dict):
+            self.fail("budget", "must be a mapping of budget options")
+        for key, value in raw.items():
+            if key not in BUDGET_KEYS:
+                self.fail(f"budget.{key}", f"unknown key (valid keys: {', '.join(BUDGET_KEYS)})")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                self.fail(f"budget.{key}", f"must be a positive integer, got {value!r}")
+        return dict(raw)
+
+    # -- rules that span keys -------------------------------------------------------------
+
+    def validate(self, c: Claim) -> None:
+        if c.id != self.stem:
+            self.fail("id", f"'{c.id}' must match the file name '{self.stem}'")
+        if not 0.0 < c.alpha < 0.5:
+            self.fail("alpha", f"must be in (0, 0.5), got {c.alpha}")
+        if c.trials < 1:
+            self.fail("trials", f"must be >= 1, got {c.trials}")
+        if c.min_effect < 0 or (c.margin is not None and c.margin <= 0) or c.tolerance < 0:
+            key = "min_effect" if c.min_effect < 0 else "margin" if c.margin is not None and \
+                c.margin <= 0 else "tolerance"
+            self.fail(key, f"must be {'> 0' if key == 'margin' else '>= 0'}")
+        names = [a.name for a in c.arms]
+        if len(set(names)) != len(names):
+            self.fail("arms", f"arm names must be unique, got {names}")
+        {
+            Kind.paired_comparison: self.validate_paired,
+            Kind.correlation: self.validate_correlation,
+            Kind.invariant: self.validate_invariant,
+            Kind.counterexample_search: self.validate_counterexample,
+            Kind.by_construction: self.validate_by_construction,
+        }[c.kind](c)
+        for key in ("metric", "x", "y", "reference"):
+            value = getattr(c, key)
+            if value is not None and not _valid_path(value):
+                self.fail(key, f"'{value}' is not a metric path (a.b[*].c, a.*.c, a[0])")
+
+    def need(self, c: Claim, *keys: str) -> None:
+        for key in keys:
+            if getattr(c, key) in (None, ""):
+                self.fail(key, f"missing required value for kind {c.kind.value}")
+
+    def validate_paired(self, c: Claim) -> None:
+        self.need(c, "metric", "direction")
+        if len(c.arms) != 2:
+            self.fail("arms", f"a paired comparison needs exactly 2 arms (subject, baseline), "
+                              f"got {len(c.arms)}")
+        if c.direction not in (Direction.lower, Direction.higher):
+            self.fail("direction", "must be lower or higher for a paired comparison")
+        if c.test not in PAIRED_TESTS:
+            self.fail("test", "must be paired_t, wilcoxon or bootstrap for a paired comparison")
+        if c.trials < 3:
+            self.fail("trials", f"must be >= 3 for a paired comparison (got {c.trials}): fewer "
+                                "seeds cannot estimate the spread")
+        if c.min_effect <= 0:
+            self.fail("min_effect", "must be > 0: state the smallest effect that matters")
+        a, b = c.arms
+        if _trainer_name(a.trainer) == _trainer_name(b.trainer) and not any(
+                k in b.overrides and a.overrides[k] != b.overrides[k] for k in a.overrides):
+            self.fail("arms", f"'{a.name}' and '{b.name}' use the same trainer: give both an "
+                              "override of the same key with different values so their "
+                              "trials can be told apart")
+
+    def validate_correlation(self, c: Claim) -> None:
+        self.need(c, "x", "y", "direction")
+        if len(c.arms) != 1:
+            self.fail("arms", f"a correlation claim needs exactly 1 arm, got {len(c.arms)}")
+        if c.direction not in (Direction.positive, Direction.negative):
+            self.fail("direction", "must be positive or negative for a correlation")
+        if c.test not in CORRELATION_TESTS:
+            self.fail("test", "must be pearson or spearman for a correlation")
+        if not 0.0 < c.min_effect < 1.0:
+            self.fail("min_effect", f"must be a correlation magnitude in (0, 1), got "
+                                    f"{c.min_effect}")
+
+    def validate_invariant(self, c: Claim) -> None:
+        self.need(c, "invariant")
+        if not c.arms:
+            self.fail("arms", "an invariant needs at least 1 arm whose trials it checks")
+        self.check_invariant(c.invariant)
+
+    def validate_counterexample(self, c: Claim) -> None:
+        if not c.arms:
+            self.fail("arms", "a counterexample search needs at least 1 arm")
+        if (c.metric is None) != (c.reference is None):
+            self.fail("reference" if c.reference is None else "metric",
+                      "metric and reference go together (a trial must improve metric over "
+                      "reference)")
+        if c.metric is not None and c.direction not in (Direction.lower, Direction.higher):
+            self.fail("direction", "must be lower or higher when metric is set")
+        if c.invariant is not None:
+            self.check_invariant(c.invariant)
+
+    def validate_by_construction(self, c: Claim) -> None:
+        from runner.claims.checks import CHECKS
+
+        self.need(c, "check")
+        if c.check not in CHECKS:
+            self.fail("check", f"'{c.check}' is not a registered check (known: "
+                               f"{', '.join(sorted(CHECKS))})")
+        if c.arms:
+            self.fail("arms", "a by-construction claim computes, it trains nothing: no arms")
+
+    def check_invariant(self, text: str) -> None:
+        try:
+            parse_invariant(text)
+        except ValueError as err:
+            self.fail("invariant", str(err))
+
+
+_SEGMENT = re.compile(r"^(\*|[A-Za-z_][\w-]*)(\[(\*|\d+)\])*$")
+
+
+def _valid_path(path: str) -> bool:
+    return all(_SEGMENT.match(seg) for seg in path.split("."))
+
+
+def parse_invariant(text: str) -> tuple[str, str, str | float]:
+    """'lhs OP rhs' -> (lhs path, op, rhs path or number)."""
+    match = re.fullmatch(r"\s*(\S+)\s*(<=|>=|==|<|>)\s*(\S+)\s*", text)
+    if not match:
+        raise ValueError(f"'{text}' must read 'PATH OP PATH' or 'PATH OP NUMBER' with OP one "
+                         f"of {' '.join(INVARIANT_OPS)}")
+    lhs, op, rhs = match.groups()
+    try:
+        rhs_value: str | float = float(rhs)
+    except ValueError:
+        rhs_value = rhs
+    for path in (lhs, rhs_value):
+        if isinstance(path, str) and not _valid_path(path):
+            raise ValueError(f"'{path}' is not a metric path")
+    return lhs, op, rhs_value
+
+
+def _trainer_name(option: str) -> str:
+    """The `name:` inside conf/trainer/<option>.yaml (what trial rows record as `arm`)."""
+    path = TRAINER_DIR / f"{option}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return str(raw.get("name", option))
+    except (OSError, yaml.YAMLError):
+        return option

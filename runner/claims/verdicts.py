@@ -1,0 +1,440 @@
+"""Verdicts from ledger rows: one function per claim kind, the words of DESIGN.md §5.
+
+`decide(claim, rows)` looks only at rows with the claim's id *and* rule hash (so a rule
+changed after the fact starts from zero), assigns each row to an arm, and applies the rule:
+
+- paired_comparison (d > 0 means the subject arm is better; p-values from runner.claims.stats)
+  - without margin ("A beats B by >= min_effect"):
+      VALIDATED    one-sided test significant at alpha for the claimed direction and the
+                   estimated effect >= min_effect
+      DISPROVEN    one-sided test significant the other way, or TOST shows |effect| < min_effect
+      INCONCLUSIVE otherwise, with the paired trials that would decide (power 0.8)
+  - with margin ("A matches or beats B"): VALIDATED if non-inferior (centre(d) > -margin at
+    alpha), DISPROVEN if significantly worse by more than the margin (centre(d) < -margin)
+- correlation: VALIDATED if significant with the claimed sign and |r| >= min_effect;
+  DISPROVEN if the interval excludes the claimed magnitude (its claimed-side bound < min_effect)
+- invariant: DISPROVEN on a single violation (listed), VALIDATED when all `trials` seeds hold
+- counterexample_search: DISPROVEN if any trial diverged, failed to improve, or broke the
+  invariant; VALIDATED after `trials` trials with none
+- by_construction: PROVEN if |value - expected| <= tolerance on every check row
+- SKIPPED when every trial of an arm was skipped here (the reasons are recorded)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from runner.claims import paths
+from runner.claims.schema import Arm, Claim, Direction, Kind, parse_invariant
+from runner.claims.stats import (
+    PairedTest,
+    correlation,
+    correlation_n_needed,
+    paired_trials_needed,
+)
+
+
+class VerdictWord(StrEnum):
+    VALIDATED = "VALIDATED"
+    DISPROVEN = "DISPROVEN"
+    INCONCLUSIVE = "INCONCLUSIVE"
+    PROVEN = "PROVEN"
+    SKIPPED = "SKIPPED"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    claim_id: str
+    rule_hash: str
+    kind: str
+    verdict: VerdictWord
+    reason: str  # one sentence a reader can check against the numbers
+    experiment: str | None = None
+    effect: float | None = None  # metric units (r for correlations); > 0 favours the claim
+    ci: tuple[float, float] | None = None
+    ci_level: float | None = None
+    p_value: float | None = None
+    n: int = 0  # paired trials / layers / steps checked / checks
+    trial_ids: tuple[str, ...] = ()
+    trials_needed: int | None = None  # INCONCLUSIVE: total trials the power estimate asks for
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["verdict"] = self.verdict.value
+        out["ci"] = list(self.ci) if self.ci else None
+        out["trial_ids"] = list(self.trial_ids)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Selecting and assigning rows
+
+
+def claim_rows(claim: Claim, rows: Iterable[dict]) -> list[dict]:
+    """The rows this claim's current rule asked for (same claim id and rule hash)."""
+    rh = claim.rule_hash
+    return [r for r in rows if r.get("claim_id") == claim.id and r.get("rule_hash") == rh]
+
+
+def arm_of(row: dict, claim: Claim) -> Arm | None:
+    """The claim arm a row belongs to.
+
+    Rows record the claim arm in `claim_arm` when the runner could pass it; otherwise the arm
+    is recognised by the trial's trainer: its name, and every override of the arm.
+    """
+    if row.get("claim_arm") is not None:
+        return next((a for a in claim.arms if a.name == row["claim_arm"]), None)
+    from runner.claims.schema import _trainer_name
+
+    trainer = ((row.get("config") or {}).get("trainer")) or {}
+    for arm in claim.arms:
+        if row.get("arm") == _trainer_name(arm.trainer) and all(
+                trainer.get(k) == v for k, v in arm.overrides.items()):
+            return arm
+    return None
+
+
+def rows_by_arm(claim: Claim, rows: list[dict]) -> dict[str, dict[int, dict]]:
+    """arm name -> seed -> row (the first by run id if a seed was run twice)."""
+    out: dict[str, dict[int, dict]] = {a.name: {} for a in claim.arms}
+    for row in sorted(rows, key=lambda r: r["run_id"]):
+        arm = arm_of(row, claim)
+        if arm is not None and row.get("seed") in claim.seeds:
+            out[arm.name].setdefault(row["seed"], row)
+    return out
+
+
+def scope_of(row: dict) -> str:
+    return str(row.get("experiment") or "adhoc")
+
+
+def decide_all(claim: Claim, rows: Iterable[dict]) -> list[Verdict]:
+    """One verdict per experiment in which the claim's trials ran (by construction: one)."""
+    mine = claim_rows(claim, rows)
+    scopes = sorted({scope_of(r) for r in mine}) or [None]
+    return [decide(claim, [r for r in mine if scope is None or scope_of(r) == scope])
+            for scope in scopes]
+
+
+def decide(claim: Claim, rows: Iterable[dict]) -> Verdict:
+    """The verdict of `claim` from ledger rows (rows of other claims or rules are ignored)."""
+    mine = claim_rows(claim, rows)
+    experiments = sorted({scope_of(r) for r in mine})
+    base = {"claim_id": claim.id, "rule_hash": claim.rule_hash, "kind": claim.kind.value,
+            "experiment": ", ".join(experiments) or None}
+    if claim.kind is not Kind.by_construction:
+        skipped = _skipped_arm(claim, mine)
+        if skipped is not None:
+            return Verdict(verdict=VerdictWord.SKIPPED, reason=skipped,
+                           trial_ids=_ids(mine), **base)
+    rule = {
+        Kind.paired_comparison: _paired,
+        Kind.correlation: _correlation,
+        Kind.invariant: _invariant,
+        Kind.counterexample_search: _counterexample,
+        Kind.by_construction: _by_construction,
+    }[claim.kind]
+    return Verdict(**base, **rule(claim, mine))
+
+
+def _ids(rows: Iterable[dict]) -> tuple[str, ...]:
+    return tuple(sorted(r["run_id"] for r in rows))
+
+
+def _ran(rows: Iterable[dict]) -> list[dict]:
+    return [r for r in rows if r.get("status") != "skipped"]
+
+
+def _skipped_arm(claim: Claim, rows: list[dict]) -> str | None:
+    by_arm = rows_by_arm(claim, rows)
+    for arm in claim.arms:
+        arm_rows = list(by_arm[arm.name].values())
+        if arm_rows and all(r.get("status") == "skipped" for r in arm_rows):
+            reasons = sorted({str(r.get("skip_reason") or "no reason recorded")
+                              for r in arm_rows})
+            return f"arm '{arm.name}' could not run here: {'; '.join(reasons)}"
+    return None
+
+
+def _not_run(claim: Claim, have: int, what: str = "trials") -> dict[str, Any]:
+    return {"verdict": VerdictWord.INCONCLUSIVE, "n": have, "trials_needed": claim.trials,
+            "reason": f"{have} of {claim.trials} {what} in the ledger so far"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparison
+
+
+def _paired(claim: Claim, rows: list[dict]) -> dict[str, Any]:
+    subject, baseline = claim.arms
+    by_arm = rows_by_arm(claim, _ran(rows))
+    pairs, notes = [], []
+    for seed in claim.seeds:
+        a, b = by_arm[subject.name].get(seed), by_arm[baseline.name].get(seed)
+        if a is None or b is None:
+            continue
+        va, vb = _metric(a, claim.metric), _metric(b, claim.metric)
+        if not (math.isfinite(va) and math.isfinite(vb)):
+            notes.append(f"seed {seed} excluded: non-finite {claim.metric}")
+            continue
+        pairs.append((seed, va, vb, a["run_id"], b["run_id"]))
+    ids = tuple(sorted(i for p in pairs for i in p[3:]))
+    if len(pairs) < 2:
+        return {**_not_run(claim, len(pairs), "paired trials"), "trial_ids": ids,
+                "details": {"notes": notes}}
+    a_vals = np.array([p[1] for p in pairs])
+    b_vals = np.array([p[2] for p in pairs])
+    d = b_vals - a_vals if claim.direction is Direction.lower else a_vals - b_vals
+    t = PairedTest(claim.test, d, claim.alpha)
+    details = {
+        "subject": subject.name, "baseline": baseline.name, "seeds": [p[0] for p in pairs],
+        "subject_mean": float(a_vals.mean()), "baseline_mean": float(b_vals.mean()),
+        "differences": [float(x) for x in d], "sd": t.sd, "notes": notes,
+    }
+    decided = (_margin_rule if claim.margin is not None else _superiority_rule)(claim, t, details)
+    return {"effect": t.effect, "ci": t.ci(), "ci_level": 1 - 2 * claim.alpha,
+            "n": len(pairs), "trial_ids": ids, "details": details, **decided}
+
+
+def _superiority_rule(claim: Claim, t: PairedTest, details: dict) -> dict[str, Any]:
+    m, alpha, effect = claim.min_effect, claim.alpha, t.effect
+    p_better, p_worse = t.p(0.0, "greater"), t.p(0.0, "less")
+    p_tost = max(t.p(-m, "greater"), t.p(m, "less"))
+    details.update(p_better=p_better, p_worse=p_worse, p_tost=p_tost)
+    sub, base = details["subject"], details["baseline"]
+    if p_better < alpha and effect >= m:
+        return _word(VerdictWord.VALIDATED, p_better,
+                     f"{sub} better than {base} by {effect:.4g} >= {m:g} (p={p_better:.3g})")
+    if p_worse < alpha:
+        return _word(VerdictWord.DISPROVEN, p_better,
+                     f"{sub} significantly worse than {base} by {-effect:.4g} "
+                     f"(p={p_worse:.3g})")
+    if p_tost < alpha:
+        return _word(VerdictWord.DISPROVEN, p_better,
+                     f"equivalence (TOST p={p_tost:.3g}): the difference is within "
+                     f"±{m:g}, smaller than the effect that matters")
+    # Which outcome is closest: the distance between the estimate and the nearest boundary.
+    n_need = min(paired_trials_needed(t.sd, effect, alpha) if effect >= m or effect < 0
+                 else math.inf,
+                 paired_trials_needed(t.sd, m - abs(effect), alpha) if abs(effect) < m
+                 else math.inf)
+    return _inconclusive(claim, t, n_need, p_better)
+
+
+def _margin_rule(claim: Claim, t: PairedTest, details: dict) -> dict[str, Any]:
+    margin, alpha = claim.margin, claim.alpha
+    p_noninferior, p_inferior = t.p(-margin, "greater"), t.p(-margin, "less")
+    details.update(p_noninferior=p_noninferior, p_inferior=p_inferior, margin=margin)
+    sub, base = details["subject"], details["baseline"]
+    if p_noninferior < alpha:
+        return _word(VerdictWord.VALIDATED, p_noninferior,
+                     f"{sub} matches or beats {base}: no worse than the margin {margin:g} "
+                     f"(p={p_noninferior:.3g})")
+    if p_inferior < alpha:
+        return _word(VerdictWord.DISPROVEN, p_noninferior,
+                     f"{sub} worse than {base} by more than the margin {margin:g} "
+                     f"(p={p_inferior:.3g})")
+    n_need = paired_trials_needed(t.sd, t.effect + margin, alpha)
+    return _inconclusive(claim, t, n_need, p_noninferior)
+
+
+def _inconclusive(claim: Claim, t: PairedTest, n_need: float, p: float) -> dict[str, Any]:
+    n = len(t.d)
+    needed = None if not math.isfinite(n_need) else max(math.ceil(n_need), n + 1)
+    more = (f"about {needed} paired trials would decide it" if needed
+            else "no trial count decides it at the observed effect")
+    return {"verdict": VerdictWord.INCONCLUSIVE, "p_value": p, "trials_needed": needed,
+            "reason": f"effect {t.effect:.4g} ± sd {t.sd:.3g} over {n} pairs: {more}"}
+
+
+def _word(word: VerdictWord, p: float, reason: str) -> dict[str, Any]:
+    return {"verdict": word, "p_value": p, "reason": reason}
+
+
+def _metric(row: dict, path: str) -> float:
+    try:
+        return paths.scalar(row, path)
+    except paths.PathMissing:
+        return math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Correlation
+
+
+def _correlation(claim: Claim, rows: list[dict]) -> dict[str, Any]:
+    (arm,) = claim.arms
+    trials = list(rows_by_arm(claim, _ran(rows))[arm.name].values())
+    xs, ys, used = [], [], []
+    for row in trials:
+        try:
+            x, y = paths.values(row, claim.x), paths.values(row, claim.y)
+        except paths.PathMissing:
+            continue
+        if len(x) == len(y) and (not xs or len(x) == len(xs[0])):
+            xs.append(x), ys.append(y), used.append(row["run_id"])
+    if not xs:
+        return {**_not_run(claim, 0), "reason": f"no trial carries {claim.x} and {claim.y}"}
+    # Per-layer geometry is a property of the weights, not of the seed: average across trials
+    # so repeated seeds do not pose as extra layers.
+    x, y = np.mean(xs, axis=0), np.mean(ys, axis=0)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    ids = tuple(sorted(used))
+    if len(x) < 4:
+        return {**_not_run(claim, len(x), "layers"), "trial_ids": ids}
+    sign = 1 if claim.direction is Direction.positive else -1
+    c = correlation(x, y, claim.test, sign, claim.alpha)
+    claimed_bound = c.ci[1] if sign > 0 else -c.ci[0]  # the interval's bound on the claimed side
+    details = {"pearson_r": c.pearson[0], "pearson_p": c.pearson[1],
+               "spearman_r": c.spearman[0], "spearman_p": c.spearman[1],
+               "claimed_sign": claim.direction.value, "test": claim.test.value}
+    out = {"effect": c.r, "ci": c.ci, "ci_level": 1 - 2 * claim.alpha, "p_value": c.p_claimed,
+           "n": len(x), "trial_ids": ids, "details": details}
+    if c.p_claimed < claim.alpha and sign * c.r >= claim.min_effect:
+        word, why = VerdictWord.VALIDATED, (f"r = {c.r:.3f} with the claimed sign, |r| >= "
+                                            f"{claim.min_effect:g} (p={c.p_claimed:.3g})")
+    elif claimed_bound < claim.min_effect:
+        word, why = VerdictWord.DISPROVEN, (
+            f"r = {c.r:.3f}: the {1 - 2 * claim.alpha:.0%} interval [{c.ci[0]:.3f}, "
+            f"{c.ci[1]:.3f}] excludes a {claim.direction.value} correlation of "
+            f"{claim.min_effect:g} or more")
+    else:
+        need = correlation_n_needed(claim.min_effect, claim.alpha)
+        out["trials_needed"] = max(math.ceil(need), len(x) + 1)
+        word, why = VerdictWord.INCONCLUSIVE, (
+            f"r = {c.r:.3f} over {len(x)} layers; about {out['trials_needed']} layers would "
+            f"decide |r| >= {claim.min_effect:g}")
+    return {**out, "verdict": word, "reason": why}
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariant and counterexample search
+
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt,
+        ">": operator.gt}
+
+
+def invariant_violations(row: dict, text: str, tolerance: float) -> tuple[int, list[str]]:
+    """(elements checked, violations) of 'lhs OP rhs' in one row.
+
+    The slack is relative: lhs <= rhs holds if lhs <= rhs + tolerance * max(1, |rhs|).
+    """
+    lhs_path, op, rhs = parse_invariant(text)
+    lhs = paths.resolve(row, lhs_path)
+    rhs_vals = ([(None, rhs)] * len(lhs) if isinstance(rhs, float)
+                else paths.resolve(row, rhs))
+    if len(rhs_vals) != len(lhs):
+        raise paths.PathMissing(f"{text}: {len(lhs)} left values but {len(rhs_vals)} right")
+    bad = []
+    for (loc, a), (_, b) in zip(lhs, rhs_vals, strict=True):
+        a, b = paths._as_float(a), paths._as_float(b)
+        slack = tolerance * max(1.0, abs(b)) if math.isfinite(b) else 0.0
+        if op in ("<=", "<"):
+            ok = _OPS[op](a, b + slack)
+        elif op in (">=", ">"):
+            ok = _OPS[op](a, b - slack)
+        else:
+            ok = abs(a - b) <= slack
+        if not ok:  # NaN compares false: a non-finite value is a violation
+            bad.append(f"{row['run_id']} {loc}: {a:.6g} {op} {b:.6g} fails")
+    return len(lhs), bad
+
+
+def _invariant(claim: Claim, rows: list[dict]) -> dict[str, Any]:
+    ran = [r for arm_rows in rows_by_arm(claim, _ran(rows)).values() for r in arm_rows.values()]
+    checked, violations, missing = 0, [], []
+    for row in ran:
+        try:
+            n, bad = invariant_violations(row, claim.invariant, claim.tolerance)
+        except paths.PathMissing as err:
+            missing.append(f"{row['run_id']}: {err}")
+            continue
+        checked += n
+        violations += bad
+    ids = _ids(ran)
+    details = {"violations": violations[:20], "violation_count": len(violations),
+               "missing": missing}
+    base = {"n": checked, "trial_ids": ids, "details": details}
+    if violations:
+        return {**base, "verdict": VerdictWord.DISPROVEN,
+                "reason": f"{len(violations)} violation(s) of {claim.invariant}; first: "
+                          f"{violations[0]}"}
+    complete = len(ran) - len(missing)
+    if complete < claim.trials * len(claim.arms):
+        return {**base, **_not_run(claim, complete), "n": checked,
+                "reason": f"{complete} of {claim.trials * len(claim.arms)} trials carry "
+                          f"{claim.invariant.split()[0]}, no violation so far"}
+    return {**base, "verdict": VerdictWord.VALIDATED,
+            "reason": f"{claim.invariant} held at all {checked} checked points in "
+                      f"{complete} trials"}
+
+
+def _counterexample(claim: Claim, rows: list[dict]) -> dict[str, Any]:
+    ran = [r for arm_rows in rows_by_arm(claim, _ran(rows)).values() for r in arm_rows.values()]
+    found = [f"{r['run_id']}: {why}" for r in ran for why in _counterexample_reasons(claim, r)]
+    base = {"n": len(ran), "trial_ids": _ids(ran), "details": {"counterexamples": found}}
+    if found:
+        return {**base, "verdict": VerdictWord.DISPROVEN,
+                "reason": f"{len(found)} counterexample(s) in {len(ran)} trials; first: "
+                          f"{found[0]}"}
+    if len(ran) < claim.trials * len(claim.arms):
+        return {**base, **_not_run(claim, len(ran))}
+    return {**base, "verdict": VerdictWord.VALIDATED,
+            "reason": f"no counterexample in {len(ran)} trials searched"}
+
+
+def _counterexample_reasons(claim: Claim, row: dict) -> list[str]:
+    reasons = []
+    if row.get("status") == "diverged" or row.get("stop_reason") == "diverged":
+        reasons.append("diverged")
+    if claim.metric is not None:
+        value, ref = _metric(row, claim.metric), _metric(row, claim.reference)
+        better = value < ref if claim.direction is Direction.lower else value > ref
+        if not better:  # NaN compares false: a missing or non-finite value counts
+            reasons.append(f"{claim.metric} {value:.6g} does not improve on "
+                           f"{claim.reference} {ref:.6g}")
+    if claim.invariant is not None:
+        try:
+            _, bad = invariant_violations(row, claim.invariant, claim.tolerance)
+        except paths.PathMissing as err:
+            bad = [f"invariant not logged ({err})"]
+        reasons += [f"invariant broke at {b.split(' ', 1)[1]}" if " " in b else b
+                    for b in bad[:1]]
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# By construction
+
+
+def _by_construction(claim: Claim, rows: list[dict]) -> dict[str, Any]:
+    checks = sorted((r for r in _ran(rows) if r.get("seed") in claim.seeds),
+                    key=lambda r: r["run_id"])
+    by_seed: dict[int, dict] = {}
+    for row in checks:
+        by_seed.setdefault(row["seed"], row)
+    if len(by_seed) < claim.trials:
+        return _not_run(claim, len(by_seed), "checks")
+    errors = [(_metric(r, "metrics.abs_error"), r) for r in by_seed.values()]
+    worst, worst_row = max(errors, key=lambda e: -1.0 if not math.isfinite(e[0]) else e[0])
+    base = {"n": len(by_seed), "trial_ids": _ids(by_seed.values()), "effect": worst,
+            "details": {"check": claim.check, "tolerance": claim.tolerance,
+                        "values": [_metric(r, "metrics.value") for r in by_seed.values()]}}
+    bad = [r for e, r in errors if not (e <= claim.tolerance)]
+    if bad:
+        return {**base, "verdict": VerdictWord.DISPROVEN,
+                "reason": f"{claim.check}: |value - expected| = {_metric(bad[0], 'metrics.abs_error'):.3g}"
+                          f" > tolerance {claim.tolerance:g} ({bad[0]['run_id']})"}
+    return {**base, "verdict": VerdictWord.PROVEN,
+            "reason": f"{claim.check}: max |value - expected| = {worst:.3g} <= "
+                      f"{claim.tolerance:g} over {len(by_seed)} seeds"}

@@ -1,0 +1,178 @@
+"""task=claims: run every claim x arm x seed that the ledger lacks, then decide the verdicts.
+
+1. Load the claims and resolve every arm's trainer config first, so a typo in any claim or
+   trainer option stops the job before the first trial trains.
+2. Pre-register each rule: `results/rules/<claim>-<hash>.json` is written once, before any of
+   its trials, and keeps the statement and the full rule next to the trials it governs.
+3. For each trial: reuse a finished row with the same config hash and rule hash (an
+   interrupted experiment resumes where it stopped), else train it; an arm that cannot run
+   here (hardware, weights, an optional package) writes a SKIPPED row with the reason.
+4. Decide every verdict from the ledger alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from runner.claims import CHECKS, CLAIM_DIR, Claim, Kind, Verdict, decide, load_claim
+from runner.config import trainer_options
+from runner.errors import HardwareUnavailable, ModelError
+from runner.ledger import (
+    git_commit,
+    new_run_id,
+    package_versions,
+    read_trials,
+    stable_hash,
+    utc_now,
+    write_trial,
+)
+from runner.schema import RunConfig
+
+RULES_DIR = "rules"
+# What makes an arm unrunnable *here* (not a bad config): a missing device or backend, weights
+# that are not present, an optional package that is not installed.
+UNAVAILABLE = (HardwareUnavailable, ModelError, ModuleNotFoundError)
+
+
+@dataclass(frozen=True)
+class PlannedTrial:
+    claim: Claim
+    arm: str
+    seed: int
+    cfg: RunConfig | None  # None for a by-construction check
+    config_hash: str
+
+
+def run_claims(cfg: RunConfig, claim_ids: list[str], *,
+               claim_dir: Path = CLAIM_DIR) -> list[Verdict]:
+    """Run what the ledger lacks for each claim, then return one verdict per claim."""
+    # 1. Claims and every trial's config, before anything runs.
+    claims = [load_claim(cid, claim_dir) for cid in claim_ids]
+    plans = [trial for claim in claims for trial in plan_trials(cfg, claim)]
+
+    # 2. Pre-registration records.
+    for claim in claims:
+        register_rule(cfg.results_dir, claim)
+
+    # 3. Trials.
+    for trial in plans:
+        status = run_trial(trial, cfg)
+        print(f"claim {trial.claim.id} arm {trial.arm} seed {trial.seed}: {status}", flush=True)
+
+    # 4. Verdicts, from the ledger rows of this experiment.
+    rows = [r for r in read_trials(cfg.results_dir) if r.get("experiment") == cfg.experiment]
+    verdicts = [decide(claim, rows) for claim in claims]
+    for v in verdicts:
+        print(f"claim {v.claim_id}: {v.verdict.value} -- {v.reason}", flush=True)
+    return verdicts
+
+
+def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
+    """Every (arm, seed) trial of a claim with its full RunConfig and config hash."""
+    from runner.config import load_trainer_option
+    from runner.tasks.train import config_hash
+
+    if claim.kind is Kind.by_construction:
+        return [PlannedTrial(claim, claim.check, seed, None,
+                             stable_hash({"check": claim.check, "seed": seed}))
+                for seed in claim.seeds]
+    budget = replace(cfg.budget, **claim.budget)
+    plans = []
+    for arm in claim.arms:
+        trainer = load_trainer_option(arm.trainer, arm.overrides)
+        for seed in claim.seeds:
+            trial_cfg = replace(cfg, trainer=trainer, seed=seed, budget=budget)
+            plans.append(PlannedTrial(claim, arm.name, seed, trial_cfg, config_hash(trial_cfg)))
+    return plans
+
+
+def run_trial(trial: PlannedTrial, cfg: RunConfig) -> str:
+    """Reuse, run, or skip one trial; return what happened (for the progress line)."""
+    rh = trial.claim.rule_hash
+    existing = [r for r in read_trials(cfg.results_dir)
+                if r.get("config_hash") == trial.config_hash and r.get("rule_hash") == rh
+                and r.get("claim_id") == trial.claim.id]
+    if any(r.get("status") != "skipped" for r in existing):
+        return "reused"
+    if trial.cfg is None:
+        _write_check_row(trial, cfg)
+        return "done"
+    try:
+        _train(trial)
+    except UNAVAILABLE as err:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if not any(r.get("skip_reason") == reason for r in existing):
+            _write_skipped_row(trial, reason)
+        return f"skipped ({reason})"
+    return "done"
+
+
+def _train(trial: PlannedTrial) -> dict:
+    from runner.tasks.train import train_task
+
+    kwargs = {"claim_id": trial.claim.id, "rule_hash": trial.claim.rule_hash}
+    if "arm" in inspect.signature(train_task).parameters:  # once train_task records claim arms
+        kwargs["arm"] = trial.arm
+    return train_task(trial.cfg, **kwargs)
+
+
+def register_rule(results_dir: str | Path, claim: Claim) -> Path:
+    """Write `results/rules/<id>-<hash12>.json` once (the pre-registration record)."""
+    rules = Path(results_dir) / RULES_DIR
+    rules.mkdir(parents=True, exist_ok=True)
+    final = rules / f"{claim.id}-{claim.rule_hash[:12]}.json"
+    if final.exists():
+        return final
+    record = {**claim.as_dict(), "registered_at": utc_now(), "git_commit": git_commit()}
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=rules)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        try:
+            os.link(tmp, final)  # atomic; a concurrent job that registered first wins
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return final
+
+
+def _base_row(trial: PlannedTrial, cfg: RunConfig, arm_label: str) -> dict:
+    from omegaconf import OmegaConf
+
+    run_cfg = trial.cfg or cfg
+    return {
+        "run_id": new_run_id(cfg.experiment, arm_label, trial.seed, trial.config_hash),
+        "experiment": cfg.experiment, "claim_id": trial.claim.id,
+        "rule_hash": trial.claim.rule_hash, "claim_arm": trial.arm, "arm": arm_label,
+        "seed": trial.seed, "hardware": cfg.hardware.name,
+        "backend": cfg.hardware.backend.value, "dtype": cfg.hardware.dtype.value,
+        "model_id": cfg.model.id if trial.cfg else None, "data_id": cfg.data.id if trial.cfg
+        else None, "config_hash": trial.config_hash,
+        "config": OmegaConf.to_container(OmegaConf.structured(run_cfg), enum_to_str=True)
+        if trial.cfg else {"check": trial.claim.check, "seed": trial.seed},
+        "git_commit": git_commit(), "packages": package_versions(),
+        "started_at": utc_now(), "metrics": {}, "curves": {}, "derived": None,
+        "certificate": None, "stop_reason": None,
+    }
+
+
+def _write_skipped_row(trial: PlannedTrial, reason: str) -> None:
+    row = _base_row(trial, trial.cfg, trial.cfg.trainer.name)
+    row.update(status="skipped", skip_reason=reason, ended_at=utc_now(),
+               hyperparameters=trainer_options(trial.cfg.trainer))
+    write_trial(trial.cfg.results_dir, row)
+
+
+def _write_check_row(trial: PlannedTrial, cfg: RunConfig) -> None:
+    result = CHECKS[trial.claim.check](trial.seed)
+    row = _base_row(trial, cfg, "check")
+    row.update(status="ok", ended_at=utc_now(), metrics={
+        "value": result.value, "expected": result.expected, "abs_error": result.abs_error,
+        "tolerance": trial.claim.tolerance}, detail=result.detail)
+    write_trial(cfg.results_dir, row)

@@ -1,0 +1,429 @@
+"""Claims engine: loading, rule hashes, every verdict path on synthetic ledger rows, resume."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy import stats
+
+from runner.claims import (
+    CLAIM_DIR,
+    Claim,
+    VerdictWord,
+    decide,
+    load_claim,
+    load_claims,
+    paths,
+)
+from runner.errors import ConfigError, HardwareUnavailable
+
+_ids = itertools.count()
+
+PAIRED = {
+    "id": "p", "statement": "A beats B", "source": "unit test", "kind": "paired_comparison",
+    "arms": [{"name": "a", "trainer": "adamw", "overrides": {"lr": 1.0e-3}},
+             {"name": "b", "trainer": "adamw", "overrides": {"lr": 1.0e-4}}],
+    "metric": "metrics.val_loss_final", "direction": "lower", "trials": 5, "test": "paired_t",
+    "alpha": 0.05, "min_effect": 0.02, "budget": {"max_tokens": 2000},
+}
+
+
+def write_claim(tmp_path: Path, spec: dict, name: str | None = None) -> Path:
+    path = tmp_path / f"{name or spec['id']}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def claim(tmp_path: Path, **changes) -> Claim:
+    spec = {**PAIRED, **changes}
+    return load_claim(write_claim(tmp_path, spec))
+
+
+def row(c: Claim, arm: str, seed: int, value: float | None = None, *, status: str = "ok",
+        rule_hash: str | None = None, **extra) -> dict:
+    return {
+        "run_id": f"r{next(_ids):05d}", "experiment": "unit", "claim_id": c.id,
+        "rule_hash": rule_hash or c.rule_hash, "claim_arm": arm, "arm": "adamw", "seed": seed,
+        "status": status, "stop_reason": "budget",
+        "metrics": {"val_loss_final": value, "val_loss_initial": 3.0}, **extra,
+    }
+
+
+def paired_rows(c: Claim, a: list[float], b: list[float]) -> list[dict]:
+    return ([row(c, "a", s, v) for s, v in enumerate(a)]
+            + [row(c, "b", s, v) for s, v in enumerate(b)])
+
+
+BASE = [2.50, 2.61, 2.43, 2.70, 2.55]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"alpha": 0.7}, "alpha: must be in (0, 0.5), got 0.7"),
+    ({"kind": "anecdote"}, "kind: 'anecdote' is not one of: paired_comparison, correlation, "
+                           "invariant, counterexample_search, by_construction"),
+    ({"trials": "five"}, "trials: must be an integer, got str 'five'"),
+    ({"trials": 2}, "trials: must be >= 3 for a paired comparison (got 2): fewer seeds cannot "
+                    "estimate the spread"),
+    ({"test": "anova"}, "test: 'anova' is not one of: paired_t, wilcoxon, bootstrap, pearson, "
+                        "spearman, none"),
+    ({"min_effect": 0.0}, "min_effect: must be > 0: state the smallest effect that matters"),
+    ({"budget": {"max_tokenz": 5}}, "budget.max_tokenz: unknown key (valid keys: max_tokens, "
+                                    "max_steps, eval_every, eval_examples, eval_batch_size)"),
+    ({"metric": "metrics..val"}, "metric: 'metrics..val' is not a metric path (a.b[*].c, a.*.c, "
+                                 "a[0])"),
+    ({"statement": None}, "statement: missing required value"),
+    ({"arms": PAIRED["arms"][:1]}, "arms: a paired comparison needs exactly 2 arms (subject, "
+                                   "baseline), got 1"),
+    ({"arms": [{"name": "a", "trainer": "adamw"}, {"name": "b", "trainer": "adamw"}]},
+     "arms: 'a' and 'b' use the same trainer: give both an override of the same key with "
+     "different values so their trials can be told apart"),
+])
+def test_invalid_claim_fails_with_one_line_naming_file_and_key(tmp_path, change, message):
+    path = write_claim(tmp_path, {**PAIRED, **change})
+    with pytest.raises(ConfigError) as err:
+        load_claim(path)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_unknown_key_id_mismatch_and_unknown_check(tmp_path: Path) -> None:
+    path = write_claim(tmp_path, {**PAIRED, "aplha": 0.05})
+    with pytest.raises(ConfigError, match=r"^.*p\.yaml: aplha: unknown key \(valid keys: "):
+        load_claim(path)
+    path = write_claim(tmp_path, PAIRED, name="other")
+    with pytest.raises(ConfigError) as err:
+        load_claim(path)
+    assert str(err.value) == f"{path}: id: 'p' must match the file name 'other'"
+    spec = {"id": "k", "statement": "s", "source": "s", "kind": "by_construction",
+            "check": "nope", "tolerance": 1e-6}
+    with pytest.raises(ConfigError, match=r"check: 'nope' is not a registered check \(known: "):
+        load_claim(write_claim(tmp_path, spec))
+
+
+def test_unknown_claim_id_lists_the_known_ones(tmp_path: Path) -> None:
+    write_claim(tmp_path, PAIRED)
+    with pytest.raises(ConfigError, match=r"claim=nope: no such claim in .* \(known: p\)$"):
+        load_claim("nope", tmp_path)
+
+
+def test_every_registered_claim_loads() -> None:
+    claims = load_claims()
+    assert {c.id for c in claims} >= {
+        "derived_beats_sgd", "derived_matches_tuned_adamw", "derived_beats_prodigy",
+        "derived_beats_schedulefree", "stable_rank_predicts_adapter_rank",
+        "derived_never_diverges", "mass_within_weyl_bound", "procrustes_cka_in_sample"}
+    assert len({c.rule_hash for c in claims}) == len(claims)
+    for c in claims:
+        assert c.kind.value == "by_construction" or 3 <= c.trials or c.kind.value == "correlation"
+
+
+# ---------------------------------------------------------------------------------------------
+# Rule hash
+
+
+def test_rule_hash_is_stable_and_ignores_wording(tmp_path: Path) -> None:
+    a = claim(tmp_path)
+    b = claim(tmp_path, statement="reworded", source="elsewhere", rationale="why")
+    assert a.rule_hash == b.rule_hash == load_claim(tmp_path / "p.yaml").rule_hash
+    # Golden: changing Claim.rule() orphans every trial in the ledger; do it on purpose only.
+    assert load_claim("procrustes_cka_in_sample", CLAIM_DIR).rule_hash.startswith("6cf6e0b20339")
+
+
+@pytest.mark.parametrize("change", [
+    {"alpha": 0.01}, {"min_effect": 0.03}, {"trials": 6}, {"test": "wilcoxon"},
+    {"direction": "higher"}, {"metric": "metrics.val_loss_best"}, {"margin": 0.02},
+    {"budget": {"max_tokens": 4000}},
+    {"arms": [{"name": "a", "trainer": "adamw", "overrides": {"lr": 2.0e-3}},
+              PAIRED["arms"][1]]},
+])
+def test_rule_hash_changes_with_every_rule_field(tmp_path: Path, change: dict) -> None:
+    assert claim(tmp_path).rule_hash != claim(tmp_path, **change).rule_hash
+
+
+# ---------------------------------------------------------------------------------------------
+# Paired comparison
+
+
+def test_validated_when_significantly_better_by_min_effect(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    v = decide(c, paired_rows(c, a, BASE))
+    assert v.verdict is VerdictWord.VALIDATED
+    oracle = stats.ttest_rel(a, BASE, alternative="less")  # scipy directly
+    assert v.p_value == pytest.approx(oracle.pvalue, rel=1e-12)  # same call, same float
+    assert v.effect == pytest.approx(0.0998, abs=1e-9) and v.n == 5 and len(v.trial_ids) == 10
+    assert v.ci[0] > 0.02 and v.ci_level == pytest.approx(0.9)
+
+
+def test_disproven_when_significantly_worse(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b + 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    v = decide(c, paired_rows(c, a, BASE))
+    assert v.verdict is VerdictWord.DISPROVEN and "significantly worse" in v.reason
+
+
+def test_disproven_when_equivalent_within_min_effect(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b - 0.001 + e for b, e in zip(BASE, [0.001, -0.001, 0.0005, 0.0, -0.0004], strict=True)]
+    v = decide(c, paired_rows(c, a, BASE))
+    assert v.verdict is VerdictWord.DISPROVEN and "TOST" in v.reason
+    d = np.array(BASE) - np.array(a)
+    tost = max(stats.ttest_1samp(d, -0.02, alternative="greater").pvalue,
+               stats.ttest_1samp(d, 0.02, alternative="less").pvalue)
+    assert v.details["p_tost"] == pytest.approx(tost, rel=1e-12)
+
+
+def test_inconclusive_says_how_many_trials_would_decide(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b - 0.03 + e for b, e in zip(BASE, [0.06, -0.05, 0.04, -0.06, 0.03], strict=True)]
+    v = decide(c, paired_rows(c, a, BASE))
+    assert v.verdict is VerdictWord.INCONCLUSIVE
+    d = np.array(BASE) - np.array(a)
+    z = stats.norm.ppf(0.95) + stats.norm.ppf(0.8)
+    expected = int(np.ceil((z * d.std(ddof=1) / d.mean()) ** 2))  # effect >= min_effect
+    assert v.trials_needed == max(expected, 6) and str(v.trials_needed) in v.reason
+
+
+def test_margin_claim_validated_when_non_inferior_and_disproven_when_worse(tmp_path):
+    c = claim(tmp_path, margin=0.05)
+    noise = [0.004, -0.004, 0.002, 0.0, -0.002]
+    same = [b + 0.01 + e for b, e in zip(BASE, noise, strict=True)]  # worse by 0.01 < margin
+    v = decide(c, paired_rows(c, same, BASE))
+    assert v.verdict is VerdictWord.VALIDATED and "matches or beats" in v.reason
+    worse = [b + 0.2 + e for b, e in zip(BASE, noise, strict=True)]
+    v = decide(c, paired_rows(c, worse, BASE))
+    assert v.verdict is VerdictWord.DISPROVEN and "more than the margin" in v.reason
+
+
+def test_wilcoxon_and_bootstrap_use_scipy(tmp_path: Path) -> None:
+    a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.002, -0.004], strict=True)]
+    c = claim(tmp_path, test="wilcoxon")
+    v = decide(c, paired_rows(c, a, BASE))
+    d = np.array(BASE) - np.array(a)
+    assert v.p_value == stats.wilcoxon(d, alternative="greater").pvalue == 1 / 32
+    assert v.verdict is VerdictWord.VALIDATED  # exact signed-rank: 1/32 < 0.05 with 5 pairs
+    c = claim(tmp_path, test="bootstrap")
+    v = decide(c, paired_rows(c, a, BASE))
+    assert v.verdict is VerdictWord.VALIDATED and v.p_value == 0.0
+    boot = stats.bootstrap((d,), np.mean, confidence_level=0.9, n_resamples=9999,
+                           method="percentile", rng=np.random.default_rng(0))
+    assert v.ci == (boot.confidence_interval.low, boot.confidence_interval.high)
+
+
+def test_skipped_when_every_trial_of_an_arm_is_skipped(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    rows = [row(c, "a", s, 2.0) for s in range(5)]
+    rows += [row(c, "b", s, status="skipped", skip_reason="HardwareUnavailable: no cuda")
+             for s in range(5)]
+    v = decide(c, rows)
+    assert v.verdict is VerdictWord.SKIPPED
+    assert v.reason == "arm 'b' could not run here: HardwareUnavailable: no cuda"
+
+
+def test_verdicts_ignore_rows_of_another_rule_or_claim(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    better = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    rows = paired_rows(c, better, BASE)
+    worse = [b + 0.5 for b in BASE]
+    rows += [row(c, "a", s, v, rule_hash="0" * 64) for s, v in enumerate(worse)]
+    rows += [{**r, "claim_id": "other", "run_id": "0" + r["run_id"]}
+             for r in paired_rows(c, worse, BASE)]
+    v = decide(c, rows)
+    assert v.verdict is VerdictWord.VALIDATED and v.n == 5 and len(v.trial_ids) == 10
+
+
+def test_rows_without_claim_arm_are_matched_by_trainer_overrides(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    rows = paired_rows(c, a, BASE)
+    for r in rows:
+        lr = 1.0e-3 if r.pop("claim_arm") == "a" else 1.0e-4
+        r["config"] = {"trainer": {"name": "adamw", "lr": lr}}
+    assert decide(c, rows).verdict is VerdictWord.VALIDATED
+
+
+# ---------------------------------------------------------------------------------------------
+# Correlation, invariant, counterexample search, by construction
+
+
+CORR = {"id": "r", "statement": "x predicts y", "source": "unit", "kind": "correlation",
+        "arms": [{"name": "derived", "trainer": "adamw"}], "x": "derived.layers[*].stable_rank",
+        "y": "derived.layers[*].rank", "direction": "negative", "trials": 1,
+        "test": "pearson", "alpha": 0.05, "min_effect": 0.7}
+
+
+def layer_row(c: Claim, x: np.ndarray, y: np.ndarray) -> dict:
+    layers = [{"stable_rank": float(a), "rank": float(b)} for a, b in zip(x, y, strict=True)]
+    return row(c, "derived", 0, derived={"layers": layers})
+
+
+def test_correlation_disproven_when_interval_excludes_the_claimed_magnitude(tmp_path):
+    # The seed's numbers: r = -0.51 over 92 matrices, claimed |r| >= 0.7.
+    c = load_claim(write_claim(tmp_path, CORR))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(92)
+    y = -0.51 * x + np.sqrt(1 - 0.51**2) * rng.standard_normal(92)
+    v = decide(c, [layer_row(c, x, y)])
+    oracle = stats.pearsonr(x, y, alternative="less")
+    assert v.effect == pytest.approx(oracle.statistic) and v.p_value == pytest.approx(
+        oracle.pvalue)
+    assert v.verdict is VerdictWord.DISPROVEN and v.n == 92 and -v.ci[0] < 0.7
+    assert v.details["spearman_r"] == pytest.approx(stats.spearmanr(x, y).statistic)
+
+
+def test_correlation_validated_when_strong_with_the_claimed_sign(tmp_path: Path) -> None:
+    c = load_claim(write_claim(tmp_path, {**CORR, "test": "spearman"}))
+    x = np.arange(30.0)
+    y = -x + np.random.default_rng(1).normal(0, 2, 30)
+    v = decide(c, [layer_row(c, x, y)])
+    assert v.verdict is VerdictWord.VALIDATED and v.effect < -0.9
+
+
+INVARIANT = {"id": "w", "statement": "update inside Weyl bound", "source": "unit",
+             "kind": "invariant", "arms": [{"name": "derived", "trainer": "adamw"}],
+             "invariant": "curves.steps[*].update_norm <= curves.steps[*].weyl_bound",
+             "tolerance": 1e-5, "trials": 2}
+
+
+def steps_row(c: Claim, seed: int, norms: list[float], bound: float = 1.0) -> dict:
+    steps = [{"step": i, "update_norm": n, "weyl_bound": bound} for i, n in enumerate(norms)]
+    return row(c, "derived", seed, curves={"steps": steps})
+
+
+def test_invariant_disproven_by_a_single_violation_listing_where(tmp_path: Path) -> None:
+    c = load_claim(write_claim(tmp_path, INVARIANT))
+    ok = steps_row(c, 0, [0.5, 1.0, 1.000001])  # within the stated float slack
+    bad = steps_row(c, 1, [0.5, 0.9, 1.2, 0.3])
+    assert decide(c, [ok]).verdict is VerdictWord.INCONCLUSIVE  # 1 of 2 trials, no violation
+    v = decide(c, [ok, bad])
+    assert v.verdict is VerdictWord.DISPROVEN and v.n == 7
+    assert v.details["violations"] == [f"{bad['run_id']} curves.steps[2].update_norm: 1.2 <= 1 "
+                                       "fails"]
+    assert decide(c, [ok, steps_row(c, 1, [0.2])]).verdict is VerdictWord.VALIDATED
+
+
+COUNTER = {"id": "n", "statement": "never diverges", "source": "unit",
+           "kind": "counterexample_search", "arms": [{"name": "derived", "trainer": "adamw"}],
+           "metric": "metrics.val_loss_final", "reference": "metrics.val_loss_initial",
+           "direction": "lower", "trials": 3}
+
+
+def test_counterexample_found_and_not_found(tmp_path: Path) -> None:
+    c = load_claim(write_claim(tmp_path, COUNTER))
+    good = [row(c, "derived", s, 2.0) for s in range(3)]
+    v = decide(c, good)
+    assert v.verdict is VerdictWord.VALIDATED and v.reason == "no counterexample in 3 trials searched"
+    diverged = row(c, "derived", 1, 2.0, status="diverged", stop_reason="diverged")
+    flat = row(c, "derived", 2, 3.5)
+    v = decide(c, [good[0], diverged, flat])
+    assert v.verdict is VerdictWord.DISPROVEN
+    assert v.details["counterexamples"] == [
+        f"{diverged['run_id']}: diverged",
+        f"{flat['run_id']}: metrics.val_loss_final 3.5 does not improve on "
+        "metrics.val_loss_initial 3"]
+
+
+def test_by_construction_proven_on_the_registered_check(tmp_path: Path) -> None:
+    from runner.claims.checks import CHECKS
+
+    c = load_claim("procrustes_cka_in_sample", CLAIM_DIR)
+    rows = []
+    for seed in c.seeds:
+        res = CHECKS[c.check](seed)
+        rows.append(row(c, c.check, seed, metrics={"value": res.value, "abs_error":
+                                                   res.abs_error}))
+    v = decide(c, rows)
+    assert v.verdict is VerdictWord.PROVEN and v.effect <= 1e-6 and v.n == 3
+    rows[1]["metrics"]["abs_error"] = 0.01  # a broken identity
+    assert decide(c, rows).verdict is VerdictWord.DISPROVEN
+
+
+def test_linear_cka_matches_a_hand_computable_case() -> None:
+    from runner.claims.checks import linear_cka
+
+    x = np.random.default_rng(0).standard_normal((20, 5))
+    q, _ = np.linalg.qr(np.random.default_rng(1).standard_normal((5, 5)))
+    assert linear_cka(x, x) == pytest.approx(1.0, abs=1e-12)  # float64 rounding only
+    assert linear_cka(x, 3.0 * x @ q) == pytest.approx(1.0, abs=1e-12)  # rotation, scale
+    assert linear_cka(x[:, :2], x[:, 2:4]) < 0.5  # independent columns
+
+
+def test_paths_address_scalars_lists_and_mappings() -> None:
+    r = {"metrics": {"v": 1.5}, "derived": {"modules": {"b": {"rank": 2}, "a": {"rank": 1}}},
+         "curves": {"steps": [{"u": 1}, {"u": 2}]}}
+    assert paths.scalar(r, "metrics.v") == 1.5
+    assert paths.values(r, "derived.modules.*.rank") == [1.0, 2.0]  # sorted by key
+    assert paths.resolve(r, "curves.steps[1].u") == [("curves.steps[1].u", 2)]
+    with pytest.raises(paths.PathMissing):
+        paths.resolve(r, "curves.telemetry[*].u")
+
+
+# ---------------------------------------------------------------------------------------------
+# Running claims
+
+
+def _run_cfg(tmp_path: Path, extra: list[str] = ()):
+    from conftest import compose_config
+
+    from runner.config import to_run_config
+
+    return to_run_config(compose_config([
+        "+experiment=quickstart", "model=tiny_llama", "data.max_examples=120",
+        "budget.eval_every=2", "budget.eval_examples=4", "verify_adapter=false",
+        f"results_dir={tmp_path / 'results'}", f"runs_dir={tmp_path / 'runs'}", *extra]))
+
+
+def test_run_claims_resumes_and_writes_each_trial_once(tmp_path: Path, capsys) -> None:
+    from runner.tasks.claims import run_claims
+
+    spec = {**COUNTER, "trials": 2, "arms": [{"name": "fast", "trainer": "adamw",
+                                              "overrides": {"lr": 1.0e-3}}],
+            "budget": {"max_tokens": 300, "max_steps": 2}}
+    write_claim(tmp_path, spec)
+    cfg = _run_cfg(tmp_path)
+    first = run_claims(cfg, ["n"], claim_dir=tmp_path)
+    trials = sorted((tmp_path / "results" / "trials").glob("*.json"))
+    assert len(trials) == 2 and "arm fast seed 1: done" in capsys.readouterr().out
+    second = run_claims(cfg, ["n"], claim_dir=tmp_path)
+    assert sorted((tmp_path / "results" / "trials").glob("*.json")) == trials
+    assert "claim n arm fast seed 0: reused" in capsys.readouterr().out
+    assert first == second and first[0].n == 2
+    stored = json.loads(trials[0].read_text())
+    assert stored["claim_id"] == "n" and stored["rule_hash"] == load_claim(
+        tmp_path / "n.yaml").rule_hash
+    assert stored["config"]["budget"]["max_tokens"] == 300  # the claim's budget, every arm
+    assert (tmp_path / "results" / "rules").is_dir()
+
+
+def test_unavailable_arm_writes_a_skipped_row(tmp_path: Path, monkeypatch) -> None:
+    import runner.tasks.train as train
+    from runner.tasks.claims import run_claims
+
+    def no_device(cfg, **kwargs):
+        raise HardwareUnavailable("hardware.device=cuda: no CUDA device")
+
+    monkeypatch.setattr(train, "train_task", no_device)
+    write_claim(tmp_path, {**COUNTER, "trials": 2})
+    cfg = _run_cfg(tmp_path)
+    (v,) = run_claims(cfg, ["n"], claim_dir=tmp_path)
+    assert v.verdict is VerdictWord.SKIPPED
+    assert "HardwareUnavailable: hardware.device=cuda: no CUDA device" in v.reason
+    run_claims(cfg, ["n"], claim_dir=tmp_path)  # retried, still unavailable: no new rows
+    rows = list((tmp_path / "results" / "trials").glob("*.json"))
+    assert len(rows) == 2
+    assert json.loads(rows[0].read_text())["status"] == "skipped"
+
+
+def test_by_construction_claim_runs_its_check(tmp_path: Path) -> None:
+    from runner.tasks.claims import run_claims
+
+    (v,) = run_claims(_run_cfg(tmp_path), ["procrustes_cka_in_sample"])
+    assert v.verdict is VerdictWord.PROVEN and v.n == 3
