@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -267,6 +268,7 @@ def _positive(**kw: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 ErankVariant = Literal["roy_vetterli", "squared"]
+Spectrum = Literal["gram_input", "gram", "svd"]
 
 
 @dataclass(frozen=True)
@@ -299,15 +301,16 @@ class LayerGeometry:
 
 def analyze_layer(
     name: str, w: Array, *, n_train: int | None = None, dtype_eps: float = FLOAT32_EPS,
-    erank_variant: ErankVariant = "roy_vetterli", exact: bool = False,
+    erank_variant: ErankVariant = "roy_vetterli", spectrum: Spectrum = "gram_input",
 ) -> LayerGeometry:
     """Per-matrix geometry: spectrum, effective/stable rank, structural rank, knee, and the
     per-layer derivations 2, 4, 10-14.
 
     **Source**: SEED-SPEC "Per-matrix geometry"; each field's derivation function above.
 
-    The spectrum comes from :func:`geometry.spectra.gram_singular_values` (float64 eigvalsh of
-    the q x q Gram matrix) or, with ``exact=True``, a full SVD. The knee ignores singular values
+    The spectrum (``spectrum``): "gram_input" (default; Gram product in the input dtype, float64
+    eigvalsh, see :func:`geometry.spectra.gram_singular_values`), "gram" (float64 Gram) or
+    "svd" (full float64 SVD, slowest). The knee ignores singular values
     below the float-``dtype_eps`` noise floor eps * s_1 * max(m, n).
 
     **Invariants**: every field is unchanged under W -> cW except sigma_k, sigma_max (scale by c)
@@ -318,7 +321,12 @@ def analyze_layer(
     q = min(m, n)
     if q < 2:
         raise ValueError(f"{name}: need min(m, n) >= 2 (got shape={(m, n)})")
-    s = singular_values(w) if exact else gram_singular_values(w)
+    if spectrum == "svd":
+        s = singular_values(w)
+    elif spectrum in ("gram", "gram_input"):
+        s = gram_singular_values(w, gram_in_input_dtype=spectrum == "gram_input")
+    else:
+        raise ValueError(f"spectrum must be 'gram_input', 'gram' or 'svd' (got {spectrum!r})")
     er = effective_rank(s)
     er2 = effective_rank_squared(s)
     used = er if erank_variant == "roy_vetterli" else er2
@@ -389,7 +397,8 @@ class DerivedHyperparameters:
 def derive_hyperparameters(
     weights: Mapping[str, Array], *, n_train: int, batches_per_epoch: int, dtype_eps: float,
     noise: NoiseScale | None = None, residual_scales: Mapping[str, float] | None = None,
-    stopping_window: int = 5, erank_variant: ErankVariant = "roy_vetterli", exact: bool = False,
+    stopping_window: int = 5, erank_variant: ErankVariant = "roy_vetterli",
+    spectrum: Spectrum = "gram_input", workers: int = 2,
 ) -> DerivedHyperparameters:
     """Derive all 15 hyperparameters from a model's weight matrices (out x in, any array API).
 
@@ -398,7 +407,8 @@ def derive_hyperparameters(
     1. per matrix: :func:`analyze_layer`;  2. global sigma_k,min = min sigma_k and
     sigma_max = max s_1 over targeted matrices;  3. the 15 records. Batch size (8) and residual
     scaling (15) need gradients/activations: pass ``noise`` / ``residual_scales`` once measured,
-    otherwise their records say "deferred".
+    otherwise their records say "deferred". ``spectrum`` picks how singular values are
+    computed (see :func:`analyze_layer`); ``workers`` threads analyse matrices concurrently.
 
     **Invariants**: invariant under a common rescaling of all weights, except the sigma values
     and epsilon (``test_derive_hyperparameters_scale_invariant``).
@@ -407,11 +417,17 @@ def derive_hyperparameters(
         raise ValueError("weights must contain at least one matrix")
     if n_train < 1 or batches_per_epoch < 1 or not dtype_eps > 0:
         raise ValueError("need n_train >= 1, batches_per_epoch >= 1 and dtype_eps > 0")
-    # 1. per-matrix geometry
-    layers = tuple(
-        analyze_layer(name, w, n_train=n_train, dtype_eps=dtype_eps, erank_variant=erank_variant, exact=exact)
-        for name, w in weights.items()
-    )
+    # 1. per-matrix geometry; matrices are independent, so ``workers`` threads share them (the
+    #    array libraries release the GIL inside LAPACK); results keep the input order.
+    def one(item):
+        return analyze_layer(item[0], item[1], n_train=n_train, dtype_eps=dtype_eps,
+                             erank_variant=erank_variant, spectrum=spectrum)
+
+    if workers > 1 and len(weights) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            layers = tuple(pool.map(one, weights.items()))
+    else:
+        layers = tuple(one(item) for item in weights.items())
     # 2. global spectral scale over targeted matrices
     targets = [g for g in layers if g.target] or list(layers)
     sk_min = min(g.sigma_k for g in targets)

@@ -1,10 +1,14 @@
 """`make results`: rebuild the generated documentation from the ledger alone.
 
-Reads `results/trials/*.json` and writes:
+Reads `results/trials/*.json` (and the claims' pre-registration records under
+`results/rules/`) and writes:
 - `docs/runs.md`: one row per trial;
-- the README section between the results markers: a summary per experiment and arm.
-Output depends only on the ledger's content (sorted, no timestamps), so a second run changes
-nothing.
+- the README section between the results markers: a summary per experiment and arm;
+- the README section between the claims markers, `docs/claims.md` and `results/claims.json`:
+  every claim's verdict (runner.claims.docs);
+- `docs/experiments/<experiment>.md` with figures under `docs/experiments/figures/`.
+Output depends only on the ledger's content (sorted, no timestamps, PNGs without metadata), and
+a file is only rewritten when its bytes change, so a second run changes nothing.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ def _markdown(df: pl.DataFrame, digits: dict[str, int] | None = None) -> str:
 
 
 def trials_frame(rows: list[dict]) -> pl.DataFrame:
-    """One flat row per trial with the columns the tables show."""
+    """One flat row per trial with the columns the tables show (shared copies left out)."""
     flat = []
     for r in rows:
+        if r.get("shared_from"):  # a trial counted for a second claim: shown once, as run
+            continue
         m = r.get("metrics") or {}
         flat.append({
             "run": r["run_id"],
@@ -128,13 +134,25 @@ def build(results_dir: Path, docs_dir: Path, readme: Path) -> list[Path]:
     return changed
 
 
+def build_all(results_dir: Path, docs_dir: Path, readme: Path,
+              claims_json: Path | None = None) -> list[Path]:
+    """`make results`: `build` plus the claims and the experiment pages."""
+    from runner.claims.docs import build_claims
+
+    changed = build(results_dir, docs_dir, readme)
+    changed += [p for p in build_claims(results_dir, docs_dir, readme, claims_json)
+                if p not in changed]
+    return changed
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results-dir", default="results", type=Path)
     parser.add_argument("--docs-dir", default="docs", type=Path)
     parser.add_argument("--readme", default="README.md", type=Path)
     args = parser.parse_args(argv)
-    changed = build(args.results_dir, args.docs_dir, args.readme)
+    changed = build_all(args.results_dir, args.docs_dir, args.readme,
+                        args.results_dir / "claims.json")
     print("results: " + (", ".join(map(str, changed)) + " updated" if changed else "up to date"))
 
 

@@ -48,6 +48,12 @@ class TaskName(str, Enum):
     model_info = "model_info"
 
 
+class AdapterInit(str, Enum):
+    tail = "tail"  # W's singular vectors just past its structural rank (SEED-SPEC row 14)
+    top = "top"  # W's leading singular vectors (PiSSA-like ablation)
+    random = "random"  # random orthonormal frames (ablation)
+
+
 class Schedule(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -114,13 +120,13 @@ class TrainerConfig:
     """Common part of every trainer. Options belong to the subclasses."""
 
     name: str = MISSING
-    batch_size: int = 4
 
 
 @dataclass
 class LoraBaselineConfig(TrainerConfig):
     """A PEFT LoRA baseline: every knob the derived trainer removes is explicit here."""
 
+    batch_size: int = 4
     r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -134,6 +140,25 @@ class LoraBaselineConfig(TrainerConfig):
     warmup_ratio: float = 0.0
     schedule: Schedule = Schedule.constant
     max_grad_norm: float | None = None
+    # adamw_grid only: learning rates tried, each trained on the full budget; the best one by
+    # validation loss is the trial's result and the whole grid is its tuning cost.
+    lr_grid: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DerivedTrainerConfig(TrainerConfig):
+    """The derived trainer: every hyperparameter comes from geometry/ (docs/derivations.md).
+
+    What remains are not hyperparameters of the optimisation: which initialisation to use (the
+    derived one, or an ablation), how many examples fit in memory at once (gradient accumulation
+    reaches the derived batch size either way), and how much calibration to spend.
+    """
+
+    init: AdapterInit = AdapterInit.tail
+    micro_batch: int = 8  # memory only: examples per forward pass
+    noise_probes: int = 2  # batches of `micro_batch` used by the noise-scale estimator
+    certificate: bool = True  # evaluate the stopping certificate (and stop on it)
+    erank_variant: str = "roy_vetterli"  # or "squared" (the seed's code); see derivations.md
 
 
 @dataclass
@@ -179,7 +204,11 @@ class RunConfig:
 # Trainer options are typed by their own schema; the name picks it.
 TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {
     "adamw": LoraBaselineConfig,
+    "adamw_grid": LoraBaselineConfig,
     "sgd": LoraBaselineConfig,
+    "prodigy": LoraBaselineConfig,
+    "schedulefree": LoraBaselineConfig,
+    "derived": DerivedTrainerConfig,
 }
 
 _GROUP_SCHEMAS: dict[str, type] = {
@@ -198,3 +227,4 @@ def register_configs() -> None:
     for group, schema in _GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)
     cs.store(group="trainer", name="base_lora_baseline", node=LoraBaselineConfig)
+    cs.store(group="trainer", name="base_derived", node=DerivedTrainerConfig)

@@ -48,29 +48,47 @@ class TrainResult:
     train_losses: list[float]
     evals: list[EvalPoint]
     stop_reason: str  # "budget", "max_steps" or "diverged"
-    train_seconds: float
+    train_seconds: float  # optimisation only: evaluation time is not included
     step_logs: list[dict[str, float]]
+    eval_seconds: float = 0.0
 
 
 @torch.no_grad()
-def evaluate_loss(model, examples: tuple[Example, ...], batch_size: int, pad_id: int) -> float:
-    """Token-weighted mean next-token cross-entropy over the unmasked labels of `examples`."""
+def example_losses(model, examples: tuple[Example, ...], batch_size: int,
+                   pad_id: int) -> tuple[list[float], list[int]]:
+    """Per-example summed next-token cross-entropy over unmasked labels, and token counts."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    sums, counts = [], []
     for batch in batches(examples, batch_size, seed=0, epoch=0, pad_id=pad_id, shuffle=False):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         # Shift: position t predicts token t+1 (as transformers' causal LM loss does).
         logits = logits[:, :-1, :].float()  # (B, T-1, V)
         labels = batch.labels[:, 1:]  # (B, T-1)
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=-100, reduction="sum",
-        )
-        total += float(loss)
-        count += int((labels != -100).sum())
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none",
+        )  # (B, T-1)
+        sums.extend(loss.double().sum(dim=1).tolist())
+        counts.extend((labels != -100).sum(dim=1).tolist())
     model.train(was_training)
-    return total / max(count, 1)
+    return sums, counts
+
+
+def evaluate_loss(model, examples: tuple[Example, ...], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean next-token cross-entropy over the unmasked labels of `examples`."""
+    sums, counts = example_losses(model, examples, batch_size, pad_id)
+    return sum(sums) / max(sum(counts), 1)
+
+
+def set_eval_mode(trainer) -> None:
+    """Put the trainer's weights at their evaluation point (e.g. Schedule-Free's x)."""
+    if hasattr(trainer, "eval_mode"):
+        trainer.eval_mode()
+
+
+def set_train_mode(trainer) -> None:
+    if hasattr(trainer, "train_mode"):
+        trainer.train_mode()
 
 
 def peak_rss_mb() -> float:
@@ -79,15 +97,23 @@ def peak_rss_mb() -> float:
 
 
 class _Evaluator:
-    def __init__(self, model, splits, budget: BudgetConfig, pad_id: int):
-        self.model, self.budget, self.pad_id = model, budget, pad_id
+    def __init__(self, model, trainer, splits, budget: BudgetConfig, pad_id: int):
+        self.model, self.trainer, self.budget, self.pad_id = model, trainer, budget, pad_id
         self.val = splits.val[: budget.eval_examples]
         self.retention = splits.retention[: budget.eval_examples]
+        self.seconds = 0.0  # time spent evaluating, excluded from training throughput
+        self.per_example: list[float] = []  # mean loss per validation example, last evaluation
 
     def __call__(self, step: int, tokens: int) -> EvalPoint:
+        started = time.perf_counter()
         bs = self.budget.eval_batch_size
-        val = evaluate_loss(self.model, self.val, bs, self.pad_id)
+        set_eval_mode(self.trainer)
+        sums, counts = example_losses(self.model, self.val, bs, self.pad_id)
+        val = sum(sums) / max(sum(counts), 1)
+        self.per_example = [s / max(c, 1) for s, c in zip(sums, counts)]
         ret = evaluate_loss(self.model, self.retention, bs, self.pad_id) if self.retention else None
+        set_train_mode(self.trainer)
+        self.seconds += time.perf_counter() - started
         return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret)
 
 
@@ -106,11 +132,13 @@ def _progress(console: Console) -> Progress:
 
 
 def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: int,
-               pad_id: int, console: Console | None = None) -> TrainResult:
-    """Train until the token budget (or max_steps) is spent or the loss stops being finite."""
+               pad_id: int, console: Console | None = None, on_eval=None) -> TrainResult:
+    """Train until the token budget (or max_steps) is spent, the loss stops being finite, or
+    `on_eval(evals, step_logs, per_example_val, epoch_start_val) -> (stop, record)` says stop."""
     console = console or Console(stderr=True)
-    evaluate = _Evaluator(model, splits, budget, pad_id)
+    evaluate = _Evaluator(model, trainer, splits, budget, pad_id)
     evals = [evaluate(0, 0)]
+    first_eval_seconds = evaluate.seconds
     step, tokens, loss_tokens, epoch = 0, 0, 0, 0
     losses: list[float] = []
     step_logs: list[dict[str, float]] = []
@@ -120,6 +148,7 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
         task = bar.add_task("train", total=budget.max_tokens, step=0, loss=float("nan"),
                             val=f"{evals[0].val_loss:.4f}", tok_s=0.0)
         while stop_reason == "budget" and tokens < budget.max_tokens:
+            epoch_start_val = evals[-1].val_loss
             for batch in batches(splits.train, trainer.batch_size, seed=seed, epoch=epoch,
                                  pad_id=pad_id):
                 log = trainer.step(batch)
@@ -131,9 +160,16 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
                 if not math.isfinite(log.loss):
                     stop_reason = "diverged"
                     break
-                elapsed = time.perf_counter() - start
+                elapsed = time.perf_counter() - start - (evaluate.seconds - first_eval_seconds)
                 if step % budget.eval_every == 0:
                     evals.append(evaluate(step, tokens))
+                    if on_eval is not None:
+                        cert_started = time.perf_counter()
+                        stop, _ = on_eval(evals, step_logs, evaluate.per_example, epoch_start_val)
+                        evaluate.seconds += time.perf_counter() - cert_started
+                        if stop:
+                            stop_reason = "certificate"
+                            break
                     if not console.is_terminal:  # a log file gets one line per evaluation
                         console.print(f"step {step} tokens {tokens} loss {log.loss:.4f} "
                                       f"val {evals[-1].val_loss:.4f} "
@@ -147,8 +183,9 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
                     stop_reason = "max_steps"
                     break
             epoch += 1
-    train_seconds = time.perf_counter() - start
     if stop_reason != "diverged" and evals[-1].step != step:
         evals.append(evaluate(step, tokens))
+    train_seconds = time.perf_counter() - start - (evaluate.seconds - first_eval_seconds)
+    set_eval_mode(trainer)  # the weights saved and verified are the evaluated ones
     return TrainResult(step, tokens, loss_tokens, losses, evals, stop_reason, train_seconds,
-                       step_logs)
+                       step_logs, eval_seconds=evaluate.seconds)

@@ -371,7 +371,7 @@ def test_paths_address_scalars_lists_and_mappings() -> None:
 
 
 def _run_cfg(tmp_path: Path, extra: list[str] = ()):
-    from conftest import compose_config
+    from support import compose_config
 
     from runner.config import to_run_config
 

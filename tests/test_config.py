@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config
+from support import ROOT, compose_config
 
 from runner.app import precheck
 from runner.config import to_run_config

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_config
+from support import compose_config
 
 from runner.app import run_job
 from runner.data import batches, load_splits

@@ -148,6 +148,18 @@ def load_claim(claim: str | Path, claim_dir: Path = CLAIM_DIR) -> Claim:
     return _ClaimParser(where, raw, path.stem).parse()
 
 
+def claim_from_record(record: dict, where: str) -> Claim:
+    """A Claim from a pre-registration record (`results/rules/*.json`, `Claim.as_dict()`)."""
+    raw = {k: v for k, v in record.items()
+           if k not in ("rule_hash", "registered_at", "git_commit")}
+    raw = {k: v for k, v in raw.items() if v is not None or k in ("statement", "source")}
+    claim = _ClaimParser(where, raw, str(record.get("id"))).parse()
+    if record.get("rule_hash") and claim.rule_hash != record["rule_hash"]:
+        raise ConfigError(f"{where}: rule_hash: the recorded rule does not hash to "
+                          f"{record['rule_hash'][:12]}")
+    return claim
+
+
 def load_claims(claim_dir: Path = CLAIM_DIR) -> list[Claim]:
     """Every claim under `claim_dir`, sorted by id."""
     return [load_claim(p) for p in sorted(claim_dir.glob("*.yaml"))]

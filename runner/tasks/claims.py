@@ -5,8 +5,11 @@
 2. Pre-register each rule: `results/rules/<claim>-<hash>.json` is written once, before any of
    its trials, and keeps the statement and the full rule next to the trials it governs.
 3. For each trial: reuse a finished row with the same config hash and rule hash (an
-   interrupted experiment resumes where it stopped), else train it; an arm that cannot run
-   here (hardware, weights, an optional package) writes a SKIPPED row with the reason.
+   interrupted experiment resumes where it stopped); share a finished trial of the same config
+   that another claim ran *after* this claim's rule was registered (a copy tagged
+   `shared_from`, so the derived arm common to several claims trains once); else train it. An
+   arm that cannot run here (hardware, weights, an optional package) writes a SKIPPED row with
+   the reason.
 4. Decide every verdict from the ledger alone.
 """
 
@@ -56,12 +59,12 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *,
     plans = [trial for claim in claims for trial in plan_trials(cfg, claim)]
 
     # 2. Pre-registration records.
-    for claim in claims:
-        register_rule(cfg.results_dir, claim)
+    registered = {claim.id: _registered_at(register_rule(cfg.results_dir, claim))
+                  for claim in claims}
 
     # 3. Trials.
     for trial in plans:
-        status = run_trial(trial, cfg)
+        status = run_trial(trial, cfg, registered[trial.claim.id])
         print(f"claim {trial.claim.id} arm {trial.arm} seed {trial.seed}: {status}", flush=True)
 
     # 4. Verdicts, from the ledger rows of this experiment.
@@ -91,14 +94,23 @@ def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
     return plans
 
 
-def run_trial(trial: PlannedTrial, cfg: RunConfig) -> str:
-    """Reuse, run, or skip one trial; return what happened (for the progress line)."""
+def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "") -> str:
+    """Reuse, share, run, or skip one trial; return what happened (for the progress line)."""
     rh = trial.claim.rule_hash
-    existing = [r for r in read_trials(cfg.results_dir)
-                if r.get("config_hash") == trial.config_hash and r.get("rule_hash") == rh
-                and r.get("claim_id") == trial.claim.id]
+    same_config = [r for r in read_trials(cfg.results_dir)
+                   if r.get("config_hash") == trial.config_hash]
+    existing = [r for r in same_config
+                if r.get("rule_hash") == rh and r.get("claim_id") == trial.claim.id]
     if any(r.get("status") != "skipped" for r in existing):
         return "reused"
+    # Only trials that started after this rule was fixed count for it (pre-registration).
+    shareable = [r for r in same_config if not r.get("shared_from")
+                 and r.get("claim_id") is not None and r.get("status") != "skipped"
+                 and str(r.get("started_at", "")) > registered_at]
+    if shareable:
+        source = min(shareable, key=lambda r: r["run_id"])
+        _write_shared_row(trial, source, cfg.results_dir)
+        return f"shared (trial {source['run_id']} of claim {source['claim_id']})"
     if trial.cfg is None:
         _write_check_row(trial, cfg)
         return "done"
@@ -140,6 +152,19 @@ def register_rule(results_dir: str | Path, claim: Claim) -> Path:
     finally:
         os.unlink(tmp)
     return final
+
+
+def _registered_at(path: Path) -> str:
+    return str(json.loads(path.read_text()).get("registered_at", ""))
+
+
+def _write_shared_row(trial: PlannedTrial, source: dict, results_dir: str) -> None:
+    row = {k: v for k, v in source.items() if k != "schema_version"}
+    row.update(run_id=new_run_id(source["experiment"], str(source.get("arm")), trial.seed,
+                                 trial.config_hash),
+               claim_id=trial.claim.id, rule_hash=trial.claim.rule_hash, claim_arm=trial.arm,
+               shared_from=source["run_id"])
+    write_trial(results_dir, row)
 
 
 def _base_row(trial: PlannedTrial, cfg: RunConfig, arm_label: str) -> dict:

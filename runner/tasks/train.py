@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -72,17 +74,12 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None,
                   f"train {len(splits.train)} val {len(splits.val)} "
                   f"retention {len(splits.retention)}")
 
-    # 2. Adapters and the trainer (seeded: LoRA's random A and dropout draw from it).
-    torch.manual_seed(cfg.seed)
-    model = attach_lora(loaded.model, cfg.trainer)
-    trainer = BaselineTrainer(model, cfg.trainer, _estimate_steps(splits.train, cfg))
-
-    # 3. Train.
+    # 2. Train with the configured trainer (a grid trains once per learning rate).
     pad_id = loaded.tokenizer.pad_token_id
-    result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
-                        console=console)
+    outcome = run_trainer(cfg, loaded, splits, pad_id, console)
+    model, result = outcome.model, outcome.result
 
-    # 4. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
+    # 3. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
     chash = config_hash(cfg)
     run_id = new_run_id(cfg.experiment, cfg.trainer.name, cfg.seed, chash)
     adapter_dir = Path(cfg.runs_dir) / run_id / "adapter"
@@ -90,16 +87,93 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None,
     reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
                    if cfg.verify_adapter else None)
 
-    # 5. One trial row in the ledger.
+    # 4. One trial row in the ledger.
     row = _trial_row(cfg, hw, loaded, splits, result, run_id, chash, started,
                      time.perf_counter() - wall_start, adapter_dir, reload_diff)
-    row.update(claim_id=claim_id, rule_hash=rule_hash)
+    row["metrics"].update(outcome.extra_metrics)
+    row.update(claim_id=claim_id, rule_hash=rule_hash, hyperparameters=outcome.hyperparameters,
+               derived=outcome.derived, certificate=outcome.certificate)
+    if outcome.step_table:
+        row["curves"]["steps"] = outcome.step_table
     path = write_trial(cfg.results_dir, row)
     m = row["metrics"]
     console.print(f"[bold]done[/] {result.stop_reason}: val {m['val_loss_initial']:.4f} -> "
                   f"{m['val_loss_final']:.4f}, {m['tokens_per_second']:.0f} tok/s, "
                   f"trial {path}")
     return row
+
+
+@dataclass
+class TrainOutcome:
+    model: Any  # the trained model with its adapters attached, in evaluation mode
+    result: TrainResult
+    hyperparameters: dict
+    extra_metrics: dict = field(default_factory=dict)
+    derived: dict | None = None
+    certificate: dict | None = None
+    step_table: list[dict] | None = None
+
+
+def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
+                console: Console) -> TrainOutcome:
+    if cfg.trainer.name == "adamw_grid":
+        return run_lr_grid(cfg, loaded, splits, pad_id, console)
+    if cfg.trainer.name == "derived":
+        from runner.tasks.derived import run_derived
+
+        return run_derived(cfg, loaded, splits, pad_id, console)
+    return run_baseline(cfg, cfg.trainer, loaded.model, splits, pad_id, console)
+
+
+def run_baseline(cfg: RunConfig, trainer_cfg, base_model, splits, pad_id: int,
+                 console: Console) -> TrainOutcome:
+    """PEFT LoRA + an optimizer; the seed fixes LoRA's random A init and dropout."""
+    torch.manual_seed(cfg.seed)
+    model = attach_lora(base_model, trainer_cfg)
+    trainer = BaselineTrainer(model, trainer_cfg, _estimate_steps(splits.train, cfg))
+    result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
+                        console=console)
+    hyper = OmegaConf.to_container(OmegaConf.structured(trainer_cfg), enum_to_str=True)
+    return TrainOutcome(model=model, result=result, hyperparameters=hyper)
+
+
+def run_lr_grid(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
+                console: Console) -> TrainOutcome:
+    """AdamW tuned over `lr_grid`: every point trains on the full budget; keep the best.
+
+    The pick is by final validation loss on the same split the claim reads, which favours the
+    grid: any claim that the derived trainer matches it is tested against its best case.
+    """
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    grid = list(cfg.trainer.lr_grid) or [cfg.trainer.lr]
+    base, points, best = loaded.model, [], None
+    for i, lr in enumerate(grid):
+        console.print(f"adamw_grid: lr={lr:g} ({i + 1}/{len(grid)})")
+        outcome = run_baseline(cfg, replace(cfg.trainer, lr=lr), base, splits, pad_id, console)
+        final = outcome.result.evals[-1].val_loss
+        points.append({"lr": lr, "val_loss_final": final, "tokens": outcome.result.tokens,
+                       "train_seconds": outcome.result.train_seconds,
+                       "stop_reason": outcome.result.stop_reason})
+        if best is None or (math.isfinite(final) and final < best[0]):
+            state = {k: v.detach().clone()
+                     for k, v in get_peft_model_state_dict(outcome.model).items()}
+            best = (final, state, outcome)
+        base = outcome.model.unload()  # the base model without this point's adapters
+    _, state, best = best
+    # Re-attach the best point's adapters (same config, same seed) and restore its weights.
+    torch.manual_seed(cfg.seed)
+    best.model = attach_lora(base, replace(cfg.trainer, lr=best.hyperparameters["lr"]))
+    set_peft_model_state_dict(best.model, state)
+    best.model.eval()
+    best.extra_metrics = {
+        "grid": points,
+        "best_lr": best.hyperparameters["lr"],
+        "tuning_tokens": sum(p["tokens"] for p in points),
+        "tuning_seconds": sum(p["train_seconds"] for p in points),
+        "grid_points": len(points),
+    }
+    return best
 
 
 def _estimate_steps(train, cfg: RunConfig) -> int:

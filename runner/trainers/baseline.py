@@ -35,6 +35,15 @@ def build_optimizer(params, cfg: LoraBaselineConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "schedulefree":
+        from schedulefree import AdamWScheduleFree
+
+        return AdamWScheduleFree(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
     raise ValueError(f"trainer.optimizer: unknown optimizer '{cfg.optimizer}'")
 
 
@@ -65,8 +74,19 @@ class BaselineTrainer:
         )
         self.total_steps = total_steps
 
-    def step(self, batch) -> StepLog:
+    def train_mode(self) -> None:
+        """Schedule-Free evaluates at a different point (x) than it trains at (y)."""
         self.model.train()
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()
+
+    def step(self, batch) -> StepLog:
+        self.train_mode()
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          labels=batch.labels)
         loss = out.loss

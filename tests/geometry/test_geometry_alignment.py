@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import orthonormal
+from matrices import orthonormal
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@ import importlib.util
 
 import numpy as np
 import pytest
-from conftest import orthonormal, planted_weight
+from matrices import orthonormal, planted_weight
 
 import geometry as g
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import planted_weight
+from matrices import planted_weight
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -184,6 +184,14 @@ def test_gram_singular_values_match_svd(w):
     s = scipy.linalg.svdvals(w)
     # documented accuracy: absolute error <= ~sqrt(eps64) * s_1
     np.testing.assert_allclose(g.gram_singular_values(w), s, atol=4 * math.sqrt(2.0**-52) * s[0])
+
+
+@given(matrices)
+def test_gram_singular_values_float32_gram(w):
+    s = scipy.linalg.svdvals(w.astype(np.float32).astype(np.float64))
+    got = g.gram_singular_values(w.astype(np.float32), gram_in_input_dtype=True)
+    # documented accuracy: ~sqrt(c * eps32) * s_1, c <= 16 for these small sizes
+    np.testing.assert_allclose(got, s, atol=4 * math.sqrt(2.0**-23) * s[0])
 
 
 def test_gram_singular_values_float32_input_upcasts():

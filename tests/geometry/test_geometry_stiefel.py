@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import orthonormal
+from matrices import orthonormal
 from hypothesis import given
 from hypothesis import strategies as st
 

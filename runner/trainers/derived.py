@@ -1,0 +1,410 @@
+"""trainer=derived: LoRA with every hyperparameter derived from the weights (geometry/).
+
+Each target Linear W (out x in) gets an adapter dW = c * U diag(S) V^T (SEED-SPEC rows 3, 10, 14,
+15): U (out x r) and V (in x r) have orthonormal columns and start at W's singular vectors just
+past its structural rank ("null-space capacity" directions), S starts at 0 so the model is
+unchanged at step 0, and c is the block's residual scale. One step:
+
+    1. forward/backward on the batch (split into micro-batches to reach the derived B_crit);
+    2. eta = MASS(loss, ||g||) = min(ceiling, SPS, Weyl)                    (row 1)
+    3. U, V <- Cayley retraction of -eta * grad on the Stiefel manifold      (row 3, no momentum)
+    4. S <- clamp(S - eta * grad_S, 0, sigma_k) * (1 - eta * sigma_k/sigma_max)   (rows 4, 10)
+
+No learning rate, warmup, schedule, clipping, rank or alpha exists to set. The adapter is
+exported as plain PEFT LoRA: B = c * U diag(S), A = V^T, lora_alpha = r (scaling 1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+import geometry
+from runner.training import StepLog
+
+
+# ---------------------------------------------------------------------------------------------
+# Which matrices, and the factored adapters on them
+
+
+def candidate_linears(model) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder blocks (embeddings and lm_head are not adapted)."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in name
+    }
+
+
+def block_of(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj` -> `model.layers.3`."""
+    head, _, rest = name.partition(".layers.")
+    return f"{head}.layers.{rest.split('.', 1)[0]}"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    rank: int
+    dropout: float
+    sigma_k: float  # ||dW||_2 <= sigma_k (S is clamped to [0, sigma_k])
+    decay: float  # sigma_k / sigma_max: the decoupled shrinkage rate of S
+    first_index: int  # 0-based index of the first singular vector used (the structural rank k)
+    scale: float  # residual scale c of the block
+
+
+class FactoredAdapters(nn.Module):
+    """U diag(S) V^T adapters applied to their Linears by forward hooks (no module surgery)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], specs: dict[str, AdapterSpec],
+                 init: str, seed: int):
+        super().__init__()
+        self.specs = specs
+        self.keys = {name: name.replace(".", "__") for name in specs}
+        self.U, self.S, self.V = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        gen = torch.Generator().manual_seed(seed)
+        for name, spec in specs.items():
+            u, v = initial_frames(linears[name].weight.detach(), spec, init, gen)
+            key = self.keys[name]
+            self.U[key] = nn.Parameter(u)
+            self.V[key] = nn.Parameter(v)
+            self.S[key] = nn.Parameter(torch.zeros(spec.rank, dtype=u.dtype))
+        self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
+
+    def _hook(self, name: str):
+        key, spec = self.keys[name], self.specs[name]
+
+        def hook(module, args, output):
+            x = args[0]
+            if self.training and spec.dropout > 0:
+                x = nn.functional.dropout(x, p=spec.dropout)
+            # (..., in) @ (in, r) * (r,) @ (r, out) -> (..., out)
+            delta = ((x @ self.V[key]) * self.S[key]) @ self.U[key].T
+            return output + spec.scale * delta
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def triples(self):
+        for name, key in self.keys.items():
+            yield name, self.U[key], self.S[key], self.V[key]
+
+
+def initial_frames(w: torch.Tensor, spec: AdapterSpec, init: str, gen: torch.Generator):
+    """Orthonormal U (out x r), V (in x r): W's singular vectors k..k+r-1 (row 14), or ablations."""
+    r = spec.rank
+    if init == "random":
+        u = torch.linalg.qr(torch.randn(w.shape[0], r, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(w.shape[1], r, generator=gen, dtype=torch.float64))[0]
+        return u.to(w.dtype), v.to(w.dtype)
+    u_full, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    start = 0 if init == "top" else spec.first_index
+    start = min(start, u_full.shape[1] - r)
+    u, v = u_full[:, start:start + r], vh[start:start + r].T
+    return u.contiguous().to(w.dtype), v.contiguous().to(w.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration: residual scales (row 15) and the gradient noise scale (row 8)
+
+
+@torch.no_grad()
+def residual_scales(model, blocks: list[str], calib) -> dict[str, geometry.Derived]:
+    """sigma_max(x) / sigma_max(f(x)) per decoder block on a calibration batch (row 15)."""
+    captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    modules = dict(model.named_modules())
+
+    def capture(name):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            captured[name] = (x.detach(), y.detach())
+        return hook
+
+    handles = [modules[b].register_forward_hook(capture(b), with_kwargs=True) for b in blocks]
+    try:
+        model(input_ids=calib.input_ids, attention_mask=calib.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    mask = calib.attention_mask.bool()
+    scales = {}
+    for name in blocks:
+        x, y = captured[name]
+        x2, f2 = x[mask].double(), (y - x)[mask].double()  # (tokens, d): the block's residual branch
+        scales[name] = geometry.residual_scale(x2, f2)  # a Derived record
+    return scales
+
+
+def _grad_sq_norm(params) -> float:
+    return float(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+
+
+def measure_noise_scale(model, params, examples, collate, n_train: int, b_big: int,
+                        probes: int) -> geometry.NoiseScale:
+    """McCandlish et al. (2018) two-batch estimator from measured gradient norms (row 8)."""
+    small, big = [], []
+    for i in range(probes):
+        chunk = examples[i * b_big:(i + 1) * b_big]
+        if len(chunk) < b_big:
+            break
+        for ex in chunk[:2]:  # |G_1|^2 from single examples
+            small.append(_loss_grad_sq(model, params, collate([ex])))
+        big.append(_loss_grad_sq(model, params, collate(chunk)))
+    return geometry.gradient_noise_scale(
+        sum(small) / len(small), sum(big) / len(big), 1, b_big, n_train=n_train
+    )
+
+
+def _loss_grad_sq(model, params, batch) -> float:
+    for p in params:
+        p.grad = None
+    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                labels=batch.labels)
+    out.loss.backward()
+    value = _grad_sq_norm(params)
+    for p in params:
+        p.grad = None
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class DerivedTrainer:
+    """Riemannian SGD on U, V (Cayley retraction) and projected SGD on S, with MASS steps."""
+
+    def __init__(self, model, adapters: FactoredAdapters, derived, batch_size: int,
+                 micro_batch: int, *, ceiling: float, floor: float):
+        self.model, self.adapters, self.derived = model, adapters, derived
+        self.batch_size, self.micro_batch = batch_size, micro_batch
+        self.params = list(adapters.parameters())
+        self.ceiling, self.floor = ceiling, floor
+        self.sigma_k_min = float(derived.sigma_k_min)
+        self.last_direction: dict[str, torch.Tensor] | None = None
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.adapters.train()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+        self.adapters.eval()
+
+    def _forward_backward(self, batch) -> torch.Tensor:
+        """Mean loss over the batch's answer tokens; gradients accumulated over micro-batches."""
+        total = max(int(batch.n_tokens), 1)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i in range(0, batch.input_ids.shape[0], self.micro_batch):
+            ids = batch.input_ids[i:i + self.micro_batch]
+            labels = batch.labels[i:i + self.micro_batch]
+            mask = batch.attention_mask[i:i + self.micro_batch]
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (b, T-1, V)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum",
+            ) / total
+            loss.backward()
+            loss_sum += loss.detach().double()
+        return loss_sum
+
+    def step(self, batch) -> StepLog:
+        # 1. Loss and gradients (micro-batched to the derived batch size).
+        self.train_mode()
+        for p in self.params:
+            p.grad = None
+        loss = self._forward_backward(batch)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grad_norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            return StepLog(loss=float(loss), extra={"grad_norm": float(grad_norm)})
+
+        # 2. MASS step size (row 1): which of the three terms binds is logged.
+        mass = geometry.mass_step_size(float(loss), float(grad_norm), self.sigma_k_min,
+                                       self.ceiling, self.floor)
+        eta = float(mass.step)
+
+        # 3-4. Retract U, V on their Stiefel manifolds; project S into [0, sigma_k] and decay it.
+        direction, orth, s_ratio = {}, 0.0, 0.0
+        with torch.no_grad():
+            for name, u, s, v in self.adapters.triples():
+                spec = self.adapters.specs[name]
+                new_u = geometry.cayley_retract(u, -u.grad, eta) if u.grad is not None else u
+                new_v = geometry.cayley_retract(v, -v.grad, eta) if v.grad is not None else v
+                new_s = (s - eta * s.grad) if s.grad is not None else s.clone()
+                new_s = new_s.clamp(0.0, spec.sigma_k) * (1.0 - eta * spec.decay)
+                direction[name] = (new_u - u, new_s - s, new_v - v)
+                u.copy_(new_u), v.copy_(new_v), s.copy_(new_s)
+                orth = max(orth, geometry.orthogonality_error(u), geometry.orthogonality_error(v))
+                s_ratio = max(s_ratio, float(s.max()) / spec.sigma_k)
+        self.last_direction = direction
+        return StepLog(loss=float(loss), extra={
+            "grad_norm": float(grad_norm), "step_size": eta, "bound": mass.bound,
+            "update_norm": eta * float(grad_norm), "weyl_bound": self.sigma_k_min,
+            "orth_error": orth, "max_s_over_sigma_k": s_ratio,
+        })
+
+    # -- export ------------------------------------------------------------------------------
+
+    def peft_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (lora_A (r x in), lora_B (out x r)) with B = c U diag(S), A = V^T."""
+        out = {}
+        for name, u, s, v in self.adapters.triples():
+            scale = self.adapters.specs[name].scale
+            out[name] = (v.detach().T.contiguous(), (scale * u.detach() * s.detach()).contiguous())
+        return out
+
+    def adapter_effective_ranks(self) -> dict[str, float]:
+        return {name: geometry.effective_rank(s.detach().double()) if float(s.detach().max()) > 0 else 0.0
+                for name, _, s, _ in self.adapters.triples()}
+
+
+def export_peft(base_model, trainer: DerivedTrainer, derived) -> Any:
+    """Remove the hooks and attach the same adapters as plain PEFT LoRA modules."""
+    from peft import LoraConfig, get_peft_model
+
+    trainer.adapters.remove()
+    patterns = derived.peft_patterns()
+    specs = trainer.adapters.specs
+    dropout = sum(s.dropout for s in specs.values()) / len(specs)  # PEFT has one dropout
+    config = LoraConfig(
+        r=patterns["r"], lora_alpha=patterns["r"], target_modules=list(specs),
+        rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
+        lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(base_model, config)
+    modules = dict(peft_model.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, (a, b) in trainer.peft_weights().items():
+            layer = modules[name]
+            layer.lora_A["default"].weight.copy_(a)
+            layer.lora_B["default"].weight.copy_(b)
+    return peft_model.eval()
+
+
+def grad_norm_series(step_logs: list[dict]) -> list[float]:
+    return [log["grad_norm"] for log in step_logs if math.isfinite(log.get("grad_norm", math.nan))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The geometric stopping certificate (row 9), evaluated at every evaluation
+
+
+def _ngram_repetition(tokens: list[int], n: int = 4) -> float:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+@torch.no_grad()
+def generation_stats(model, prompts: list[torch.Tensor], new_tokens: int, pad_id: int):
+    """Mean next-token entropy and 4-gram repetition rate of greedy continuations."""
+    entropies, reps = [], []
+    for prompt in prompts:
+        out = model.generate(prompt.unsqueeze(0), max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens, output_scores=True,
+                             return_dict_in_generate=True, pad_token_id=pad_id)
+        for scores in out.scores:  # (1, V) per generated token
+            logp = torch.log_softmax(scores[0].double(), -1)
+            entropies.append(float(-(logp.exp() * logp).sum()))
+        reps.append(_ngram_repetition(out.sequences[0, prompt.shape[0]:].tolist()))
+    return sum(entropies) / len(entropies), sum(reps) / len(reps)
+
+
+class CertificateMonitor:
+    """Computes the four criteria at each evaluation; says when the certificate holds."""
+
+    def __init__(self, trainer: DerivedTrainer, val_batch, prompts, pad_id: int,
+                 grad_window: int, new_tokens: int = 16):
+        self.trainer, self.val_batch, self.prompts = trainer, val_batch, prompts
+        self.pad_id, self.grad_window, self.new_tokens = pad_id, grad_window, new_tokens
+        self.base_entropy, self.base_rep = generation_stats(trainer.model, prompts, new_tokens,
+                                                            pad_id)
+        self.history: list[dict] = []
+        self.epoch_start_val: float | None = None
+
+    def _val_grad(self) -> list[torch.Tensor]:
+        t = self.trainer
+        for p in t.params:
+            p.grad = None
+        t._forward_backward(self.val_batch)
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in t.params]
+        for p in t.params:
+            p.grad = None
+        return grads
+
+    def _curvature(self) -> tuple[float, float]:
+        """a = grad L_val . d and b = d^T H_val d along the last update d (central differences)."""
+        t = self.trainer
+        if t.last_direction is None:
+            return math.nan, math.nan
+        d = [delta for name in t.adapters.keys for delta in _order(t.last_direction[name])]
+        params = [p for name, u, s, v in t.adapters.triples() for p in (u, s, v)]
+        g0 = self._val_grad_for(params)
+        with torch.no_grad():
+            for p, dp in zip(params, d):
+                p.add_(dp)
+        g_plus = self._val_grad_for(params)
+        with torch.no_grad():
+            for p, dp in zip(params, d):
+                p.sub_(2 * dp)
+        g_minus = self._val_grad_for(params)
+        with torch.no_grad():
+            for p, dp in zip(params, d):
+                p.add_(dp)  # back where we were
+        a = sum(float((g * dp).double().sum()) for g, dp in zip(g0, d))
+        b = sum(float(((gp - gm) * dp).double().sum()) / 2.0
+                for gp, gm, dp in zip(g_plus, g_minus, d))
+        return a, b
+
+    def _val_grad_for(self, params) -> list[torch.Tensor]:
+        grads = dict(zip(map(id, self.trainer.params), self._val_grad()))
+        return [grads[id(p)] for p in params]
+
+    def on_eval(self, evals, step_logs, per_example_val: list[float], epoch_start_val: float):
+        """Evaluate the certificate; return (satisfied, record)."""
+        t = self.trainer
+        t.eval_mode()
+        vals = [e.val_loss for e in evals]
+        grad_norms = grad_norm_series(step_logs)
+        criteria = [
+            _windowed(geometry.gradient_stationarity, grad_norms, self.grad_window),
+            geometry.predicted_improvement(*self._curvature(),
+                                           geometry.validation_ci_half_width(per_example_val)),
+            geometry.generation_drift(*_swap(generation_stats(t.model, self.prompts,
+                                                              self.new_tokens, self.pad_id),
+                                             self.base_entropy, self.base_rep)),
+            _windowed(geometry.validation_stability, vals, 2),
+        ]
+        cert = geometry.stopping_certificate(*criteria,
+                                             validation_fell=vals[-1] < epoch_start_val)
+        record = {"step": evals[-1].step, "tokens": evals[-1].tokens, **cert.to_dict()}
+        self.history.append(record)
+        t.train_mode()
+        return cert.satisfied, record
+
+
+def _order(triple):
+    du, ds, dv = triple
+    return du, ds, dv
+
+
+def _swap(stats, base_entropy, base_rep):
+    entropy, rep = stats
+    return entropy, base_entropy, rep, base_rep
+
+
+def _windowed(criterion, series, window):
+    """A two-window criterion needs 2 full windows; before that it cannot pass."""
+    if len(series) < 2 * window or window < 2:
+        name = criterion.__name__
+        return geometry.Criterion(name, math.nan, math.nan, False)
+    return criterion(series, window)
