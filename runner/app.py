@@ -44,6 +44,10 @@ def run_job(cfg: DictConfig) -> object:
         from runner.tasks.model_info import model_info_task
 
         return model_info_task(run_cfg)
+    if run_cfg.task.name is TaskName.lora_svd:
+        from runner.tasks.lora_svd import lora_svd_task
+
+        return lora_svd_task(run_cfg)
     raise UserError(f"task={run_cfg.task.name.value}: not implemented")
 
 

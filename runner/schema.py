@@ -46,6 +46,7 @@ class DType(str, Enum):
 class TaskName(str, Enum):
     train = "train"
     model_info = "model_info"
+    lora_svd = "lora_svd"
 
 
 class AdapterInit(str, Enum):
@@ -175,7 +176,8 @@ class BudgetConfig:
 @dataclass
 class TaskConfig:
     name: TaskName = MISSING
-    top: int = 0  # model_info: rows to print (0 = all)
+    top: int = 0  # model_info, lora_svd: rows to print (0 = all)
+    adapter: str | None = None  # lora_svd: a PEFT adapter directory (adapter_config.json + weights)
 
 
 @dataclass
