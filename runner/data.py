@@ -370,13 +370,15 @@ def batches(
     pad_id: int,
     shuffle: bool = True,
     drop_last: bool = False,
+    skip: int = 0,
 ) -> Iterator[Batch]:
-    """Batches over ``examples``, shuffled by (seed, epoch) unless ``shuffle=False``."""
+    """Batches over ``examples``, shuffled by (seed, epoch) unless ``shuffle=False``; the first
+    ``skip`` batches of the epoch are not built (a resumed run has already trained on them)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = epoch_order(len(examples), seed=seed, epoch=epoch) if shuffle else range(len(examples))
     order = list(order)
-    for start in range(0, len(order), batch_size):
+    for start in range(skip * batch_size, len(order), batch_size):
         idx = order[start : start + batch_size]
         if drop_last and len(idx) < batch_size:
             return

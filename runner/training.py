@@ -1,7 +1,8 @@
 """The training loop shared by every trainer, and loss evaluation.
 
-A trainer supplies `step(batch) -> StepLog`; this loop owns everything around it: batching by
-(seed, epoch), the token budget, periodic evaluation, divergence detection and the progress bar.
+A trainer supplies `step(batch) -> StepLog` and `state_dict()` / `load_state_dict()`; this loop
+owns everything around it: batching by (seed, epoch), the token budget, periodic evaluation,
+divergence detection, checkpoints and resume (runner/checkpoint.py) and the progress bar.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from runner.checkpoint import Checkpoint
 from runner.data import Example, batches
 from runner.schema import BudgetConfig
 
@@ -30,6 +32,10 @@ class Trainer(Protocol):
     batch_size: int
 
     def step(self, batch: Any) -> StepLog: ...
+
+    def state_dict(self) -> dict[str, Any]: ...  # all stepping depends on (for checkpoints)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -47,8 +53,8 @@ class TrainResult:
     loss_tokens: int  # tokens that carried loss (answer tokens for masked data)
     train_losses: list[float]
     evals: list[EvalPoint]
-    stop_reason: str  # "budget", "max_steps" or "diverged"
-    train_seconds: float  # optimisation only: evaluation time is not included
+    stop_reason: str  # "budget", "max_steps", "certificate" or "diverged"
+    train_seconds: float  # optimisation steps only: evaluation and checkpoints are not included
     step_logs: list[dict[str, float]]
     eval_seconds: float = 0.0
 
@@ -110,7 +116,7 @@ class _Evaluator:
         set_eval_mode(self.trainer)
         sums, counts = example_losses(self.model, self.val, bs, self.pad_id)
         val = sum(sums) / max(sum(counts), 1)
-        self.per_example = [s / max(c, 1) for s, c in zip(sums, counts)]
+        self.per_example = [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
         ret = evaluate_loss(self.model, self.retention, bs, self.pad_id) if self.retention else None
         set_train_mode(self.trainer)
         self.seconds += time.perf_counter() - started
@@ -131,61 +137,139 @@ def _progress(console: Console) -> Progress:
     )
 
 
+@dataclass
+class LoopState:
+    """Where the loop stands: with the trainer's state, all a checkpoint needs to continue."""
+
+    evals: list[EvalPoint]
+    step: int = 0
+    tokens: int = 0
+    loss_tokens: int = 0
+    epoch: int = 0
+    next_batch: int = 0  # index of the next batch of `epoch` (batches are fixed by seed, epoch)
+    epoch_start_val: float = math.nan  # validation loss when `epoch` began (certificate input)
+    losses: list[float] = field(default_factory=list)
+    step_logs: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = "budget"  # stays "budget" while training goes on
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopState:
+        return cls(**{**d, "evals": [EvalPoint(**e) for e in d["evals"]]})
+
+    def record(self, batch, log: StepLog) -> None:
+        self.step += 1
+        self.next_batch += 1
+        self.tokens += int(batch.attention_mask.sum())
+        self.loss_tokens += int(batch.n_tokens)
+        self.losses.append(log.loss)
+        self.step_logs.append({"step": self.step, "tokens": self.tokens, "loss": log.loss,
+                               **log.extra})
+
+
+def is_finite_step(log: StepLog) -> bool:
+    """A step diverged when its loss or its gradient norm is not finite (trainers then leave
+    their parameters untouched)."""
+    return math.isfinite(log.loss) and math.isfinite(log.extra.get("grad_norm", 0.0))
+
+
 def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: int,
-               pad_id: int, console: Console | None = None, on_eval=None) -> TrainResult:
-    """Train until the token budget (or max_steps) is spent, the loss stops being finite, or
-    `on_eval(evals, step_logs, per_example_val, epoch_start_val) -> (stop, record)` says stop."""
+               pad_id: int, console: Console | None = None, on_eval=None,
+               checkpoint: Checkpoint | None = None) -> TrainResult:
+    """Train until the token budget (or max_steps) is spent, a step is not finite, or
+    `on_eval(evals, step_logs, per_example_val, epoch_start_val) -> (stop, record)` says stop.
+
+    With a `checkpoint`, the state is saved at every evaluation and at the end, and a run that
+    finds a checkpoint of its own config continues from it (on CPU, bitwise as if never stopped).
+    """
     console = console or Console(stderr=True)
     evaluate = _Evaluator(model, trainer, splits, budget, pad_id)
-    evals = [evaluate(0, 0)]
-    first_eval_seconds = evaluate.seconds
-    step, tokens, loss_tokens, epoch = 0, 0, 0, 0
-    losses: list[float] = []
-    step_logs: list[dict[str, float]] = []
-    stop_reason = "budget"
-    start = time.perf_counter()
+
+    # 1. Continue from the checkpoint, or evaluate the untrained model.
+    state = _resume(checkpoint, trainer, console)
+    if state is None:
+        state = LoopState(evals=[evaluate(0, 0)])
+        state.eval_seconds = evaluate.seconds
+    evaluate.seconds = state.eval_seconds
+
+    # 2. Epochs of batches fixed by (seed, epoch); a resumed epoch skips what it has seen.
     with _progress(console) as bar:
-        task = bar.add_task("train", total=budget.max_tokens, step=0, loss=float("nan"),
-                            val=f"{evals[0].val_loss:.4f}", tok_s=0.0)
-        while stop_reason == "budget" and tokens < budget.max_tokens:
-            epoch_start_val = evals[-1].val_loss
-            for batch in batches(splits.train, trainer.batch_size, seed=seed, epoch=epoch,
-                                 pad_id=pad_id):
+        task = bar.add_task("train", total=budget.max_tokens, step=state.step,
+                            loss=state.losses[-1] if state.losses else math.nan,
+                            val=f"{state.evals[-1].val_loss:.4f}", tok_s=0.0)
+        while state.stop_reason == "budget" and state.tokens < budget.max_tokens:
+            if state.next_batch == 0:
+                state.epoch_start_val = state.evals[-1].val_loss
+            started = time.perf_counter()
+            for batch in batches(splits.train, trainer.batch_size, seed=seed, epoch=state.epoch,
+                                 pad_id=pad_id, skip=state.next_batch):
+                # 3. One step (timed with its batch: throughput counts training only).
                 log = trainer.step(batch)
-                step += 1
-                tokens += int(batch.attention_mask.sum())
-                loss_tokens += int(batch.n_tokens)
-                losses.append(log.loss)
-                step_logs.append({"step": step, "tokens": tokens, "loss": log.loss, **log.extra})
-                if not math.isfinite(log.loss):
-                    stop_reason = "diverged"
+                state.record(batch, log)
+                state.train_seconds += time.perf_counter() - started
+
+                # 4. Stop on divergence; evaluate (and ask the certificate) every eval_every.
+                if not is_finite_step(log):
+                    state.stop_reason = "diverged"
+                elif state.step % budget.eval_every == 0:
+                    _evaluate_and_check(state, evaluate, on_eval, console)
+                if (state.stop_reason == "budget" and state.tokens < budget.max_tokens
+                        and budget.max_steps is not None and state.step >= budget.max_steps):
+                    state.stop_reason = "max_steps"
+
+                # 5. Checkpoint after each evaluation, with the stop decision already taken.
+                if checkpoint is not None and state.step % budget.eval_every == 0:
+                    checkpoint.save(state.to_dict(), trainer)
+                bar.update(task, completed=min(state.tokens, budget.max_tokens), step=state.step,
+                           loss=log.loss, val=f"{state.evals[-1].val_loss:.4f}",
+                           tok_s=state.tokens / max(state.train_seconds, 1e-9))
+                if state.stop_reason != "budget" or state.tokens >= budget.max_tokens:
                     break
-                elapsed = time.perf_counter() - start - (evaluate.seconds - first_eval_seconds)
-                if step % budget.eval_every == 0:
-                    evals.append(evaluate(step, tokens))
-                    if on_eval is not None:
-                        cert_started = time.perf_counter()
-                        stop, _ = on_eval(evals, step_logs, evaluate.per_example, epoch_start_val)
-                        evaluate.seconds += time.perf_counter() - cert_started
-                        if stop:
-                            stop_reason = "certificate"
-                            break
-                    if not console.is_terminal:  # a log file gets one line per evaluation
-                        console.print(f"step {step} tokens {tokens} loss {log.loss:.4f} "
-                                      f"val {evals[-1].val_loss:.4f} "
-                                      f"{tokens / max(elapsed, 1e-9):.0f} tok/s")
-                bar.update(task, completed=min(tokens, budget.max_tokens), step=step,
-                           loss=log.loss, val=f"{evals[-1].val_loss:.4f}",
-                           tok_s=tokens / max(elapsed, 1e-9))
-                if tokens >= budget.max_tokens:
-                    break
-                if budget.max_steps is not None and step >= budget.max_steps:
-                    stop_reason = "max_steps"
-                    break
-            epoch += 1
-    if stop_reason != "diverged" and evals[-1].step != step:
-        evals.append(evaluate(step, tokens))
-    train_seconds = time.perf_counter() - start - (evaluate.seconds - first_eval_seconds)
+                started = time.perf_counter()
+            else:
+                state.epoch, state.next_batch = state.epoch + 1, 0
+
+    # 6. Evaluate the weights training ends with (after a diverged step: the last finite ones).
+    if state.evals[-1].step != state.step:
+        state.evals.append(evaluate(state.step, state.tokens))
+        state.eval_seconds = evaluate.seconds
     set_eval_mode(trainer)  # the weights saved and verified are the evaluated ones
-    return TrainResult(step, tokens, loss_tokens, losses, evals, stop_reason, train_seconds,
-                       step_logs, eval_seconds=evaluate.seconds)
+    if checkpoint is not None:  # a finished loop: a rerun (or a grid point) just reads it back
+        checkpoint.save(state.to_dict(), trainer)
+    return TrainResult(state.step, state.tokens, state.loss_tokens, state.losses, state.evals,
+                       state.stop_reason, state.train_seconds, state.step_logs,
+                       eval_seconds=state.eval_seconds)
+
+
+def _resume(checkpoint: Checkpoint | None, trainer, console: Console) -> LoopState | None:
+    stored = checkpoint.load() if checkpoint is not None else None
+    if stored is None:
+        return None
+    state = LoopState.from_dict(checkpoint.restore(stored, trainer))
+    console.print(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.next_batch}, "
+                  f"{state.tokens} tokens) from {checkpoint.path}")
+    return state
+
+
+def _evaluate_and_check(state: LoopState, evaluate: _Evaluator, on_eval,
+                        console: Console) -> None:
+    """Evaluate; a non-finite validation loss is a divergence, else the certificate may stop."""
+    state.evals.append(evaluate(state.step, state.tokens))
+    if not math.isfinite(state.evals[-1].val_loss):
+        state.stop_reason = "diverged"
+    elif on_eval is not None:
+        started = time.perf_counter()
+        stop, _ = on_eval(state.evals, state.step_logs, evaluate.per_example,
+                          state.epoch_start_val)
+        evaluate.seconds += time.perf_counter() - started  # not training time either
+        if stop:
+            state.stop_reason = "certificate"
+    state.eval_seconds = evaluate.seconds
+    if not console.is_terminal:  # a log file gets one line per evaluation
+        console.print(f"step {state.step} tokens {state.tokens} loss {state.losses[-1]:.4f} "
+                      f"val {state.evals[-1].val_loss:.4f} "
+                      f"{state.tokens / max(state.train_seconds, 1e-9):.0f} tok/s")

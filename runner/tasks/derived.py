@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 import geometry
+from runner.checkpoint import Checkpoint
 from runner.data import collate
 from runner.trainers.derived import (
     AdapterSpec, CertificateMonitor, DerivedTrainer, FactoredAdapters, block_of,
@@ -54,7 +55,7 @@ def _prompts(examples, count: int, max_prompt: int = 24) -> list[torch.Tensor]:
 
 
 def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
-    from runner.tasks.train import TrainOutcome
+    from runner.tasks.train import TrainOutcome, config_hash
 
     tcfg, model, n_train = cfg.trainer, loaded.model, len(splits.train)
 
@@ -103,8 +104,11 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
         monitor = CertificateMonitor(trainer, _calibration_batch(splits.val, pad_id, 8),
                                      _prompts(splits.val, 4), pad_id,
                                      grad_window=max(2, cfg.budget.eval_every // 2))
+    checkpoint = Checkpoint.for_run(cfg.runs_dir, config_hash(cfg),
+                                    stateful={"certificate": monitor} if monitor else None)
     result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
-                        console=console, on_eval=monitor.on_eval if monitor else None)
+                        console=console, on_eval=monitor.on_eval if monitor else None,
+                        checkpoint=checkpoint)
 
     # 6. Export as plain PEFT LoRA (B = c U diag(S), A = V^T, alpha = r).
     trainer.eval_mode()

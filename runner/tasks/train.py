@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from runner.checkpoint import Checkpoint, remove_checkpoints
 from runner.data import DataError, load_splits
 from runner.hardware import HardwareInfo, setup_hardware
 from runner.ledger import (
@@ -96,6 +97,7 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None,
     if outcome.step_table:
         row["curves"]["steps"] = outcome.step_table
     path = write_trial(cfg.results_dir, row)
+    remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
     m = row["metrics"]
     console.print(f"[bold]done[/] {result.stop_reason}: val {m['val_loss_initial']:.4f} -> "
                   f"{m['val_loss_final']:.4f}, {m['tokens_per_second']:.0f} tok/s, "
@@ -126,13 +128,14 @@ def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
 
 
 def run_baseline(cfg: RunConfig, trainer_cfg, base_model, splits, pad_id: int,
-                 console: Console) -> TrainOutcome:
+                 console: Console, checkpoint_name: str = "state") -> TrainOutcome:
     """PEFT LoRA + an optimizer; the seed fixes LoRA's random A init and dropout."""
     torch.manual_seed(cfg.seed)
     model = attach_lora(base_model, trainer_cfg)
     trainer = BaselineTrainer(model, trainer_cfg, _estimate_steps(splits.train, cfg))
+    checkpoint = Checkpoint.for_run(cfg.runs_dir, config_hash(cfg), checkpoint_name)
     result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
-                        console=console)
+                        console=console, checkpoint=checkpoint)
     hyper = OmegaConf.to_container(OmegaConf.structured(trainer_cfg), enum_to_str=True)
     return TrainOutcome(model=model, result=result, hyperparameters=hyper)
 
@@ -150,7 +153,8 @@ def run_lr_grid(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
     base, points, best = loaded.model, [], None
     for i, lr in enumerate(grid):
         console.print(f"adamw_grid: lr={lr:g} ({i + 1}/{len(grid)})")
-        outcome = run_baseline(cfg, replace(cfg.trainer, lr=lr), base, splits, pad_id, console)
+        outcome = run_baseline(cfg, replace(cfg.trainer, lr=lr), base, splits, pad_id, console,
+                               checkpoint_name=f"grid-{i}")  # a finished point is read back
         final = outcome.result.evals[-1].val_loss
         points.append({"lr": lr, "val_loss_final": final, "tokens": outcome.result.tokens,
                        "train_seconds": outcome.result.train_seconds,
@@ -254,5 +258,6 @@ def _trial_row(cfg: RunConfig, hw: HardwareInfo, loaded: LoadedModel, splits,
         "stop_reason": result.stop_reason,
         "certificate": None,
         "status": "diverged" if result.stop_reason == "diverged" else "ok",
+        "diverged_at": result.step_logs[-1] if result.stop_reason == "diverged" else None,
         "adapter_path": str(adapter_dir),
     }

@@ -85,6 +85,25 @@ class BaselineTrainer:
         if hasattr(self.optimizer, "eval"):
             self.optimizer.eval()
 
+    def state_dict(self) -> dict:
+        """The LoRA weights, the optimizer's moments and the scheduler's position."""
+        return {
+            "params": {n: p.detach().clone() for n, p in self.model.named_parameters()
+                       if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if params.keys() != state["params"].keys():
+            raise ValueError("the LoRA parameters differ from the checkpoint's")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(state["params"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
     def step(self, batch) -> StepLog:
         self.train_mode()
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -96,6 +115,9 @@ class BaselineTrainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
         )
+        if not torch.isfinite(grad_norm):  # diverged: weights and optimizer stay as they are
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepLog(loss=float(loss.detach()), extra={"grad_norm": float(grad_norm)})
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()

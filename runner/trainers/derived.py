@@ -252,6 +252,28 @@ class DerivedTrainer:
             "orth_error": orth, "max_s_over_sigma_k": s_ratio,
         })
 
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def setup_summary(self) -> dict[str, float]:
+        """What the set-up derived (recomputed on resume, so it must come out the same)."""
+        return {"batch_size": self.batch_size, "micro_batch": self.micro_batch,
+                "ceiling": self.ceiling, "floor": self.floor, "sigma_k_min": self.sigma_k_min}
+
+    def state_dict(self) -> dict[str, Any]:
+        """U, S, V and the last update (the certificate's curvature probe reads it); the set-up
+        is not stored, only its summary, to check that the recomputed one agrees."""
+        return {"adapters": {k: v.detach().clone() for k, v in self.adapters.state_dict().items()},
+                "last_direction": self.last_direction, "setup": self.setup_summary()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ours, theirs = self.setup_summary(), state["setup"]
+        differ = [f"{k} {theirs.get(k)} != {v}" for k, v in ours.items()
+                  if not math.isclose(float(theirs.get(k, math.nan)), float(v), rel_tol=1e-6)]
+        if differ:
+            raise ValueError("the derived set-up differs: " + ", ".join(differ))
+        self.adapters.load_state_dict(state["adapters"])
+        self.last_direction = state["last_direction"]
+
     # -- export ------------------------------------------------------------------------------
 
     def peft_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -309,11 +331,11 @@ def generation_stats(model, prompts: list[torch.Tensor], new_tokens: int, pad_id
     entropies, reps = [], []
     for prompt in prompts:
         out = model.generate(prompt.unsqueeze(0), max_new_tokens=new_tokens, do_sample=False,
-                             min_new_tokens=new_tokens, output_scores=True,
+                             min_new_tokens=new_tokens, output_logits=True,
                              return_dict_in_generate=True, pad_token_id=pad_id)
-        for scores in out.scores:  # (1, V) per generated token
-            logp = torch.log_softmax(scores[0].double(), -1)
-            entropies.append(float(-(logp.exp() * logp).sum()))
+        for logits in out.logits:  # (1, V) raw logits per generated token
+            probs = torch.softmax(logits[0].double(), -1)
+            entropies.append(float(torch.special.entr(probs).sum()))  # 0 log 0 = 0
         reps.append(_ngram_repetition(out.sequences[0, prompt.shape[0]:].tolist()))
     return sum(entropies) / len(entropies), sum(reps) / len(reps)
 
@@ -390,6 +412,13 @@ class CertificateMonitor:
         self.history.append(record)
         t.train_mode()
         return cert.satisfied, record
+
+    def state_dict(self) -> dict[str, Any]:
+        """The certificate's history (the base model's generation statistics are recomputed)."""
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = list(state["history"])
 
 
 def _order(triple):
