@@ -38,5 +38,12 @@ lint: setup  ## ruff
 results: setup  ## rebuild docs and the README results section from results/ alone
 	$(PY) -m runner.report
 
+REPRO := runs/reproduce
+reproduce: setup  ## re-run the committed SmolLM2-135M claim set from scratch into runs/reproduce (about an hour on 2 cores)
+	rm -rf $(REPRO)
+	$(PY) -m runner +experiment=smollm2_claims results_dir=$(REPRO)/results runs_dir=$(REPRO)/runs
+	$(PY) -m runner.report --results-dir $(REPRO)/results --docs-dir $(REPRO)/docs --readme $(REPRO)/README.md
+	@echo "compare $(REPRO)/docs/claims.md with docs/claims.md"
+
 clean:  ## remove run outputs (never the ledger under results/)
 	rm -rf outputs multirun runs .pytest_cache

@@ -17,7 +17,7 @@ class NoiseScale:
 
     g2: unbiased estimate of ||G||^2; trace_sigma: of tr(Sigma) (per-example covariance);
     b_simple = trace_sigma / g2 (inf when g2 <= 0); b_crit: b_simple rounded and clamped to
-    [1, n_train]; b_biased: the seed's per-sample estimate when supplied (else nan).
+    [1, min(n_train, b_max)]; b_biased: the seed's per-sample estimate when supplied (else nan).
     """
 
     g2: float
@@ -32,7 +32,7 @@ class NoiseScale:
 
 def gradient_noise_scale(
     g_small_sq: float, g_big_sq: float, b_small: int, b_big: int, *, n_train: int,
-    b_biased: float = math.nan,
+    b_biased: float = math.nan, b_max: int | None = None,
 ) -> NoiseScale:
     """Unbiased two-batch-size estimate of the simple noise scale and the clamped batch size.
 
@@ -43,7 +43,9 @@ def gradient_noise_scale(
     tr(Sigma) = (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big),
     B_simple = tr(Sigma) / ||G||^2,  B_crit = clamp(round(B_simple), 1, n_train).
     If the ||G||^2 estimate is <= 0 (signal below the noise) B_simple = inf and B_crit = n_train;
-    if tr(Sigma) <= 0 (no measurable noise) B_crit = 1.
+    if tr(Sigma) <= 0 (no measurable noise) B_crit = 1. ``b_max`` (default n_train) caps B_crit
+    at the largest batch size the measurement resolves: with gradients measured at batch sizes
+    up to b_big, a noise scale well above b_big is indistinguishable from +inf.
 
     **Invariants**: exact on noise-free expectations E|G_B|^2 = g2 + tr/B
     (``test_noise_scale_recovers_planted``); 1 <= B_crit <= n_train (``test_noise_scale_clamped``);
@@ -53,6 +55,9 @@ def gradient_noise_scale(
         raise ValueError(f"need 1 <= b_small < b_big (got {b_small}, {b_big})")
     if n_train < 1:
         raise ValueError(f"n_train must be >= 1 (got {n_train})")
+    cap = n_train if b_max is None else min(n_train, b_max)
+    if cap < 1:
+        raise ValueError(f"b_max must be >= 1 (got {b_max})")
     if not (math.isfinite(g_small_sq) and math.isfinite(g_big_sq)) or g_small_sq < 0 or g_big_sq < 0:
         raise ValueError("squared gradient norms must be finite and >= 0")
     g2 = (b_big * g_big_sq - b_small * g_small_sq) / (b_big - b_small)
@@ -60,10 +65,10 @@ def gradient_noise_scale(
     if trace <= 0:
         b_simple, b_crit = (0.0 if g2 > 0 else math.nan), 1
     elif g2 <= 0:
-        b_simple, b_crit = math.inf, n_train
+        b_simple, b_crit = math.inf, cap
     else:
         b_simple = trace / g2
-        b_crit = int(min(max(round(b_simple), 1), n_train))
+        b_crit = int(min(max(round(b_simple), 1), cap))
     return NoiseScale(
         g2=g2, trace_sigma=trace, b_simple=b_simple, b_crit=b_crit, b_small=b_small, b_big=b_big,
         n_train=n_train, b_biased=b_biased,

@@ -10,7 +10,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
-from runner.schema import TRAINER_SCHEMAS, ModelSource, RunConfig, TrainerConfig
+from runner.schema import (
+    TRAINER_SCHEMAS, BudgetConfig, ModelSource, RunConfig, TrainerConfig,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -54,6 +56,7 @@ def _missing_hint(cfg: DictConfig, key: str) -> str:
 
 def _check_values(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
+    budget_keys = {f.name for f in fields(BudgetConfig)}
     checks = [
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "must be in (0, 1)"),
         ("data.max_seq_len", cfg.data.max_seq_len >= 8, "must be >= 8"),
@@ -62,6 +65,11 @@ def _check_values(cfg: RunConfig) -> None:
         ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),
         ("trainer.batch_size", getattr(cfg.trainer, "batch_size", 1) > 0, "must be > 0"),
         ("hardware.threads", cfg.hardware.threads >= 0, "must be >= 0"),
+        ("claims", cfg.task.name.value != "claims" or bool(cfg.claims),
+         "task=claims needs at least one claim id (conf/claim/<id>.yaml)"),
+        ("claim_overrides.trials", (cfg.claim_overrides.trials or 1) >= 1, "must be >= 1"),
+        ("claim_overrides.budget", set(cfg.claim_overrides.budget) <= budget_keys,
+         f"keys must be among {', '.join(sorted(budget_keys))}"),
     ]
     if cfg.model.source is ModelSource.pretrained and not cfg.model.path:
         raise ConfigError(

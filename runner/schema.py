@@ -47,6 +47,7 @@ class TaskName(str, Enum):
     train = "train"
     model_info = "model_info"
     lora_svd = "lora_svd"
+    claims = "claims"
 
 
 class AdapterInit(str, Enum):
@@ -157,7 +158,7 @@ class DerivedTrainerConfig(TrainerConfig):
 
     init: AdapterInit = AdapterInit.tail
     micro_batch: int = 8  # memory only: examples per forward pass
-    noise_probes: int = 2  # batches of `micro_batch` used by the noise-scale estimator
+    noise_examples: int = 32  # sample size of the noise-scale estimator (row 8): calibration cost
     certificate: bool = True  # evaluate the stopping certificate (and stop on it)
     erank_variant: str = "roy_vetterli"  # or "squared" (the seed's code); see derivations.md
 
@@ -188,6 +189,14 @@ class TrackingConfig:
 
 
 @dataclass
+class ClaimOverrides:
+    """Per-experiment changes to every claim's rule (None / empty: keep the claim's own)."""
+
+    trials: int | None = None
+    budget: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -201,6 +210,10 @@ class RunConfig:
     results_dir: str = "results"  # the ledger root
     runs_dir: str = "runs"  # adapters and checkpoints (not committed)
     verify_adapter: bool = True  # reload the saved adapter with PEFT and compare logits
+    # task=claims: the claims to test (ids of conf/claim/*.yaml), and what this experiment
+    # changes in every one of them (trials, budget); the changed rule gets its own hash.
+    claims: list[str] = field(default_factory=list)
+    claim_overrides: ClaimOverrides = field(default_factory=lambda: ClaimOverrides())
 
 
 # Trainer options are typed by their own schema; the name picks it.

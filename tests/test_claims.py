@@ -376,8 +376,9 @@ def _run_cfg(tmp_path: Path, extra: list[str] = ()):
     from runner.config import to_run_config
 
     return to_run_config(compose_config([
-        "+experiment=quickstart", "model=tiny_llama", "data.max_examples=120",
+        "model=tiny_llama", "data.max_seq_len=96", "data.max_examples=120",
         "budget.eval_every=2", "budget.eval_examples=4", "verify_adapter=false",
+        "hardware.threads=1",
         f"results_dir={tmp_path / 'results'}", f"runs_dir={tmp_path / 'runs'}", *extra]))
 
 

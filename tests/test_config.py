@@ -33,6 +33,8 @@ def test_every_group_option_composes(group: str) -> None:
         overrides = [f"{group}={path.stem}"]
         if group == "model" and path.stem.startswith("lfm2_"):
             overrides.append("model.path=/some/where")
+        if group == "task" and path.stem == "claims":
+            overrides.append("claims=[derived_beats_sgd]")
         to_run_config(compose_config(overrides))
 
 

@@ -17,7 +17,7 @@ from runner.tasks.lora_svd import AdapterError
 
 # A training run just long enough to move B away from 0 (adapter reload check skipped: it is
 # covered by test_train_e2e).
-TINY_TRAIN = ["+experiment=quickstart", "budget.max_tokens=400", "budget.eval_every=50",
+TINY_TRAIN = ["+experiment=quickstart", "task=train", "budget.max_tokens=400", "budget.eval_every=50",
               "budget.eval_examples=4", "data.max_examples=40", "verify_adapter=false"]
 
 

@@ -16,7 +16,7 @@ from runner.config import to_run_config
 from runner.tasks.train import resolve_data_path
 from runner.training import evaluate_loss
 
-FAST = ["budget.max_tokens=2500", "budget.eval_every=5", "budget.eval_examples=8",
+FAST = ["task=train", "budget.max_tokens=2500", "budget.eval_every=5", "budget.eval_examples=8",
         "data.max_examples=120"]
 
 

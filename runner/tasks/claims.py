@@ -51,11 +51,48 @@ class PlannedTrial:
     config_hash: str
 
 
+def claims_task(cfg: RunConfig) -> list[Verdict]:
+    """`task=claims`: run the experiment's claims and print a verdict table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from runner.tasks.train import check_data_paths
+
+    check_data_paths(cfg)  # a missing data file fails before any rule is written
+    verdicts = run_claims(cfg, list(cfg.claims))
+    table = Table(title=f"claims of experiment {cfg.experiment}")
+    for col in ("claim", "verdict", "effect", "p", "n", "reason"):
+        table.add_column(col)
+    for v in verdicts:
+        table.add_row(v.claim_id, v.verdict.value, _num(v.effect), _num(v.p_value), str(v.n),
+                      v.reason)
+    Console(stderr=True).print(table)
+    print(f"claims: ledger {cfg.results_dir}/trials; `make results` regenerates the docs",
+          flush=True)
+    return verdicts
+
+
+def _num(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def with_overrides(claim: Claim, trials: int | None, budget: dict) -> Claim:
+    """The claim with an experiment's trial count and budget (a changed rule, a new hash)."""
+    changes = {}
+    if trials is not None and claim.kind is not Kind.by_construction:
+        changes["trials"] = trials
+    if budget and claim.kind is not Kind.by_construction:
+        changes["budget"] = {**claim.budget, **budget}
+    return replace(claim, **changes)
+
+
 def run_claims(cfg: RunConfig, claim_ids: list[str], *,
                claim_dir: Path = CLAIM_DIR) -> list[Verdict]:
     """Run what the ledger lacks for each claim, then return one verdict per claim."""
     # 1. Claims and every trial's config, before anything runs.
-    claims = [load_claim(cid, claim_dir) for cid in claim_ids]
+    ov = cfg.claim_overrides
+    claims = [with_overrides(load_claim(cid, claim_dir), ov.trials, dict(ov.budget))
+              for cid in claim_ids]
     plans = [trial for claim in claims for trial in plan_trials(cfg, claim)]
 
     # 2. Pre-registration records.

@@ -81,7 +81,7 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
     model.train()
     noise = measure_noise_scale(model, list(adapters.parameters()), splits.train,
                                 lambda exs: collate(list(exs), pad_id=pad_id), n_train,
-                                tcfg.micro_batch, tcfg.noise_probes)
+                                tcfg.noise_examples)
     batch_size = noise.b_crit
     records = dict(derived.records)
     records[1] = geometry.mass_ceiling(derived.sigma_k_min, derived.sigma_max,

@@ -8,7 +8,10 @@ unchanged at step 0, and c is the block's residual scale. One step:
     1. forward/backward on the batch (split into micro-batches to reach the derived B_crit);
     2. eta = MASS(loss, ||g||) = min(ceiling, SPS, Weyl)                    (row 1)
     3. U, V <- Cayley retraction of -eta * grad on the Stiefel manifold      (row 3, no momentum)
-    4. S <- clamp(S - eta * grad_S, 0, sigma_k) * (1 - eta * sigma_k/sigma_max)   (rows 4, 10)
+    4. S <- clamp(S - eta * grad_S, 0, sigma_k / c) * (1 - eta * sigma_k/sigma_max)  (rows 4, 10)
+
+The clamp keeps ||dW||_2 = c max(S) <= sigma_k at every step (row 10's Weyl guarantee holds
+with the residual scale c of row 15 folded in; docs/derivations.md).
 
 No learning rate, warmup, schedule, clipping, rank or alpha exists to set. The adapter is
 exported as plain PEFT LoRA: B = c * U diag(S), A = V^T, lora_alpha = r (scaling 1).
@@ -50,7 +53,7 @@ class AdapterSpec:
     name: str
     rank: int
     dropout: float
-    sigma_k: float  # ||dW||_2 <= sigma_k (S is clamped to [0, sigma_k])
+    sigma_k: float  # ||dW||_2 = scale * max(S) <= sigma_k (S is clamped to [0, sigma_k/scale])
     decay: float  # sigma_k / sigma_max: the decoupled shrinkage rate of S
     first_index: int  # 0-based index of the first singular vector used (the structural rank k)
     scale: float  # residual scale c of the block
@@ -104,11 +107,35 @@ def initial_frames(w: torch.Tensor, spec: AdapterSpec, init: str, gen: torch.Gen
         u = torch.linalg.qr(torch.randn(w.shape[0], r, generator=gen, dtype=torch.float64))[0]
         v = torch.linalg.qr(torch.randn(w.shape[1], r, generator=gen, dtype=torch.float64))[0]
         return u.to(w.dtype), v.to(w.dtype)
-    u_full, _, vh = torch.linalg.svd(w.double(), full_matrices=False)
     start = 0 if init == "top" else spec.first_index
-    start = min(start, u_full.shape[1] - r)
-    u, v = u_full[:, start:start + r], vh[start:start + r].T
+    start = min(start, min(w.shape) - r)
+    u, v = singular_frames(w.float(), start, r)
     return u.contiguous().to(w.dtype), v.contiguous().to(w.dtype)
+
+
+def singular_frames(w: torch.Tensor, start: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left/right singular vectors start..start+r-1 (descending order) of w, orthonormal.
+
+    From the eigenvectors of the smaller Gram matrix (a q x q symmetric eigenproblem, several
+    times cheaper than a full SVD of the m x n matrix): for W^T W = V diag(s^2) V^T the left
+    vectors are W V / s. The frames only initialise the adapter, so float32 suffices: an
+    eigenvector's error is about eps * s_1^2 / gap, which mixes it only with its spectral
+    neighbours (directions of nearly the same singular value, an equally valid start). The
+    division by s loses accuracy near the noise floor, so the result is re-orthonormalised by
+    QR (signs kept: R's diagonal made positive).
+    """
+    m, n = w.shape
+    tall = m >= n
+    gram = w.T @ w if tall else w @ w.T  # (q, q)
+    lam, vecs = torch.linalg.eigh(gram)  # ascending
+    idx = torch.arange(gram.shape[0] - 1 - start, gram.shape[0] - 1 - start - r, -1)
+    small_side = vecs[:, idx]  # (q, r), descending singular values
+    s = lam[idx].clamp(min=0).sqrt()
+    other = (w @ small_side if tall else w.T @ small_side) / s.clamp(min=torch.finfo(w.dtype).tiny)
+    q, rr = torch.linalg.qr(other)
+    other = q * torch.sign(torch.diagonal(rr)).where(torch.diagonal(rr) != 0,
+                                                      torch.ones_like(s))
+    return (other, small_side) if tall else (small_side, other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,36 +170,45 @@ def residual_scales(model, blocks: list[str], calib) -> dict[str, geometry.Deriv
     return scales
 
 
-def _grad_sq_norm(params) -> float:
-    return float(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+def measure_noise_scale(model, params, examples, collate, n_train: int,
+                        n_probe: int) -> geometry.NoiseScale:
+    """McCandlish et al. (2018) two-batch-size estimator from measured gradient norms (row 8).
+
+    The first ``n_probe`` training examples each give one per-example gradient g_i (batch 1);
+    their mean is the gradient of the batch of all ``n_probe``. So one pass yields both terms of
+    the estimator: |G_1|^2 = mean_i |g_i|^2 (B = 1) and |G_n|^2 = |mean_i g_i|^2 (B = n_probe).
+    An estimate of B_simple above n_probe is not resolved by this sample (the signal |G|^2 is
+    below the estimator's noise), so B_crit is capped at n_probe (docs/derivations.md, row 8).
+    """
+    n_probe = min(n_probe, len(examples))
+    if n_probe < 2:
+        raise ValueError(f"the noise-scale probe needs >= 2 training examples (got {n_probe})")
+    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    single_sq = 0.0
+    for ex in examples[:n_probe]:
+        grads = _loss_grads(model, params, collate([ex]))
+        single_sq += float(sum((g * g).sum() for g in grads))
+        for acc, g in zip(total, grads):
+            acc += g
+    mean_sq = float(sum(((acc / n_probe) ** 2).sum() for acc in total))
+    biased = (geometry.per_sample_noise_scale(single_sq / n_probe, mean_sq, n_probe)
+              if mean_sq > 0 else math.nan)  # the seed's estimator, recorded beside ours
+    return geometry.gradient_noise_scale(single_sq / n_probe, mean_sq, 1, n_probe,
+                                         n_train=n_train, b_max=n_probe, b_biased=biased)
 
 
-def measure_noise_scale(model, params, examples, collate, n_train: int, b_big: int,
-                        probes: int) -> geometry.NoiseScale:
-    """McCandlish et al. (2018) two-batch estimator from measured gradient norms (row 8)."""
-    small, big = [], []
-    for i in range(probes):
-        chunk = examples[i * b_big:(i + 1) * b_big]
-        if len(chunk) < b_big:
-            break
-        for ex in chunk[:2]:  # |G_1|^2 from single examples
-            small.append(_loss_grad_sq(model, params, collate([ex])))
-        big.append(_loss_grad_sq(model, params, collate(chunk)))
-    return geometry.gradient_noise_scale(
-        sum(small) / len(small), sum(big) / len(big), 1, b_big, n_train=n_train
-    )
-
-
-def _loss_grad_sq(model, params, batch) -> float:
+def _loss_grads(model, params, batch) -> list[torch.Tensor]:
+    """Gradients (float64) of the batch's mean answer-token loss with respect to ``params``."""
     for p in params:
         p.grad = None
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 labels=batch.labels)
     out.loss.backward()
-    value = _grad_sq_norm(params)
+    grads = [p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
+             for p in params]
     for p in params:
         p.grad = None
-    return value
+    return grads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,16 +276,17 @@ class DerivedTrainer:
                 new_u = geometry.cayley_retract(u, -u.grad, eta) if u.grad is not None else u
                 new_v = geometry.cayley_retract(v, -v.grad, eta) if v.grad is not None else v
                 new_s = (s - eta * s.grad) if s.grad is not None else s.clone()
-                new_s = new_s.clamp(0.0, spec.sigma_k) * (1.0 - eta * spec.decay)
+                # ||c U diag(S) V^T||_2 = c max(S) <= sigma_k (row 10, with the residual scale c)
+                new_s = new_s.clamp(0.0, spec.sigma_k / spec.scale) * (1.0 - eta * spec.decay)
                 direction[name] = (new_u - u, new_s - s, new_v - v)
                 u.copy_(new_u), v.copy_(new_v), s.copy_(new_s)
                 orth = max(orth, geometry.orthogonality_error(u), geometry.orthogonality_error(v))
-                s_ratio = max(s_ratio, float(s.max()) / spec.sigma_k)
+                s_ratio = max(s_ratio, spec.scale * float(s.max()) / spec.sigma_k)
         self.last_direction = direction
         return StepLog(loss=float(loss), extra={
             "grad_norm": float(grad_norm), "step_size": eta, "bound": mass.bound,
             "update_norm": eta * float(grad_norm), "weyl_bound": self.sigma_k_min,
-            "orth_error": orth, "max_s_over_sigma_k": s_ratio,
+            "orth_error": orth, "adapter_norm_ratio": s_ratio,
         })
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -412,6 +449,7 @@ class CertificateMonitor:
         self.history.append(record)
         t.train_mode()
         return cert.satisfied, record
+
 
     def state_dict(self) -> dict[str, Any]:
         """The certificate's history (the base model's generation statistics are recomputed)."""

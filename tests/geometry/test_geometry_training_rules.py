@@ -84,6 +84,12 @@ def test_noise_scale_clamped(a, b, bs, extra, n):
     assert 1 <= ns.b_crit <= n
 
 
+@given(st.floats(0, 1e3), st.floats(0, 1e3), st.integers(2, 64), st.integers(1, 10_000))
+def test_noise_scale_clamped_to_resolution(a, b, bb, n):
+    ns = g.gradient_noise_scale(a, b, 1, bb, n_train=n, b_max=bb)
+    assert 1 <= ns.b_crit <= min(n, bb)
+
+
 @given(st.floats(1e-3, 1e2), st.floats(1e-3, 1e3), st.floats(1e-2, 1e2))
 def test_noise_scale_scale_invariant(g2, tr, c):
     a = g.gradient_noise_scale(g2 + tr / 4, g2 + tr / 64, 4, 64, n_train=10**6)
@@ -94,6 +100,7 @@ def test_noise_scale_scale_invariant(g2, tr, c):
 def test_noise_scale_edge_cases():
     assert g.gradient_noise_scale(1.0, 1.0, 4, 8, n_train=100).b_crit == 1  # no noise
     assert g.gradient_noise_scale(2.0, 0.1, 4, 8, n_train=100).b_crit == 100  # g2 estimate < 0
+    assert g.gradient_noise_scale(2.0, 0.1, 4, 8, n_train=100, b_max=8).b_crit == 8  # unresolved
     with pytest.raises(ValueError, match="b_small < b_big"):
         g.gradient_noise_scale(1.0, 1.0, 8, 8, n_train=10)
 
