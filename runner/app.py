@@ -48,6 +48,10 @@ def run_job(cfg: DictConfig) -> object:
         from runner.tasks.lora_svd import lora_svd_task
 
         return lora_svd_task(run_cfg)
+    if run_cfg.task.name is TaskName.validate_derived:
+        from runner.tasks.claims import validate_derived_task
+
+        return validate_derived_task(run_cfg)
     if run_cfg.task.name is TaskName.claims:
         from runner.tasks.claims import claims_task
 

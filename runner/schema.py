@@ -48,6 +48,7 @@ class TaskName(str, Enum):
     model_info = "model_info"
     lora_svd = "lora_svd"
     claims = "claims"
+    validate_derived = "validate_derived"
 
 
 class AdapterInit(str, Enum):
@@ -179,6 +180,7 @@ class TaskConfig:
     name: TaskName = MISSING
     top: int = 0  # model_info, lora_svd: rows to print (0 = all)
     adapter: str | None = None  # lora_svd: a PEFT adapter directory (adapter_config.json + weights)
+    trials: int = 5  # validate_derived: seeded derived runs searched for a counterexample
 
 
 @dataclass

@@ -428,3 +428,22 @@ def test_by_construction_claim_runs_its_check(tmp_path: Path) -> None:
 
     (v,) = run_claims(_run_cfg(tmp_path), ["procrustes_cka_in_sample"])
     assert v.verdict is VerdictWord.PROVEN and v.n == 3
+
+
+def test_validate_derived_searches_every_seed(tmp_path: Path, capsys) -> None:
+    from support import compose_config
+
+    from runner.app import run_job
+
+    verdict = run_job(compose_config([
+        "task=validate_derived", "task.trials=2", "model=tiny_llama", "data.max_seq_len=96",
+        "data.max_examples=120", "hardware.threads=1", "budget.eval_examples=4",
+        "+claim_overrides.budget.max_tokens=1500", "+claim_overrides.budget.eval_every=5",
+        "verify_adapter=false",
+        f"results_dir={tmp_path / 'results'}", f"runs_dir={tmp_path / 'runs'}"]))
+    assert verdict.claim_id == "derived_never_diverges" and verdict.n == 2
+    assert verdict.verdict in (VerdictWord.VALIDATED, VerdictWord.DISPROVEN)
+    assert "validate_derived: " in capsys.readouterr().out
+    seeds = {json.loads(p.read_text())["seed"]
+             for p in (tmp_path / "results" / "trials").glob("*.json")}
+    assert seeds == {0, 1}

@@ -80,3 +80,32 @@ def test_committed_docs_match_the_ledger(tmp_path: Path) -> None:
         (docs / "runs.md").write_text((root / "docs" / "runs.md").read_text())
     changed = report.build(root / "results", docs, readme)
     assert changed == [], "run `make results` and commit the regenerated docs"
+
+
+def test_wandb_mirror_is_offline_and_complete(tmp_path: Path, monkeypatch) -> None:
+    """tracking=wandb writes an offline run with the trial's summary; nothing goes online."""
+    pytest.importorskip("wandb")
+    from support import compose_config
+
+    from runner.app import run_job
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    row = run_job(compose_config([
+        "+experiment=quickstart", "task=train", "tracking=wandb", "budget.max_tokens=400",
+        "budget.eval_every=2", "budget.eval_examples=4", "data.max_examples=60",
+        "verify_adapter=false", f"results_dir={tmp_path / 'results'}",
+        f"runs_dir={tmp_path / 'runs'}"]))
+    runs = list((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    record = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's protobuf log
+    assert row["run_id"].encode() in record and b"val_loss_final" in record
+
+
+def test_wandb_online_mode_is_refused() -> None:
+    from support import compose_config
+
+    from runner.config import to_run_config
+    from runner.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tracking.mode"):
+        to_run_config(compose_config(["tracking=wandb", "tracking.mode=online"]))

@@ -22,7 +22,9 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from runner.claims import CHECKS, CLAIM_DIR, Claim, Kind, Verdict, decide, load_claim
+from runner.claims import (
+    CHECKS, CLAIM_DIR, Claim, Kind, Verdict, VerdictWord, decide, load_claim,
+)
 from runner.config import trainer_options
 from runner.errors import HardwareUnavailable, ModelError
 from runner.ledger import (
@@ -57,9 +59,12 @@ def claims_task(cfg: RunConfig) -> list[Verdict]:
     from rich.table import Table
 
     from runner.tasks.train import check_data_paths
+    from runner.tracking import enabled, mirror_verdicts
 
     check_data_paths(cfg)  # a missing data file fails before any rule is written
+    enabled(cfg)  # a bad tracking option too
     verdicts = run_claims(cfg, list(cfg.claims))
+    mirror_verdicts(cfg, verdicts)
     table = Table(title=f"claims of experiment {cfg.experiment}")
     for col in ("claim", "verdict", "effect", "p", "n", "reason"):
         table.add_column(col)
@@ -70,6 +75,30 @@ def claims_task(cfg: RunConfig) -> list[Verdict]:
     print(f"claims: ledger {cfg.results_dir}/trials; `make results` regenerates the docs",
           flush=True)
     return verdicts
+
+
+def validate_derived_task(cfg: RunConfig) -> Verdict:
+    """`task=validate_derived`: the seed's `train validate-derived --trials N`.
+
+    Runs the derived trainer on seeds 0..N-1 (each seed also draws its own data order) under the
+    pre-registered counterexample search `derived_never_diverges` with `task.trials` seeds, and
+    prints every counterexample: a run that diverged, did not improve its validation loss, or
+    broke the Weyl bound. Exits non-zero when one is found.
+    """
+    from runner.errors import UserError
+    from runner.tasks.train import check_data_paths
+
+    check_data_paths(cfg)
+    claim_id = "derived_never_diverges"
+    ov = replace(cfg.claim_overrides, trials=cfg.task.trials)
+    (verdict,) = run_claims(replace(cfg, claim_overrides=ov), [claim_id])
+    for problem in verdict.details.get("counterexamples", []):
+        print(f"counterexample: {problem}", flush=True)
+    print(f"validate_derived: {verdict.verdict.value} over {verdict.n} trial(s) -- "
+          f"{verdict.reason}", flush=True)
+    if verdict.verdict is VerdictWord.DISPROVEN:
+        raise UserError(f"validate_derived: counterexample found ({verdict.reason})")
+    return verdict
 
 
 def _num(x) -> str:

@@ -20,6 +20,7 @@ from runner.ledger import (
 )
 from runner.models import LoadedModel, load_model
 from runner.schema import RunConfig
+from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.training import TrainResult, peak_rss_mb, train_loop
 
@@ -98,6 +99,7 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None,
         row["curves"]["steps"] = outcome.step_table
     path = write_trial(cfg.results_dir, row)
     remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
+    mirror_trial(cfg, row)
     m = row["metrics"]
     console.print(f"[bold]done[/] {result.stop_reason}: val {m['val_loss_initial']:.4f} -> "
                   f"{m['val_loss_final']:.4f}, {m['tokens_per_second']:.0f} tok/s, "
