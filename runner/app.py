@@ -56,6 +56,10 @@ def run_job(cfg: DictConfig) -> object:
         from runner.tasks.claims import claims_task
 
         return claims_task(run_cfg)
+    if run_cfg.task.name is TaskName.bench:
+        from runner.tasks.bench import bench_task
+
+        return bench_task(run_cfg)
     raise UserError(f"task={run_cfg.task.name.value}: not implemented")
 
 

@@ -49,6 +49,7 @@ class TaskName(str, Enum):
     lora_svd = "lora_svd"
     claims = "claims"
     validate_derived = "validate_derived"
+    bench = "bench"
 
 
 class AdapterInit(str, Enum):
@@ -181,6 +182,12 @@ class TaskConfig:
     top: int = 0  # model_info, lora_svd: rows to print (0 = all)
     adapter: str | None = None  # lora_svd: a PEFT adapter directory (adapter_config.json + weights)
     trials: int = 5  # validate_derived: seeded derived runs searched for a counterexample
+    # bench: timed repetitions per trainer, optimizer steps per repetition, and the equal token
+    # budget of the quality-per-compute runs; quick (make bench QUICK=1) caps all three.
+    quick: bool = False
+    repeats: int = 3
+    steps: int = 4
+    quality_tokens: int = 6000
 
 
 @dataclass

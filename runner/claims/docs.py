@@ -67,7 +67,7 @@ def claim_entries(results_dir: Path, rows: list[dict],
     entries = []
     registered = registered_claims(results_dir)
     for claim in registered:
-        superseded = claim.id in current and current[claim.id].rule_hash != claim.rule_hash
+        superseded = claim.id in current and _core(current[claim.id]) != _core(claim)
         mine = claim_rows(claim, rows)
         for scope in sorted({scope_of(r) for r in mine}):
             entries.append(Entry(claim, decide(claim, [r for r in mine if scope_of(r) == scope]),
@@ -79,6 +79,12 @@ def claim_entries(results_dir: Path, rows: list[dict],
                 if (c.id, c.rule_hash) not in seen]
     return sorted(entries, key=lambda e: (e.claim.id, e.superseded, e.claim.rule_hash,
                                           e.verdict.experiment or "" if e.verdict else ""))
+
+
+def _core(claim: Claim) -> dict:
+    """The rule without seeds and budget: an experiment may change those (claim_overrides)
+    without the claim being superseded; the rule hash still tells the variants apart."""
+    return {k: v for k, v in claim.rule().items() if k not in ("trials", "budget")}
 
 
 # ---------------------------------------------------------------------------------------------

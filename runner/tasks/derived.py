@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from rich.console import Console
@@ -54,9 +54,19 @@ def _prompts(examples, count: int, max_prompt: int = 24) -> list[torch.Tensor]:
     return prompts
 
 
-def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
-    from runner.tasks.train import TrainOutcome, config_hash
+@dataclass
+class DerivedSetup:
+    """Everything the set-up derived, ready to train (steps 1-5 of `run_derived`)."""
 
+    trainer: DerivedTrainer
+    derived: geometry.DerivedHyperparameters
+    noise: geometry.NoiseScale
+    derive_seconds: float  # rows 1-7 and 9-14 from the weights
+    setup_seconds: float  # all 15 rows: the weights, the residual scales and the noise scale
+
+
+def setup_derived(cfg, loaded, splits, pad_id: int, console: Console) -> DerivedSetup:
+    """Derive every hyperparameter and attach the adapters; no training step is taken."""
     tcfg, model, n_train = cfg.trainer, loaded.model, len(splits.train)
 
     # 1. Derive rows 1-7 and 9-14 from the weights (timed: it must cost < one training step).
@@ -71,7 +81,9 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
     scale_records = residual_scales(model, blocks, calib)
     scales = {b: float(r.value) for b, r in scale_records.items()}
 
-    # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0).
+    # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0). The base
+    #    weights are frozen: backward then computes no gradient for them (only for U, S, V).
+    model.requires_grad_(False)
     torch.manual_seed(cfg.seed)
     specs = _adapter_specs(derived, scales)
     adapters = FactoredAdapters(candidate_linears(model), specs, tcfg.init.value, cfg.seed)
@@ -90,15 +102,30 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
     records[15] = replace(records[15], value=tuple(scales[b] for b in blocks),
                           inputs={"blocks": ",".join(blocks)})
     derived = replace(derived, records=records)
+    setup_seconds = time.perf_counter() - started
     console.print(f"derived: {len(specs)} target matrices, ranks {min(s.rank for s in specs.values())}"
                   f"-{max(s.rank for s in specs.values())}, batch {batch_size} "
                   f"(B_simple {noise.b_simple:.1f}), MASS ceiling {records[1].value:.3g}, "
                   f"derived in {derive_seconds:.2f}s")
 
-    # 5. Train with MASS steps; stop on the certificate or the token budget.
+    # 5. The trainer: MASS steps between the derived floor and ceiling.
     trainer = DerivedTrainer(model, adapters, derived, batch_size, tcfg.micro_batch,
                              ceiling=float(records[1].value),
                              floor=float(records[2].value))
+    return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds)
+
+
+def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
+    from runner.tasks.train import TrainOutcome, config_hash
+
+    tcfg, model = cfg.trainer, loaded.model
+
+    # 1-4. Derive, calibrate and attach (setup_derived).
+    setup = setup_derived(cfg, loaded, splits, pad_id, console)
+    trainer, derived, noise = setup.trainer, setup.derived, setup.noise
+    batch_size, records, derive_seconds = trainer.batch_size, derived.records, setup.derive_seconds
+
+    # 5. Train with MASS steps; stop on the certificate or the token budget.
     monitor = None
     if tcfg.certificate:
         monitor = CertificateMonitor(trainer, _calibration_batch(splits.val, pad_id, 8),

@@ -25,6 +25,7 @@ from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.training import TrainResult, peak_rss_mb, train_loop
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+BENCH_OPTIONS = ("quick", "repeats", "steps", "quality_tokens")
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -33,6 +34,8 @@ def config_hash(cfg: RunConfig) -> str:
     for key in ("results_dir", "runs_dir", "tracking", "verify_adapter"):
         c.pop(key, None)
     c["hardware"].pop("threads", None)
+    for key in BENCH_OPTIONS:  # task=bench only: left out, so existing trials keep their hash
+        c["task"].pop(key, None)
     return stable_hash(c)
 
 
