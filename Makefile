@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-all lint results reproduce clean
+.PHONY: help setup run test test-all lint results bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,10 @@ lint: setup  ## ruff
 
 results: setup  ## rebuild docs and the README results section from results/ alone
 	$(PY) -m runner.report
+
+BENCH_MODEL ?= smollm2_135m
+bench: setup  ## derived trainer vs PEFT baselines: tok/s, peak MB, MFU, quality per token (QUICK=1: fewer reps)
+	$(PY) -m runner task=bench model=$(BENCH_MODEL) task.quick=$(if $(QUICK),true,false)
 
 REPRO := runs/reproduce
 reproduce: setup  ## re-run the committed SmolLM2-135M claim set from scratch into runs/reproduce (about an hour on 2 cores)

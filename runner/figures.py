@@ -96,3 +96,39 @@ def spectra(singular_values: dict[str, Sequence[float]], title: str) -> bytes:
         if singular_values:
             ax.legend(fontsize=6, ncol=2, loc="lower left")
         return _png(fig)
+
+
+def throughput_bars(tok_s: dict[str, Sequence[float]], title: str) -> bytes:
+    """Median training tokens/s per trainer (bar, in the given order), min-max over
+    repetitions as the error bar."""
+    arms = list(tok_s)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(arms) + 1.5), 3.6))
+        for i, arm in enumerate(arms):
+            vals = np.asarray(tok_s[arm], dtype=float)
+            mid = float(np.median(vals))
+            ax.bar(i, mid, yerr=[[mid - vals.min()], [vals.max() - mid]],
+                   color=_distinct_color(arm, i), alpha=0.8, capsize=4)
+        ax.set_xticks(range(len(arms)), arms, rotation=20)
+        ax.set(ylabel="training tokens / s", title=title)
+        return _png(fig)
+
+
+def loss_vs_tokens(curves: dict[str, Curve], title: str) -> bytes:
+    """Validation loss against training tokens, one run per trainer (in the given order)."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for i, (arm, c) in enumerate(curves.items()):
+            ax.plot(np.asarray(c.tokens, dtype=float), np.asarray(c.val_loss, dtype=float),
+                    marker=".", color=_distinct_color(arm, i), label=arm)
+        ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title=title)
+        if curves:
+            ax.legend(loc="best")
+        return _png(fig)
+
+
+def _distinct_color(arm: str, i: int) -> str:
+    """Like `_color`, but baselines skip C3 (red), so none is mistaken for the derived trainer."""
+    if arm.startswith("derived"):
+        return DERIVED_COLOR
+    return ("C0", "C1", "C2", "C4", "C5", "C6", "C7", "C8", "C9")[i % 9]

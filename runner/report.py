@@ -6,7 +6,8 @@ Reads `results/trials/*.json` (and the claims' pre-registration records under
 - the README section between the results markers: a summary per experiment and arm;
 - the README section between the claims markers, `docs/claims.md` and `results/claims.json`:
   every claim's verdict (runner.claims.docs);
-- `docs/experiments/<experiment>.md` with figures under `docs/experiments/figures/`.
+- `docs/experiments/<experiment>.md` with figures under `docs/experiments/figures/`;
+- `docs/performance.md` from the bench rows under `results/bench/` (runner.performance).
 Output depends only on the ledger's content (sorted, no timestamps, PNGs without metadata), and
 a file is only rewritten when its bytes change, so a second run changes nothing.
 """
@@ -138,10 +139,12 @@ def build_all(results_dir: Path, docs_dir: Path, readme: Path,
               claims_json: Path | None = None) -> list[Path]:
     """`make results`: `build` plus the claims and the experiment pages."""
     from runner.claims.docs import build_claims
+    from runner.performance import build_performance
 
     changed = build(results_dir, docs_dir, readme)
     changed += [p for p in build_claims(results_dir, docs_dir, readme, claims_json)
                 if p not in changed]
+    changed += build_performance(results_dir, docs_dir)  # docs/performance.md (results/bench/)
     return changed
 
 

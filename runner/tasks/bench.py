@@ -1,0 +1,476 @@
+"""task=bench (`make bench`): what the derived trainer costs against PEFT LoRA baselines, all
+measured in one run on this machine.
+
+1. Peak: the best FLOP/s of a large float32 `torch.matmul` at the configured thread count.
+2. Throughput and memory: each trainer runs in its own process (so peak memories do not
+   mix) and takes `steps` optimizer steps on the same fixed batches (`batch_size` rows of exactly
+   `seq_len` tokens packed from the training data, no padding), `repeats` times after one
+   untimed warm-up step; nothing else is timed. The derived trainer's set-up (all 15
+   hyperparameters) is timed there too.
+3. Quality per compute: every trainer (and the AdamW learning-rate grid, with its tuning cost)
+   trains on the same token budget with the shared train loop; validation loss against tokens.
+4. One row under `<results_dir>/bench/` (read by `make results` into docs/performance.md, apart
+   from the trials), the tables, and last the summary line
+   `bench: tok_s_ratio=X mem_ratio=Y derive_steps=Z mfu=W` (derived trainer / PEFT AdamW q/v).
+
+Model FLOPs are 6·N·T (FLOPS_FORMULA). The derived trainer has no rank or target options: it
+runs with the rank and targets it derives, which the output says next to its numbers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from runner.config import load_trainer_option
+from runner.data import IGNORE_INDEX, Batch, load_splits
+from runner.errors import ConfigError
+from runner.hardware import setup_hardware
+from runner.ledger import git_commit, new_run_id, package_versions, utc_now
+from runner.models import load_model
+from runner.schema import RunConfig
+
+BENCH_DIR = "bench"
+BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of every ratio
+QUICK = {"repeats": 2, "steps": 2, "quality_tokens": 2000}  # caps under task.quick=true
+MATMUL_N = {False: 2048, True: 512}  # size of the square peak-FLOP/s matmul (by quick)
+MATMUL_REPEATS = 5
+QUALITY_EVALS = 4  # evaluations per quality run (about), beyond the one at step 0
+QUALITY_EVAL_EXAMPLES = 32  # cap on validation examples per evaluation in the quality runs
+FLOPS_FORMULA = (
+    "6·N·T (Kaplan et al. 2020): N = every parameter of the model, frozen base and adapters, "
+    "counted once; T = training tokens. It counts the frozen base's forward, the backward "
+    "through its activations, and weight gradients as if the base were trained; a LoRA step "
+    "skips the base's weight gradients and so executes about 4·N·T, and attention's T² term "
+    "is left out. MFU = 6·N·(tokens/s) / measured peak matmul FLOP/s."
+)
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    trainer: str  # the conf/trainer option it runs at its committed settings
+    all_linear: bool = False  # PEFT LoRA on every Linear of the decoder blocks instead of q/v
+    throughput: bool = True  # adamw_grid's step is AdamW's: measured for quality only
+
+
+ARMS = (
+    Arm(BASELINE, "adamw"),
+    Arm("adamw_all_linear", "adamw", all_linear=True),
+    Arm("prodigy", "prodigy"),
+    Arm("schedulefree", "schedulefree"),
+    Arm("derived", "derived"),
+    Arm("adamw_grid", "adamw_grid", throughput=False),
+)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    batch_size: int  # rows per fixed batch (the baseline's batch size)
+    seq_len: int  # tokens per row (data.max_seq_len)
+    repeats: int
+    steps: int
+    quality_tokens: int
+    matmul_n: int
+    quick: bool
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+def bench_task(cfg: RunConfig) -> dict:
+    """Measure every arm, write the bench row, print the tables and the summary line last."""
+    from runner.tasks.train import check_data_paths
+
+    started, wall = utc_now(), time.perf_counter()
+    check_data_paths(cfg)
+    settings = bench_settings(cfg)
+    hw = setup_hardware(cfg.hardware)
+    arms = [a for a in ARMS if a.throughput]
+    with _progress() as bar:
+        task = bar.add_task("peak matmul", total=1 + len(arms) + len(ARMS))
+
+        # 1. This machine's peak matmul FLOP/s, at the same thread count as the trainers.
+        peak = measure_peak_matmul(settings.matmul_n, MATMUL_REPEATS)
+        bar.advance(task)
+
+        # 2. Throughput and memory, one fresh process per trainer.
+        throughput = []
+        for arm in arms:
+            bar.update(task, description=f"throughput {arm.name}")
+            throughput.append(_in_subprocess(measure_throughput, cfg, arm, settings))
+            bar.advance(task)
+
+        # 3. Quality at an equal token budget (fresh weights per arm; checkpoints in a temp dir).
+        quality = []
+        with tempfile.TemporaryDirectory(prefix="bench-runs-") as runs_dir:
+            for arm in ARMS:
+                bar.update(task, description=f"quality {arm.name}")
+                quality.append(measure_quality(cfg, arm, settings, Path(runs_dir)))
+                bar.advance(task)
+
+    # 4. Ratios, the row, the tables, the summary line.
+    for row in throughput:
+        row["mfu"] = 6 * row["n_params"] * row["tok_s_median"] / peak["flops_per_second"]
+    summary = summarize({r["arm"]: r for r in throughput})
+    row = _bench_row(cfg, hw, settings, peak, throughput, quality, summary, started, wall)
+    path = write_bench_row(cfg.results_dir, row)
+    _print_tables(row, path)
+    print(summary_line(summary), flush=True)
+    return row
+
+
+def bench_settings(cfg: RunConfig) -> BenchSettings:
+    t = cfg.task
+    for key, value in (("repeats", t.repeats), ("steps", t.steps),
+                       ("quality_tokens", t.quality_tokens)):
+        if value < 1:
+            raise ConfigError(f"task.{key}: must be >= 1")
+    cap = QUICK if t.quick else {}
+    return BenchSettings(
+        batch_size=load_trainer_option(BASELINE).batch_size, seq_len=cfg.data.max_seq_len,
+        repeats=min(t.repeats, cap.get("repeats", t.repeats)),
+        steps=min(t.steps, cap.get("steps", t.steps)),
+        quality_tokens=min(t.quality_tokens, cap.get("quality_tokens", t.quality_tokens)),
+        matmul_n=MATMUL_N[t.quick], quick=t.quick,
+    )
+
+
+def summarize(by_arm: dict[str, dict]) -> dict:
+    """The derived trainer against the baseline: the four numbers of the summary line."""
+    base, derived = by_arm[BASELINE], by_arm["derived"]
+    return {
+        "tok_s_ratio": derived["tok_s_median"] / base["tok_s_median"],
+        "mem_ratio": derived["peak_mb"] / base["peak_mb"],
+        "derive_steps": derived["setup_seconds"] / base["step_seconds_median"],
+        "derive_weights_steps": derived["derive_seconds"] / base["step_seconds_median"],
+        "mfu": derived["mfu"],
+    }
+
+
+def summary_line(summary: dict) -> str:
+    return ("bench: " + " ".join(f"{k}={summary[k]:.3g}" for k in
+                                 ("tok_s_ratio", "mem_ratio", "derive_steps", "mfu")))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+
+
+def measure_peak_matmul(n: int, repeats: int) -> dict:
+    """Best FLOP/s (2·n³ per product) of `repeats` float32 n×n matmuls after one warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    torch.matmul(a, b)
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        seconds.append(time.perf_counter() - started)
+    return {"n": n, "dtype": "float32", "threads": torch.get_num_threads(), "seconds": seconds,
+            "flops_per_second": 2 * n**3 / min(seconds)}
+
+
+def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dict:
+    """In a fresh process: set up `arm`'s trainer, then time `repeats` x `steps` steps."""
+    # 1. Load (the load's memory transient is recorded apart from the training phase).
+    setup_hardware(cfg.hardware)
+    loaded, splits = _load(cfg)
+    pad_id = loaded.tokenizer.pad_token_id
+    fixed = fixed_batches(splits.train, settings.steps, settings.batch_size, settings.seq_len)
+    load_peak = _ru_maxrss_mb()
+    tracked = _reset_peak_rss()
+
+    # 2. Set up the trainer (the derived one derives all its hyperparameters here, timed).
+    started = time.perf_counter()
+    trainer, info = _build_trainer(cfg, arm, loaded, splits, pad_id)
+    info.setdefault("setup_seconds", time.perf_counter() - started)
+
+    # 3. One untimed warm-up step (lazy optimizer state), then the timed repetitions.
+    losses = [trainer.step(fixed[0]).loss]
+    seconds = []
+    for _ in range(settings.repeats):
+        started = time.perf_counter()
+        for batch in fixed:
+            losses.append(trainer.step(batch).loss)
+        seconds.append(time.perf_counter() - started)
+
+    # 4. Report: throughput spread over repetitions and this process's peak memory.
+    tokens = settings.steps * settings.tokens_per_step
+    tok_s = [tokens / s for s in seconds]
+    train_peak = _vm_hwm_mb() if tracked else None
+    process_peak = max(load_peak, _ru_maxrss_mb(), train_peak or 0.0)
+    return {
+        "arm": arm.name, "trainer": arm.trainer, **info,
+        "model_sha256": loaded.sha256, "data_sha256": splits.sha256,
+        "n_params": _count_params(loaded.model, trainer.params),
+        "trainable_params": sum(p.numel() for p in trainer.params),
+        "repeat_seconds": seconds, "tok_s": tok_s,
+        "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s),
+        "tok_s_max": max(tok_s), "step_seconds_median": statistics.median(seconds) / settings.steps,
+        "peak_mb": train_peak if train_peak is not None else process_peak,
+        "peak_mb_scope": "training" if train_peak is not None else "process",
+        "process_peak_mb": process_peak, "load_peak_mb": load_peak,
+        "all_finite": all(math.isfinite(x) for x in losses),
+    }
+
+
+def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir: Path) -> dict:
+    """Train `arm` on the equal token budget with the shared loop; its validation curve."""
+    from runner.tasks.train import run_trainer
+
+    loaded, splits = _load(cfg)
+    mean_len = sum(len(e.input_ids) for e in splits.train) / len(splits.train)
+    baseline_steps = settings.quality_tokens / (mean_len * settings.batch_size)
+    budget = replace(cfg.budget, max_tokens=settings.quality_tokens, max_steps=None,
+                     eval_every=max(1, round(baseline_steps / QUALITY_EVALS)),
+                     eval_examples=min(cfg.budget.eval_examples, QUALITY_EVAL_EXAMPLES))
+    qcfg = replace(cfg, trainer=_trainer_config(arm, loaded.model), budget=budget,
+                   runs_dir=str(runs_dir / arm.name))
+    quiet = Console(file=io.StringIO())
+    outcome = run_trainer(qcfg, loaded, splits, loaded.tokenizer.pad_token_id, quiet)
+    r, extra = outcome.result, outcome.extra_metrics
+    return {
+        "arm": arm.name, "trainer": arm.trainer, "tokens": r.tokens, "steps": r.steps,
+        "train_seconds": r.train_seconds, "stop_reason": r.stop_reason,
+        "val_loss_initial": r.evals[0].val_loss, "val_loss_final": r.evals[-1].val_loss,
+        "curve": [{"tokens": e.tokens, "val_loss": e.val_loss} for e in r.evals],
+        "eval_every": budget.eval_every, "eval_examples": budget.eval_examples,
+        "tuning_tokens": extra.get("tuning_tokens", r.tokens),
+        "tuning_seconds": extra.get("tuning_seconds", r.train_seconds),
+        "best_lr": extra.get("best_lr"), "grid_points": extra.get("grid_points"),
+        "batch_size": outcome.hyperparameters.get("batch_size"),
+    }
+
+
+def fixed_batches(examples, count: int, batch_size: int, seq_len: int) -> list[Batch]:
+    """`count` batches of `batch_size` rows of exactly `seq_len` tokens: the training examples'
+    tokens packed in order (cycled if too few), loss on every token but each row's first."""
+    stream = [t for ex in examples for t in ex.input_ids]
+    need = count * batch_size * seq_len
+    stream = (stream * math.ceil(need / len(stream)))[:need]
+    ids = torch.tensor(stream, dtype=torch.long).view(count, batch_size, seq_len)
+    out = []
+    for x in ids:  # (B, T)
+        labels = x.clone()
+        labels[:, 0] = IGNORE_INDEX
+        out.append(Batch(input_ids=x.contiguous(), labels=labels,
+                         attention_mask=torch.ones_like(x), n_tokens=batch_size * (seq_len - 1)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainers
+
+
+def _trainer_config(arm: Arm, model):
+    """The arm's committed trainer option; all_linear swaps q/v for every block Linear."""
+    from runner.trainers.derived import candidate_linears
+
+    if not arm.all_linear:
+        return load_trainer_option(arm.trainer)
+    targets = sorted({name.rsplit(".", 1)[-1] for name in candidate_linears(model)})
+    return load_trainer_option(arm.trainer, {"target_modules": targets})
+
+
+def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int):
+    """A ready trainer and what to say about its adapters (rank, targets, set-up cost)."""
+    trainer_cfg = _trainer_config(arm, loaded.model)
+    quiet = Console(file=io.StringIO())
+    if arm.trainer == "derived":
+        from runner.tasks.derived import setup_derived
+
+        setup = setup_derived(replace(cfg, trainer=trainer_cfg), loaded, splits, pad_id, quiet)
+        ranks = [s.rank for s in setup.trainer.adapters.specs.values()]
+        return setup.trainer, {
+            "adapters": f"derived: rank {min(ranks)}-{max(ranks)} on {len(ranks)} matrices",
+            "derive_seconds": setup.derive_seconds, "setup_seconds": setup.setup_seconds,
+            "derived_batch_size": setup.trainer.batch_size,
+        }
+    from runner.trainers.baseline import BaselineTrainer, attach_lora
+
+    torch.manual_seed(cfg.seed)
+    model = attach_lora(loaded.model, trainer_cfg)
+    targets = "/".join(t.removesuffix("_proj") for t in trainer_cfg.target_modules)
+    return BaselineTrainer(model, trainer_cfg, total_steps=1_000_000), {
+        "adapters": f"r={trainer_cfg.r} alpha={trainer_cfg.lora_alpha} on {targets}",
+        "optimizer": trainer_cfg.optimizer, "lr": trainer_cfg.lr,
+    }
+
+
+def _load(cfg: RunConfig):
+    from runner.tasks.train import check_data_paths
+
+    data_path, retention_path = check_data_paths(cfg)
+    loaded = load_model(cfg.model, dtype=cfg.hardware.dtype.value, device=cfg.hardware.device)
+    splits = load_splits(data_path, loaded.tokenizer, max_seq_len=cfg.data.max_seq_len,
+                         val_fraction=cfg.data.val_fraction, retention_path=retention_path,
+                         max_examples=cfg.data.max_examples)
+    return loaded, splits
+
+
+def _count_params(model, extra) -> int:
+    """Every parameter once (tied embeddings once; the derived adapters live beside the model)."""
+    seen = {id(p): p for p in model.parameters()}
+    seen.update({id(p): p for p in extra})
+    return sum(p.numel() for p in seen.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and memory
+
+
+def _in_subprocess(fn, *args):
+    """Run `fn(*args)` in a fresh process of its own (its own peak memory, its own threads).
+
+    The processes fork from a forkserver that has imported this module (torch, transformers,
+    PEFT) once but run nothing, so each starts in a second instead of re-importing for ten.
+    """
+    ctx = get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    with _thread_env(args[0].hardware.threads), ProcessPoolExecutor(
+            max_workers=1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+@contextmanager
+def _thread_env(threads: int):
+    """Children start their thread pools from the environment before torch is told."""
+    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+    old = {k: os.environ.get(k) for k in keys}
+    if threads:
+        os.environ.update({k: str(threads) for k in keys})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ru_maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux >= 4.0: clear_refs 5); False if unable."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _vm_hwm_mb() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_mb() -> float | None:
+    """Peak resident set since the last reset (VmHWM, KiB in /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Row and output
+
+
+def _bench_row(cfg, hw, settings, peak, throughput, quality, summary, started, wall) -> dict:
+    from runner.tasks.train import config_hash
+
+    return {
+        "schema_version": 1,
+        "run_id": new_run_id(cfg.experiment, "bench", cfg.seed, config_hash(cfg)),
+        "experiment": cfg.experiment, "model_id": cfg.model.id,
+        "model_sha256": throughput[0]["model_sha256"], "data_id": cfg.data.id,
+        "data_sha256": throughput[0]["data_sha256"],
+        **hw.as_row(), "seed": cfg.seed, "git_commit": git_commit(),
+        "packages": package_versions(), "started_at": started, "ended_at": utc_now(),
+        "wall_seconds": time.perf_counter() - wall, "settings": asdict(settings),
+        "tokens_per_step": settings.tokens_per_step, "baseline": BASELINE,
+        "flops_formula": FLOPS_FORMULA, "peak_matmul": peak,
+        "throughput": throughput, "quality": quality, "summary": summary,
+    }
+
+
+def write_bench_row(results_dir: str | Path, row: dict) -> Path:
+    """`<results_dir>/bench/<run id>.json`, written atomically and never over another row."""
+    folder = Path(results_dir) / BENCH_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{row['run_id']}.json"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(row, indent=2, sort_keys=True, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.link(tmp, final)  # atomic; FileExistsError rather than overwrite
+    finally:
+        os.unlink(tmp)
+    return final
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                    console=Console(stderr=True))
+
+
+def _print_tables(row: dict, path: Path) -> None:
+    s, out = row["settings"], Console(file=sys.stdout, width=140)
+    out.print(f"bench {row['model_id']} on {row['hardware']} ({row['device']}, {row['dtype']}, "
+              f"threads={row['threads']}): fixed batches of {s['batch_size']} x {s['seq_len']} "
+              f"tokens, {s['repeats']} repetitions x {s['steps']} steps per trainer"
+              f"{' (quick)' if s['quick'] else ''}; peak matmul "
+              f"{row['peak_matmul']['flops_per_second'] / 1e9:.1f} GFLOP/s "
+              f"(float32 {row['peak_matmul']['n']}^3)", highlight=False)
+    base = next(r for r in row["throughput"] if r["arm"] == BASELINE)
+    table = Table(title="throughput and memory (ratios to PEFT AdamW r=8 q/v)")
+    for col in ("trainer", "adapters", "tok/s median", "min-max", "ratio", "peak MB", "ratio",
+                "MFU"):
+        table.add_column(col)
+    for r in row["throughput"]:
+        table.add_row(r["arm"], r["adapters"], f"{r['tok_s_median']:.0f}",
+                      f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}",
+                      f"{r['tok_s_median'] / base['tok_s_median']:.3f}", f"{r['peak_mb']:.0f}",
+                      f"{r['peak_mb'] / base['peak_mb']:.3f}", f"{r['mfu']:.4f}")
+    out.print(table)
+    table = Table(title=f"quality per compute ({s['quality_tokens']} training tokens each)")
+    for col in ("trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
+                "s incl. tuning", "stop"):
+        table.add_column(col)
+    for q in row["quality"]:
+        table.add_row(q["arm"], str(q["tokens"]), f"{q['val_loss_initial']:.4f}",
+                      f"{q['val_loss_final']:.4f}", f"{q['train_seconds']:.1f}",
+                      str(q["tuning_tokens"]), f"{q['tuning_seconds']:.1f}", q["stop_reason"])
+    out.print(table)
+    derived = next(r for r in row["throughput"] if r["arm"] == "derived")
+    out.print(f"derived trainer: rank and targets are derived ({derived['adapters']}), not set "
+              f"to the baseline's; set-up of all 15 hyperparameters "
+              f"{derived['setup_seconds']:.2f}s (from the weights alone "
+              f"{derived['derive_seconds']:.2f}s); one baseline step "
+              f"{base['step_seconds_median']:.3f}s", highlight=False)
+    out.print(f"model FLOPs: {FLOPS_FORMULA}", highlight=False)
+    out.print(f"bench row {path}; `make results` renders docs/performance.md", highlight=False)
