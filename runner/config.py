@@ -11,7 +11,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
 from runner.schema import (
-    TRAINER_SCHEMAS, BudgetConfig, ModelSource, RunConfig, TrainerConfig,
+    TRAINER_SCHEMAS,
+    BudgetConfig,
+    ModelSource,
+    RunConfig,
+    TrainerConfig,
 )
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
+from runner.errors import UserError
+
 IGNORE_INDEX = -100
 CHAT_ROLES = ("system", "user", "assistant")
 SHAPES = ('{"text"}', '{"prompt","completion"}', '{"messages":[...]}')
-
-from runner.errors import UserError
 
 
 class DataError(UserError, ValueError):

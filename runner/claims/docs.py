@@ -24,7 +24,12 @@ import numpy as np
 from runner import figures
 from runner.claims.schema import CLAIM_DIR, Claim, claim_from_record, load_claims
 from runner.claims.verdicts import (
-    Verdict, VerdictWord, arm_of, claim_rows, decide, scope_of,
+    Verdict,
+    VerdictWord,
+    arm_of,
+    claim_rows,
+    decide,
+    scope_of,
 )
 from runner.ledger import read_trials
 
@@ -276,8 +281,8 @@ def claims_page(entries: list[Entry], rows: list[dict]) -> str:
         by_claim[e.claim.id].append(e)
     for cid in sorted(by_claim):
         for rule_hash in sorted({e.claim.rule_hash for e in by_claim[cid]},
-                                key=lambda h: any(e.superseded for e in by_claim[cid]
-                                                  if e.claim.rule_hash == h)):
+                                key=lambda h: (any(e.superseded for e in by_claim[cid]
+                                                   if e.claim.rule_hash == h), h)):
             group = [e for e in by_claim[cid] if e.claim.rule_hash == rule_hash]
             parts += [_section(group[0].claim, group, rows), ""]
     return "\n".join(parts).rstrip("\n") + "\n"

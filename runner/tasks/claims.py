@@ -23,7 +23,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from runner.claims import (
-    CHECKS, CLAIM_DIR, Claim, Kind, Verdict, VerdictWord, decide, load_claim,
+    CHECKS,
+    CLAIM_DIR,
+    Claim,
+    Kind,
+    Verdict,
+    VerdictWord,
+    decide,
+    load_claim,
 )
 from runner.config import trainer_options
 from runner.errors import HardwareUnavailable, ModelError
@@ -163,8 +170,9 @@ def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
 def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "") -> str:
     """Reuse, share, run, or skip one trial; return what happened (for the progress line)."""
     rh = trial.claim.rule_hash
-    same_config = [r for r in read_trials(cfg.results_dir)
-                   if r.get("config_hash") == trial.config_hash]
+    same_config = [r for r in read_trials(cfg.results_dir)  # verdicts are per experiment
+                   if r.get("config_hash") == trial.config_hash
+                   and r.get("experiment") == cfg.experiment]
     existing = [r for r in same_config
                 if r.get("rule_hash") == rh and r.get("claim_id") == trial.claim.id]
     if any(r.get("status") != "skipped" for r in existing):

@@ -13,8 +13,15 @@ import geometry
 from runner.checkpoint import Checkpoint
 from runner.data import collate
 from runner.trainers.derived import (
-    AdapterSpec, CertificateMonitor, DerivedTrainer, FactoredAdapters, block_of,
-    candidate_linears, export_peft, measure_noise_scale, residual_scales,
+    AdapterSpec,
+    CertificateMonitor,
+    DerivedTrainer,
+    FactoredAdapters,
+    block_of,
+    candidate_linears,
+    export_peft,
+    measure_noise_scale,
+    residual_scales,
 )
 from runner.training import train_loop
 

@@ -16,7 +16,12 @@ from runner.checkpoint import Checkpoint, remove_checkpoints
 from runner.data import DataError, load_splits
 from runner.hardware import HardwareInfo, setup_hardware
 from runner.ledger import (
-    git_commit, new_run_id, package_versions, stable_hash, utc_now, write_trial,
+    git_commit,
+    new_run_id,
+    package_versions,
+    stable_hash,
+    utc_now,
+    write_trial,
 )
 from runner.models import LoadedModel, load_model
 from runner.schema import RunConfig

@@ -29,7 +29,6 @@ from torch import nn
 import geometry
 from runner.training import StepLog
 
-
 # ---------------------------------------------------------------------------------------------
 # Which matrices, and the factored adapters on them
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-from matrices import orthonormal
 from hypothesis import given
 from hypothesis import strategies as st
+from matrices import orthonormal
 
 import geometry as g
 

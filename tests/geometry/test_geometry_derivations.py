@@ -7,9 +7,9 @@ import math
 
 import numpy as np
 import pytest
-from matrices import planted_weight
 from hypothesis import given
 from hypothesis import strategies as st
+from matrices import planted_weight
 
 import geometry as g
 

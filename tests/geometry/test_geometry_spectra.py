@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
-from matrices import planted_weight
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from matrices import planted_weight
 
 import geometry as g
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from matrices import orthonormal
 from hypothesis import given
 from hypothesis import strategies as st
+from matrices import orthonormal
 
 import geometry as g
 
