@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import sys
 from pathlib import Path
@@ -33,34 +34,25 @@ def _hydra_main(cfg: DictConfig) -> None:
         _fail(str(err), err.exit_code)
 
 
+# task -> "module:function"; imported on use, so a task's heavy imports load only when it runs.
+TASKS = {
+    TaskName.train: "runner.tasks.train:train_task",
+    TaskName.model_info: "runner.tasks.model_info:model_info_task",
+    TaskName.lora_svd: "runner.tasks.lora_svd:lora_svd_task",
+    TaskName.validate_derived: "runner.tasks.claims:validate_derived_task",
+    TaskName.claims: "runner.tasks.claims:claims_task",
+    TaskName.bench: "runner.tasks.bench:bench_task",
+}
+
+
 def run_job(cfg: DictConfig) -> object:
     """Convert the composed config once and run its task."""
     run_cfg = to_run_config(cfg)
-    if run_cfg.task.name is TaskName.train:
-        from runner.tasks.train import train_task
-
-        return train_task(run_cfg)
-    if run_cfg.task.name is TaskName.model_info:
-        from runner.tasks.model_info import model_info_task
-
-        return model_info_task(run_cfg)
-    if run_cfg.task.name is TaskName.lora_svd:
-        from runner.tasks.lora_svd import lora_svd_task
-
-        return lora_svd_task(run_cfg)
-    if run_cfg.task.name is TaskName.validate_derived:
-        from runner.tasks.claims import validate_derived_task
-
-        return validate_derived_task(run_cfg)
-    if run_cfg.task.name is TaskName.claims:
-        from runner.tasks.claims import claims_task
-
-        return claims_task(run_cfg)
-    if run_cfg.task.name is TaskName.bench:
-        from runner.tasks.bench import bench_task
-
-        return bench_task(run_cfg)
-    raise UserError(f"task={run_cfg.task.name.value}: not implemented")
+    target = TASKS.get(run_cfg.task.name)
+    if target is None:
+        raise UserError(f"task={run_cfg.task.name.value}: not implemented")
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)(run_cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

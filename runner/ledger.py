@@ -88,15 +88,19 @@ def write_trial(results_dir: str | Path, row: dict[str, Any]) -> Path:
     return final
 
 
-def read_trials(results_dir: str | Path) -> list[dict[str, Any]]:
-    """Every trial row in the ledger, sorted by run id (stable across machines)."""
-    trials = Path(results_dir) / TRIALS_DIR
+def read_rows(folder: str | Path, what: str = "trial") -> list[dict[str, Any]]:
+    """Every JSON row in `folder` (temp files of writers in progress skipped), by run id."""
     rows = []
-    for path in sorted(trials.glob("*.json")):
+    for path in sorted(Path(folder).glob("*.json")):
         if path.name.startswith(".tmp-"):
             continue
         try:
             rows.append(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: corrupt trial file ({err})") from None
+            raise ValueError(f"{path}: corrupt {what} file ({err})") from None
     return sorted(rows, key=lambda r: r["run_id"])
+
+
+def read_trials(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every trial row in the ledger, sorted by run id (stable across machines)."""
+    return read_rows(Path(results_dir) / TRIALS_DIR)

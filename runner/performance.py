@@ -9,10 +9,10 @@ its bytes change, so a second build changes nothing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from runner import figures
+from runner.ledger import read_rows
 
 PAGE = "performance.md"
 FIG_DIR = "performance"
@@ -42,15 +42,7 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
 
 def read_bench_rows(results_dir: str | Path) -> list[dict]:
     """Every bench row, sorted by run id."""
-    rows = []
-    for path in sorted((Path(results_dir) / "bench").glob("*.json")):
-        if path.name.startswith(".tmp-"):
-            continue
-        try:
-            rows.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: corrupt bench row ({err})") from None
-    return sorted(rows, key=lambda r: r["run_id"])
+    return read_rows(Path(results_dir) / "bench", "bench row")
 
 
 def build_performance(results_dir: Path, docs_dir: Path) -> list[Path]:
