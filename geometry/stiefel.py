@@ -56,12 +56,18 @@ def cayley_retract(x: Array, direction: Array, step) -> Array:
     n, r = x.shape
     xt = xp.matrix_transpose(x)
     p = direction - 0.5 * xp.matmul(x, xp.matmul(xt, direction))  # (n, r)
-    u = xp.concat([p, x], axis=1)  # (n, 2r)
-    v = xp.concat([x, -p], axis=1)  # (n, 2r)
-    vt = xp.matrix_transpose(v)
-    small = xp.eye(2 * r, dtype=x.dtype, device=device(x)) - (0.5 * step) * xp.matmul(vt, u)
-    z = xp.linalg.solve(small, xp.matmul(vt, x))  # (2r, r)
-    return x + step * xp.matmul(u, z)
+    # V^T U and V^T X from three r x r blocks (6 n r^2 flops instead of 12 n r^2 for the two
+    # n-length products): V^T U = [[X^T P, X^T X], [-P^T P, -P^T X]], V^T X = [X^T X; -P^T X].
+    xtx = xp.matmul(xt, x)
+    xtp = xp.matmul(xt, p)
+    ptp = xp.matmul(xp.matrix_transpose(p), p)
+    ptx = xp.matrix_transpose(xtp)
+    vtu = xp.concat([xp.concat([xtp, xtx], axis=1), xp.concat([-ptp, -ptx], axis=1)], axis=0)
+    vtx = xp.concat([xtx, -ptx], axis=0)  # (2r, r)
+    small = xp.eye(2 * r, dtype=x.dtype, device=device(x)) - (0.5 * step) * vtu
+    z = xp.linalg.solve(small, vtx)  # (2r, r)
+    # U z = P z_top + X z_bottom, without forming U = [P, X]
+    return x + step * (xp.matmul(p, z[:r, :]) + xp.matmul(x, z[r:, :]))
 
 
 def orthogonality_error(x: Array) -> float:

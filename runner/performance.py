@@ -36,7 +36,9 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   shared train loop; validation loss at the end, and the tokens and seconds it spent including
   tuning (the AdamW grid trains every grid point on the full budget).
 - The derived trainer has no rank or target options: it runs with the ranks and targets it
-  derives (column *adapters*), not the baseline's r=8 on q/v.
+  derives (column *adapters*), not the baseline's r=8 on q/v. `adamw_derived_shape` is PEFT
+  LoRA + AdamW with exactly those per-module ranks and targets (alpha = rank): the peer for the
+  cost of the derived trainer's step at the same adapter shapes.
 """
 
 
@@ -111,6 +113,10 @@ def _section(row: dict) -> list[str]:
               f"(from the weights alone {derived['derive_seconds']:.3f} s) against one baseline "
               f"step of {base['step_seconds_median']:.4f} s: {summary['derive_steps']:.3g} steps "
               f"({summary['derive_weights_steps']:.3g} for the weights alone).")
+    if "same_shape_tok_s_ratio" in summary:
+        derive += (f" At the same ranks and targets (`adamw_derived_shape`), the derived trainer "
+                   f"runs at {summary['same_shape_tok_s_ratio']:.3g}x its tokens/s with "
+                   f"{summary['same_shape_mem_ratio']:.3g}x its peak memory.")
     quality = _table(
         ["trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
          "s incl. tuning", "stop"],

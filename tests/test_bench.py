@@ -20,7 +20,8 @@ from runner.tasks.bench import QUICK, bench_settings, fixed_batches, summary_lin
 from runner.tasks.train import config_hash
 
 LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+)")
-THROUGHPUT_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived"}
+THROUGHPUT_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived",
+                   "adamw_derived_shape"}
 QUICK_TINY = ["task=bench", "model=tiny_llama", "hardware.threads=1", "task.quick=true",
               "task.quality_tokens=800", "data.max_examples=120"]
 
@@ -64,6 +65,14 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     derived = next(t for t in stored["throughput"] if t["arm"] == "derived")
     assert derived["adapters"].startswith("derived:")  # its rank and targets are its own
     assert 0 < derived["derive_seconds"] <= derived["setup_seconds"]
+    # the same-shape peer trains exactly the derived trainer's adapter parameters
+    same = next(t for t in stored["throughput"] if t["arm"] == "adamw_derived_shape")
+    assert same["adapters"].startswith("derived shape:")
+    # (U: out x r, V: in x r, S: r) against PEFT's (B: out x r, A: r x in)
+    assert same["trainable_params"] == derived["trainable_params"] - derived["rank_total"] > 0
+    assert stored["summary"]["same_shape_tok_s_ratio"] == pytest.approx(
+        derived["tok_s_median"] / same["tok_s_median"])
+    assert "adamw_derived_shape" not in {q["arm"] for q in stored["quality"]}
     grid = next(q for q in stored["quality"] if q["arm"] == "adamw_grid")
     assert grid["tuning_tokens"] == grid["grid_points"] * grid["tokens"]  # same budget per point
     for q in stored["quality"]:

@@ -140,3 +140,41 @@ def test_derived_refuses_a_learning_rate() -> None:
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "trainer.lr" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_lfm2"])
+def test_batched_noise_probe_matches_per_example_passes(model_name: str) -> None:
+    """The noise-scale probe's per-example gradients from batched passes (the closed form at
+    S = 0) equal autograd's gradients of one pass per example, the estimator's definition."""
+    from runner.data import collate
+    from runner.trainers.derived import per_example_s_grads
+
+    cfg = to_run_config(compose_config([f"model={model_name}", "data.max_examples=40"]))
+    loaded = load_model(cfg.model)
+    model = loaded.model.requires_grad_(False)
+    splits = load_splits(resolve_data_path(cfg.data.path), loaded.tokenizer,
+                         max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
+                         retention_path=None, max_examples=cfg.data.max_examples)
+    examples, pad = splits.train[:6], loaded.tokenizer.pad_token_id
+    linears = candidate_linears(model)
+    specs = {name: AdapterSpec(name=name, rank=3, dropout=0.0, sigma_k=1.0, decay=0.1,
+                               first_index=1, scale=0.5 + 0.1 * i)
+             for i, name in enumerate(linears)}
+    adapters = FactoredAdapters(linears, specs, "random", seed=0)
+    model.train()
+    batched = per_example_s_grads(model, adapters, collate(list(examples), pad_id=pad))
+
+    reference = []
+    for ex in examples:  # one backward of the example's mean answer-token loss (HF's loss)
+        batch = collate([ex], pad_id=pad)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              labels=batch.labels).loss.backward()
+        for _, u, _, v in adapters.triples():  # S = 0: U and V get exactly zero gradient
+            assert not u.grad.any() and not v.grad.any()
+        reference.append(torch.cat([s.grad.double() for _, _, s, _ in adapters.triples()]))
+        adapters.zero_grad(set_to_none=True)
+    reference = torch.stack(reference)
+    assert batched.shape == reference.shape and reference.abs().max() > 0
+    # float32 forward passes of a padded batch and of single rows round differently
+    torch.testing.assert_close(batched, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
+    adapters.remove()

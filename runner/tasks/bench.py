@@ -49,6 +49,7 @@ from runner.schema import RunConfig
 
 BENCH_DIR = "bench"
 BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of every ratio
+SAME_SHAPE = "adamw_derived_shape"  # PEFT LoRA + AdamW at the derived ranks and targets
 QUICK = {"repeats": 2, "steps": 2, "quality_tokens": 2000}  # caps under task.quick=true
 MATMUL_N = {False: 2048, True: 512}  # size of the square peak-FLOP/s matmul (by quick)
 MATMUL_REPEATS = 5
@@ -68,7 +69,9 @@ class Arm:
     name: str
     trainer: str  # the conf/trainer option it runs at its committed settings
     all_linear: bool = False  # PEFT LoRA on every Linear of the decoder blocks instead of q/v
+    derived_shape: bool = False  # PEFT LoRA with the derived trainer's per-module ranks/targets
     throughput: bool = True  # adamw_grid's step is AdamW's: measured for quality only
+    quality: bool = True  # the derived-shape peer is a throughput and memory reference only
 
 
 ARMS = (
@@ -77,6 +80,9 @@ ARMS = (
     Arm("prodigy", "prodigy"),
     Arm("schedulefree", "schedulefree"),
     Arm("derived", "derived"),
+    # The derived trainer's own adapter shapes (ranks 1-276 on all 210 matrices of SmolLM2)
+    # under PEFT + AdamW: the peer for "at the same rank and targets".
+    Arm(SAME_SHAPE, "adamw", derived_shape=True, quality=False),
     Arm("adamw_grid", "adamw_grid", throughput=False),
 )
 
@@ -106,7 +112,8 @@ def bench_task(cfg: RunConfig) -> dict:
     hw = setup_hardware(cfg.hardware)
     arms = [a for a in ARMS if a.throughput]
     with _progress() as bar:
-        task = bar.add_task("peak matmul", total=1 + len(arms) + len(ARMS))
+        quality_arms = [a for a in ARMS if a.quality]
+        task = bar.add_task("peak matmul", total=1 + len(arms) + len(quality_arms))
 
         # 1. This machine's peak matmul FLOP/s, at the same thread count as the trainers.
         peak = measure_peak_matmul(settings.matmul_n, MATMUL_REPEATS)
@@ -122,7 +129,7 @@ def bench_task(cfg: RunConfig) -> dict:
         # 3. Quality at an equal token budget (fresh weights per arm; checkpoints in a temp dir).
         quality = []
         with tempfile.TemporaryDirectory(prefix="bench-runs-") as runs_dir:
-            for arm in ARMS:
+            for arm in quality_arms:
                 bar.update(task, description=f"quality {arm.name}")
                 quality.append(measure_quality(cfg, arm, settings, Path(runs_dir)))
                 bar.advance(task)
@@ -163,6 +170,9 @@ def summarize(by_arm: dict[str, dict]) -> dict:
         "derive_steps": derived["setup_seconds"] / base["step_seconds_median"],
         "derive_weights_steps": derived["derive_seconds"] / base["step_seconds_median"],
         "mfu": derived["mfu"],
+        **({"same_shape_tok_s_ratio": derived["tok_s_median"] / by_arm[SAME_SHAPE]["tok_s_median"],
+            "same_shape_mem_ratio": derived["peak_mb"] / by_arm[SAME_SHAPE]["peak_mb"]}
+           if SAME_SHAPE in by_arm else {}),
     }
 
 
@@ -304,15 +314,26 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int):
         return setup.trainer, {
             "adapters": f"derived: rank {min(ranks)}-{max(ranks)} on {len(ranks)} matrices",
             "derive_seconds": setup.derive_seconds, "setup_seconds": setup.setup_seconds,
-            "derived_batch_size": setup.trainer.batch_size,
+            "derived_batch_size": setup.trainer.batch_size, "rank_total": sum(ranks),
         }
     from runner.trainers.baseline import BaselineTrainer, attach_lora
 
+    patterns, adapters = None, None
+    if arm.derived_shape:  # the shapes come from the derivation (not timed: not this arm's cost)
+        from runner.tasks.derived import derive_for_model
+
+        dcfg, n_train = load_trainer_option("derived"), len(splits.train)
+        derived = derive_for_model(loaded.model, n_train, math.ceil(n_train / dcfg.micro_batch),
+                                   cfg.hardware.dtype.value, dcfg.erank_variant)
+        patterns = derived.peft_patterns()
+        ranks = list(patterns["rank_pattern"].values())
+        adapters = (f"derived shape: rank {min(ranks)}-{max(ranks)} on {len(ranks)} matrices, "
+                    "alpha = rank")
     torch.manual_seed(cfg.seed)
-    model = attach_lora(loaded.model, trainer_cfg)
+    model = attach_lora(loaded.model, trainer_cfg, patterns)
     targets = "/".join(t.removesuffix("_proj") for t in trainer_cfg.target_modules)
     return BaselineTrainer(model, trainer_cfg, total_steps=1_000_000), {
-        "adapters": f"r={trainer_cfg.r} alpha={trainer_cfg.lora_alpha} on {targets}",
+        "adapters": adapters or f"r={trainer_cfg.r} alpha={trainer_cfg.lora_alpha} on {targets}",
         "optimizer": trainer_cfg.optimizer, "lr": trainer_cfg.lr,
     }
 

@@ -98,9 +98,9 @@ def setup_derived(cfg, loaded, splits, pad_id: int, console: Console) -> Derived
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
     #    the batches per epoch that batch size gives (row 1).
     model.train()
-    noise = measure_noise_scale(model, list(adapters.parameters()), splits.train,
+    noise = measure_noise_scale(model, adapters, splits.train,
                                 lambda exs: collate(list(exs), pad_id=pad_id), n_train,
-                                tcfg.noise_examples)
+                                tcfg.noise_examples, tcfg.micro_batch)
     batch_size = noise.b_crit
     records = dict(derived.records)
     records[1] = geometry.mass_ceiling(derived.sigma_k_min, derived.sigma_max,

@@ -15,16 +15,17 @@ from runner.schema import LoraBaselineConfig, Schedule
 from runner.training import StepLog
 
 
-def attach_lora(model, cfg: LoraBaselineConfig):
-    """Wrap `model` with PEFT LoRA adapters as the config says."""
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+def attach_lora(model, cfg: LoraBaselineConfig, patterns: dict | None = None):
+    """Wrap `model` with PEFT LoRA adapters as the config says.
+
+    `patterns` (`DerivedHyperparameters.peft_patterns()`) replaces the config's rank, alpha and
+    targets with per-module ones: the derived trainer's adapter shapes under AdamW.
+    """
+    shape = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules)}
+    if patterns is not None:
+        shape = {k: patterns[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern",
+                                          "alpha_pattern")}
+    lora = LoraConfig(**shape, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
 
 

@@ -75,6 +75,8 @@ class FactoredAdapters(nn.Module):
             self.V[key] = nn.Parameter(v)
             self.S[key] = nn.Parameter(torch.zeros(spec.rank, dtype=u.dtype))
         self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
+        # name -> {"a": x V, "e": dL/dy U}, filled while `capture` is not None (noise probe)
+        self.capture: dict[str, dict[str, torch.Tensor]] | None = None
 
     def _hook(self, name: str):
         key, spec = self.keys[name], self.specs[name]
@@ -84,8 +86,13 @@ class FactoredAdapters(nn.Module):
             if self.training and spec.dropout > 0:
                 x = nn.functional.dropout(x, p=spec.dropout)
             # (..., in) @ (in, r) * (r,) @ (r, out) -> (..., out)
-            delta = ((x @ self.V[key]) * self.S[key]) @ self.U[key].T
-            return output + spec.scale * delta
+            a = x @ self.V[key]
+            out = output + spec.scale * ((a * self.S[key]) @ self.U[key].T)
+            if self.capture is not None and out.requires_grad:
+                slot = self.capture[name] = {"a": a.detach()}
+                u = self.U[key].detach()
+                out.register_hook(lambda g: slot.__setitem__("e", (g @ u).detach()))
+            return out
 
         return hook
 
@@ -169,8 +176,8 @@ def residual_scales(model, blocks: list[str], calib) -> dict[str, geometry.Deriv
     return scales
 
 
-def measure_noise_scale(model, params, examples, collate, n_train: int,
-                        n_probe: int) -> geometry.NoiseScale:
+def measure_noise_scale(model, adapters: FactoredAdapters, examples, collate, n_train: int,
+                        n_probe: int, micro_batch: int) -> geometry.NoiseScale:
     """McCandlish et al. (2018) two-batch-size estimator from measured gradient norms (row 8).
 
     The first ``n_probe`` training examples each give one per-example gradient g_i (batch 1);
@@ -178,36 +185,56 @@ def measure_noise_scale(model, params, examples, collate, n_train: int,
     the estimator: |G_1|^2 = mean_i |g_i|^2 (B = 1) and |G_n|^2 = |mean_i g_i|^2 (B = n_probe).
     An estimate of B_simple above n_probe is not resolved by this sample (the signal |G|^2 is
     below the estimator's noise), so B_crit is capped at n_probe (docs/derivations.md, row 8).
+
+    The per-example gradients come from batched passes (``micro_batch`` examples each), not
+    one pass per example: see :func:`per_example_s_grads`.
     """
     n_probe = min(n_probe, len(examples))
     if n_probe < 2:
         raise ValueError(f"the noise-scale probe needs >= 2 training examples (got {n_probe})")
-    total = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    single_sq = 0.0
-    for ex in examples[:n_probe]:
-        grads = _loss_grads(model, params, collate([ex]))
-        single_sq += float(sum((g * g).sum() for g in grads))
-        for acc, g in zip(total, grads):
-            acc += g
-    mean_sq = float(sum(((acc / n_probe) ** 2).sum() for acc in total))
-    biased = (geometry.per_sample_noise_scale(single_sq / n_probe, mean_sq, n_probe)
+    # Examples of similar length share a pass (less padding); the order does not matter.
+    probe = sorted(examples[:n_probe], key=lambda ex: len(ex.input_ids))
+    grads = torch.cat([per_example_s_grads(model, adapters, collate(probe[i:i + micro_batch]))
+                       for i in range(0, n_probe, micro_batch)])  # (n_probe, sum r)
+    single_sq = float((grads * grads).sum()) / n_probe
+    mean_sq = float((grads.mean(dim=0) ** 2).sum())
+    biased = (geometry.per_sample_noise_scale(single_sq, mean_sq, n_probe)
               if mean_sq > 0 else math.nan)  # the seed's estimator, recorded beside ours
-    return geometry.gradient_noise_scale(single_sq / n_probe, mean_sq, 1, n_probe,
+    return geometry.gradient_noise_scale(single_sq, mean_sq, 1, n_probe,
                                          n_train=n_train, b_max=n_probe, b_biased=biased)
 
 
-def _loss_grads(model, params, batch) -> list[torch.Tensor]:
-    """Gradients (float64) of the batch's mean answer-token loss with respect to ``params``."""
-    for p in params:
-        p.grad = None
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                labels=batch.labels)
-    out.loss.backward()
-    grads = [p.grad.double() if p.grad is not None else torch.zeros_like(p, dtype=torch.float64)
-             for p in params]
-    for p in params:
-        p.grad = None
-    return grads
+def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tensor:
+    """Per-example gradients (float64, one row per example) of each example's mean answer-token
+    loss with respect to every adapter parameter, from one forward/backward of the batch.
+
+    Valid at S = 0 (the adapters' initialisation, when the probe runs), where dL/dU and dL/dV
+    vanish (both carry a factor S) and the only gradient is
+        dL_i/dS_j = c * sum_t (x_t V)_j (delta_t U)_j,   delta_t = dL_i/dy_t,
+    with x the adapter's (dropped-out) input and y its output. The examples do not interact
+    (attention is per row), so the summed loss sum_i L_i gives each example's delta in one
+    backward. ``test_batched_noise_probe_matches_per_example_passes`` checks it against one
+    backward per example.
+    """
+    if any(bool((s != 0).any()) for _, _, s, _ in adapters.triples()):
+        raise ValueError("per-example gradients by this formula need S = 0 (initialisation)")
+    adapters.capture = {}
+    try:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        labels = batch.labels[:, 1:]
+        ce = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+            ignore_index=-100, reduction="none").view(labels.shape)  # (b, T-1)
+        counted = (labels != -100).sum(dim=1).clamp(min=1)
+        (ce.sum(dim=1) / counted).sum().backward()
+        rows = [adapters.specs[name].scale
+                * torch.einsum("btr,btr->br", slot["a"].double(), slot["e"].double())
+                for name, slot in ((n, adapters.capture[n]) for n in adapters.specs)]
+    finally:
+        adapters.capture = None
+        for p in adapters.parameters():
+            p.grad = None
+    return torch.cat(rows, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
