@@ -20,6 +20,7 @@ exported as plain PEFT LoRA: B = c * U diag(S), A = V^T, lora_alpha = r (scaling
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,8 +69,9 @@ class FactoredAdapters(nn.Module):
         self.keys = {name: name.replace(".", "__") for name in specs}
         self.U, self.S, self.V = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         gen = torch.Generator().manual_seed(seed)
+        frames = self._frames(linears, specs, init, gen)
         for name, spec in specs.items():
-            u, v = initial_frames(linears[name].weight.detach(), spec, init, gen)
+            u, v = frames[name]
             key = self.keys[name]
             self.U[key] = nn.Parameter(u)
             self.V[key] = nn.Parameter(v)
@@ -77,6 +79,20 @@ class FactoredAdapters(nn.Module):
         self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
         # name -> {"a": x V, "e": dL/dy U}, filled while `capture` is not None (noise probe)
         self.capture: dict[str, dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _frames(linears, specs, init: str, gen: torch.Generator) -> dict[str, tuple]:
+        """Every adapter's initial (U, V). The singular-vector inits are independent per matrix
+        (one Gram eigendecomposition each), so they run on as many threads as torch uses (LAPACK
+        releases the GIL); a random init draws from one generator, in order."""
+        def one(name):
+            return initial_frames(linears[name].weight.detach(), specs[name], init, gen)
+
+        threads = torch.get_num_threads()
+        if init == "random" or threads < 2 or len(specs) < 2:
+            return {name: one(name) for name in specs}
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return dict(zip(specs, pool.map(one, specs), strict=True))
 
     def _hook(self, name: str):
         key, spec = self.keys[name], self.specs[name]
