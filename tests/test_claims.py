@@ -398,6 +398,7 @@ def test_run_claims_resumes_and_writes_each_trial_once(tmp_path: Path, capsys) -
     assert "claim n arm fast seed 0: reused" in capsys.readouterr().out
     assert first == second and first[0].n == 2
     stored = json.loads(trials[0].read_text())
+    assert stored["claim_arm"] == "fast"  # the claim's arm name, not only the trainer's
     assert stored["claim_id"] == "n" and stored["rule_hash"] == load_claim(
         tmp_path / "n.yaml").rule_hash
     assert stored["config"]["budget"]["max_tokens"] == 300  # the claim's budget, every arm

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import tempfile
@@ -201,10 +200,8 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "") -> s
 def _train(trial: PlannedTrial) -> dict:
     from runner.tasks.train import train_task
 
-    kwargs = {"claim_id": trial.claim.id, "rule_hash": trial.claim.rule_hash}
-    if "arm" in inspect.signature(train_task).parameters:  # once train_task records claim arms
-        kwargs["arm"] = trial.arm
-    return train_task(trial.cfg, **kwargs)
+    return train_task(trial.cfg, claim_id=trial.claim.id, rule_hash=trial.claim.rule_hash,
+                      claim_arm=trial.arm)
 
 
 def register_rule(results_dir: str | Path, claim: Claim) -> Path:

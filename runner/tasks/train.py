@@ -62,9 +62,10 @@ def check_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
     return data_path, retention_path
 
 
-def train_task(cfg: RunConfig, *, claim_id: str | None = None,
-               rule_hash: str | None = None) -> dict:
-    """Run one trial; `claim_id` / `rule_hash` tag it when a claim's decision rule asked for it."""
+def train_task(cfg: RunConfig, *, claim_id: str | None = None, rule_hash: str | None = None,
+               claim_arm: str | None = None) -> dict:
+    """Run one trial; `claim_id` / `rule_hash` / `claim_arm` tag it when a claim's decision rule
+    asked for it (the arm's name in the claim, which two arms with one trainer tell apart)."""
     console = Console(stderr=True)
     started = utc_now()
     wall_start = time.perf_counter()
@@ -101,7 +102,8 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None,
     row = _trial_row(cfg, hw, loaded, splits, result, run_id, chash, started,
                      time.perf_counter() - wall_start, adapter_dir, reload_diff)
     row["metrics"].update(outcome.extra_metrics)
-    row.update(claim_id=claim_id, rule_hash=rule_hash, hyperparameters=outcome.hyperparameters,
+    row.update(claim_id=claim_id, rule_hash=rule_hash, claim_arm=claim_arm,
+               hyperparameters=outcome.hyperparameters,
                derived=outcome.derived, certificate=outcome.certificate)
     if outcome.step_table:
         row["curves"]["steps"] = outcome.step_table
