@@ -185,8 +185,8 @@ class TaskConfig:
     # budget of the quality-per-compute runs; quick (make bench QUICK=1) caps all three.
     quick: bool = False
     repeats: int = 3
-    steps: int = 4
-    quality_tokens: int = 6000
+    steps: int = 3
+    quality_tokens: int = 4000
 
 
 @dataclass
