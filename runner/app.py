@@ -18,7 +18,8 @@ import hydra
 from omegaconf import DictConfig
 
 from runner.config import config_error_line, to_run_config
-from runner.errors import ConfigError, UserError
+from runner.errors import ConfigError, HardwareUnavailable, UserError
+from runner.hardware import in_sweep
 from runner.schema import TaskName, register_configs
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -52,7 +53,16 @@ def run_job(cfg: DictConfig) -> object:
     if target is None:
         raise UserError(f"task={run_cfg.task.name.value}: not implemented")
     module, function = target.split(":")
-    return getattr(importlib.import_module(module), function)(run_cfg)
+    try:
+        return getattr(importlib.import_module(module), function)(run_cfg)
+    except HardwareUnavailable as err:
+        # In a sweep, a train job on absent hardware (or a trainer its backend cannot run) is a
+        # SKIPPED row, and the sweep goes on; task=claims handles it itself, per trial.
+        if run_cfg.task.name is TaskName.train and in_sweep():
+            from runner.sweep import skip_train
+
+            return skip_train(run_cfg, err)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -448,3 +448,14 @@ def test_validate_derived_searches_every_seed(tmp_path: Path, capsys) -> None:
     seeds = {json.loads(p.read_text())["seed"]
              for p in (tmp_path / "results" / "trials").glob("*.json")}
     assert seeds == {0, 1}
+
+
+def test_claim_overrides_are_validated_like_a_claim_file(tmp_path: Path) -> None:
+    """2 seeds cannot make a paired comparison: refused with one line, nothing registered."""
+    from runner.errors import ConfigError
+    from runner.tasks.claims import run_claims
+
+    cfg = _run_cfg(tmp_path, ["claim_overrides.trials=2"])
+    with pytest.raises(ConfigError, match=r"with claim_overrides: trials: must be >= 3"):
+        run_claims(cfg, ["derived_beats_sgd"])
+    assert not (tmp_path / "results").exists()

@@ -85,8 +85,20 @@ def _linear(p: JaxParams, name: str, x, usv, scales):
         y = y + b
     if name in usv:
         u, s, v = usv[name]
-        y = y + scales[name] * (((x @ v) * s) @ u.T)
+        c, xa = _adapter_input(x, scales[name])
+        y = y + c * (((xa @ v) * s) @ u.T)
     return y
+
+
+def _adapter_input(x, scale):
+    """``(c, x)``, or with adapter dropout ``scale = (c, keep, key)``: ``(c, mask * x / keep)``,
+    mask ~ Bernoulli(keep) from the PRNG ``key`` (inverted dropout on the adapter branch's
+    input only, as the torch derived trainer's hook does)."""
+    if not isinstance(scale, tuple):
+        return scale, x
+    c, keep, key = scale
+    mask = jax.random.bernoulli(key, keep, x.shape)
+    return c, jnp.where(mask, x / keep, 0.0)
 
 
 def _rms_norm(x, w, eps):
@@ -157,7 +169,9 @@ def _mlp(p, prefix, x, usv, scales, names):
     return _linear(p, f"{prefix}.{down}", jax.nn.silu(g) * u, usv, scales)
 
 
-def _forward(p: JaxParams, input_ids, attention_mask, usv, scales, position_ids=None):
+def _forward(p: JaxParams, input_ids, attention_mask, usv, scales, position_ids=None, hidden=None):
+    """Logits; with a list ``hidden``, also appends each decoder block's input and the last
+    block's output (``hidden[i]`` -> block i -> ``hidden[i + 1]``; eager use only)."""
     spec, w = p.spec, p.weights
     B, T = input_ids.shape
     h = jnp.take(w["model.embed_tokens.weight"], input_ids, axis=0)
@@ -174,6 +188,8 @@ def _forward(p: JaxParams, input_ids, attention_mask, usv, scales, position_ids=
     eps = spec.norm_eps
     for i, lt in enumerate(spec.layer_types):
         pre = f"model.layers.{i}"
+        if hidden is not None:
+            hidden.append(h)
         if spec.arch == "llama":
             a = _rms_norm(h, w[f"{pre}.input_layernorm.weight"], eps)
             h = h + _attention(p, f"{pre}.self_attn", a, cos, sin, mask, usv, scales, False, "o_proj")
@@ -187,12 +203,15 @@ def _forward(p: JaxParams, input_ids, attention_mask, usv, scales, position_ids=
                 h = h + _attention(p, f"{pre}.self_attn", a, cos, sin, mask, usv, scales, True, "out_proj")
             m = _rms_norm(h, w[f"{pre}.ffn_norm.weight"], eps)
             h = h + _mlp(p, f"{pre}.feed_forward", m, usv, scales, ("w1", "w3", "w2"))
+    if hidden is not None:
+        hidden.append(h)
     h = _rms_norm(h, w[final_norm_key(spec)], eps)
     head = w[lm_head_key(w)]
     out = h @ head.T
     if "lm_head" in usv:
         u, s, v = usv["lm_head"]
-        out = out + scales["lm_head"] * (((h @ v) * s) @ u.T)
+        c, ha = _adapter_input(h, scales["lm_head"])
+        out = out + c * (((ha @ v) * s) @ u.T)
     return out
 
 

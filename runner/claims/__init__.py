@@ -20,10 +20,17 @@ from runner.claims.schema import (
     load_claim,
     load_claims,
 )
-from runner.claims.verdicts import Verdict, VerdictWord, claim_rows, decide, decide_all
+from runner.claims.verdicts import (
+    Verdict,
+    VerdictWord,
+    claim_rows,
+    decide,
+    decide_all,
+    decide_on,
+)
 
 __all__ = [
     "CHECKS", "CLAIM_DIR", "Arm", "CheckResult", "Claim", "Direction", "Kind", "StatTest",
-    "Verdict", "VerdictWord", "claim_rows", "decide", "decide_all", "load_claim", "load_claims",
+    "Verdict", "VerdictWord", "claim_rows", "decide", "decide_all", "decide_on", "load_claim", "load_claims",
     "register_check",
 ]

@@ -29,7 +29,9 @@ from runner.claims.verdicts import (
     arm_of,
     claim_rows,
     decide,
+    hardware_of,
     scope_of,
+    split_by_hardware,
 )
 from runner.ledger import read_trials
 
@@ -47,6 +49,7 @@ class Entry:
     claim: Claim
     verdict: Verdict | None  # None: no trial of this rule in the ledger yet
     superseded: bool  # conf/claim/ now holds a different rule for this id
+    hardware_names: str = ""  # the hardware of the verdict's trials (shown in a hardware column)
 
     @property
     def word(self) -> str:
@@ -75,15 +78,18 @@ def claim_entries(results_dir: Path, rows: list[dict],
         superseded = claim.id in current and _core(current[claim.id]) != _core(claim)
         mine = claim_rows(claim, rows)
         for scope in sorted({scope_of(r) for r in mine}):
-            entries.append(Entry(claim, decide(claim, [r for r in mine if scope_of(r) == scope]),
-                                 superseded))
+            for hw, part in split_by_hardware(claim, [r for r in mine if scope_of(r) == scope]):
+                names = ", ".join(sorted({hardware_of(r) for r in part}))
+                entries.append(Entry(claim, decide(claim, part, hardware=hw), superseded,
+                                     names))
         if not mine:
             entries.append(Entry(claim, None, superseded))
     seen = {(c.id, c.rule_hash) for c in registered}
     entries += [Entry(c, None, False) for c in current.values()
                 if (c.id, c.rule_hash) not in seen]
     return sorted(entries, key=lambda e: (e.claim.id, e.superseded, e.claim.rule_hash,
-                                          e.verdict.experiment or "" if e.verdict else ""))
+                                          e.verdict.experiment or "" if e.verdict else "",
+                                          e.verdict.hardware or "" if e.verdict else ""))
 
 
 def _core(claim: Claim) -> dict:
@@ -119,20 +125,50 @@ def _word(entry: Entry) -> str:
     return f"**{entry.word}**" if entry.verdict else f"_{NOT_RUN}_"
 
 
-def _row(e: Entry, link: bool) -> list[str]:
+def _hardware_split(entries: list[Entry]) -> bool:
+    """True when some verdict is per hardware: the tables then get a hardware column."""
+    return any(e.verdict and e.verdict.hardware for e in entries)
+
+
+def _row(e: Entry, link: bool, hardware: bool = False) -> list[str]:
     v = e.verdict
     name = f"[{e.claim.id}](docs/claims.md#{e.claim.id})" if link else f"[{e.claim.id}](#{e.claim.id})"
+    where = [(v.hardware or e.hardware_names or "–") if v else "–"] if hardware else []
     return [name + (" (superseded rule)" if e.superseded else ""),
-            (v.experiment or "–") if v else "–", _word(e),
+            (v.experiment or "–") if v else "–", *where, _word(e),
             _num(v.effect) if v else "–", _ci(v), _p(v.p_value) if v else "–",
             str(v.n) if v else "0",
             str(v.trials_needed) if v and v.trials_needed else "–", f"`{e.claim.rule_hash[:12]}`"]
 
 
 def _table(entries: list[Entry], link: bool) -> str:
-    head = ["claim", "experiment", "verdict", "effect", "CI", "p", "n", "trials needed", "rule"]
+    hardware = _hardware_split(entries)
+    head = ["claim", "experiment", *(["hardware"] if hardware else []), "verdict", "effect",
+            "CI", "p", "n", "trials needed", "rule"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    lines += ["| " + " | ".join(_row(e, link)) + " |" for e in entries]
+    lines += ["| " + " | ".join(_row(e, link, hardware)) + " |" for e in entries]
+    return "\n".join(lines)
+
+
+def hardware_table(entries: list[Entry]) -> str | None:
+    """Claim x hardware verdict words for every (claim, rule, experiment) decided per hardware;
+    the last column says whether the hardware agree. None when nothing is per hardware."""
+    groups: dict[tuple[str, str, str], dict[str, str]] = defaultdict(dict)
+    for e in entries:
+        if e.verdict and e.verdict.hardware:
+            key = (e.claim.id, e.claim.rule_hash, e.verdict.experiment or "–")
+            groups[key][e.verdict.hardware] = e.word
+    if not groups:
+        return None
+    names = sorted({hw for words in groups.values() for hw in words})
+    head = ["claim", "experiment", *names, "agree"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for (cid, _, experiment), words in sorted(groups.items()):
+        ran = [w for w in words.values() if w != VerdictWord.SKIPPED.value]
+        agree = "–" if len(ran) < 2 else "yes" if len(set(ran)) == 1 else "**no**"
+        cells = [f"[{cid}](#{cid})", experiment,
+                 *(f"**{words[hw]}**" if hw in words else "–" for hw in names), agree]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -221,6 +257,7 @@ def _section(claim: Claim, entries: list[Entry], rows: list[dict]) -> str:
         v = e.verdict
         tag = " (superseded rule)" if e.superseded else ""
         where = f" in `{v.experiment}`" if v and v.experiment else ""
+        where += f" on `{v.hardware}`" if v and v.hardware else ""
         lines.append(f"**{e.word}**{where}{tag}" + (f" — {v.reason}" if v else ""))
         lines.append("")
     lines += [f"> {claim.statement}", "", f"- source: {claim.source}"]
@@ -231,7 +268,8 @@ def _section(claim: Claim, entries: list[Entry], rows: list[dict]) -> str:
         v = e.verdict
         if v is None:
             continue
-        lines += [f"- result{' in `' + v.experiment + '`' if v.experiment else ''}: effect "
+        lines += [f"- result{' in `' + v.experiment + '`' if v.experiment else ''}"
+                  f"{' on `' + v.hardware + '`' if v.hardware else ''}: effect "
                   f"{_num(v.effect)}, CI {_ci(v)}"
                   + (f" ({v.ci_level:.0%})" if v.ci_level else "")
                   + f", p {_p(v.p_value)}, n {v.n}"
@@ -275,6 +313,13 @@ def claims_page(entries: list[Entry], rows: list[dict]) -> str:
         parts += [_table(entries, link=False), "", f"Totals: {_counts(entries)}.", ""]
     else:
         parts += ["No claims registered yet.", ""]
+    per_hardware = hardware_table(entries)
+    if per_hardware:
+        parts += ["## Verdicts by hardware", "",
+                  "Experiments run on several hardware names are decided per hardware (their "
+                  "trials are never pooled). \"agree\": **no** where two hardware that ran "
+                  "reached different verdicts, – where fewer than two ran (SKIPPED does not "
+                  "count).", "", per_hardware, ""]
     parts += [METHOD]
     by_claim: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
@@ -312,11 +357,17 @@ def _arm_label(row: dict, claims: list[Claim]) -> str:
 def experiment_rows(rows: list[dict], claims: list[Claim]) -> dict[str, dict[str, list[dict]]]:
     """experiment -> arm label -> trials (one per seed and config; checks and copies left out)."""
     out: dict[str, dict[str, dict]] = defaultdict(lambda: defaultdict(dict))
-    for r in sorted(rows, key=lambda r: r["run_id"]):
-        if r.get("shared_from") or r.get("arm") == "check":
-            continue
+    kept = [r for r in sorted(rows, key=lambda r: r["run_id"])
+            if not r.get("shared_from") and r.get("arm") != "check"]
+    hardware: dict[str, set[str]] = defaultdict(set)
+    for r in kept:
+        hardware[scope_of(r)].add(hardware_of(r))
+    for r in kept:
         key = (r.get("seed"), r.get("config_hash"))
-        out[scope_of(r)][_arm_label(r, claims)].setdefault(key, r)
+        label = _arm_label(r, claims)
+        if len(hardware[scope_of(r)]) > 1:  # an experiment swept over hardware: arm per hardware
+            label = f"{label} @ {hardware_of(r)}"
+        out[scope_of(r)][label].setdefault(key, r)
     return {x: {a: list(t.values()) for a, t in sorted(arms.items())}
             for x, arms in sorted(out.items())}
 

@@ -18,6 +18,10 @@ changed after the fact starts from zero), assigns each row to an arm, and applie
   invariant; VALIDATED after `trials` trials with none
 - by_construction: PROVEN if |value - expected| <= tolerance on every check row
 - SKIPPED when every trial of an arm was skipped here (the reasons are recorded)
+
+An experiment run on several hardware names (`-m ... hardware=cpu,mlx`) gets one verdict per
+(claim, hardware): trials of different hardware have different config hashes and are never
+pooled. By-construction checks do not depend on the hardware (they run in numpy): one verdict.
 """
 
 from __future__ import annotations
@@ -65,9 +69,12 @@ class Verdict:
     trial_ids: tuple[str, ...] = ()
     trials_needed: int | None = None  # INCONCLUSIVE: total trials the power estimate asks for
     details: dict[str, Any] = field(default_factory=dict)
+    hardware: str | None = None  # set when the experiment's trials span several hardware names
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.hardware is None:  # single-hardware verdicts keep their original shape
+            del out["hardware"]
         out["verdict"] = self.verdict.value
         out["ci"] = list(self.ci) if self.ci else None
         out["trial_ids"] = list(self.trial_ids)
@@ -116,20 +123,52 @@ def scope_of(row: dict) -> str:
     return str(row.get("experiment") or "adhoc")
 
 
+def hardware_of(row: dict) -> str:
+    return str(row.get("hardware") or "")
+
+
+def split_by_hardware(claim: Claim, rows: list[dict]) -> list[tuple[str | None, list[dict]]]:
+    """[(hardware, rows)] of one experiment's rows: one group per hardware name when they span
+    several (by-construction checks: always one group), else [(None, rows)]."""
+    names = sorted({hardware_of(r) for r in rows})
+    if claim.kind is Kind.by_construction or len(names) <= 1:
+        return [(None, rows)]
+    return [(name, [r for r in rows if hardware_of(r) == name]) for name in names]
+
+
 def decide_all(claim: Claim, rows: Iterable[dict]) -> list[Verdict]:
-    """One verdict per experiment in which the claim's trials ran (by construction: one)."""
+    """One verdict per experiment in which the claim's trials ran, and per hardware where an
+    experiment's trials span several (by construction: one per experiment)."""
     mine = claim_rows(claim, rows)
-    scopes = sorted({scope_of(r) for r in mine}) or [None]
-    return [decide(claim, [r for r in mine if scope is None or scope_of(r) == scope])
-            for scope in scopes]
+    scopes = sorted({scope_of(r) for r in mine})
+    if not scopes:
+        return [decide(claim, [])]
+    return [decide(claim, part, hardware=hw)
+            for scope in scopes
+            for hw, part in split_by_hardware(claim, [r for r in mine if scope_of(r) == scope])]
 
 
-def decide(claim: Claim, rows: Iterable[dict]) -> Verdict:
-    """The verdict of `claim` from ledger rows (rows of other claims or rules are ignored)."""
+def decide_on(claim: Claim, rows: Iterable[dict], hardware: str) -> Verdict:
+    """The verdict of `claim` on one hardware name, from one experiment's rows."""
+    for hw, part in split_by_hardware(claim, claim_rows(claim, rows)):
+        if hw is None or hw == hardware:
+            return decide(claim, part, hardware=hw)
+    return decide(claim, [], hardware=hardware)
+
+
+def decide(claim: Claim, rows: Iterable[dict], *, hardware: str | None = None) -> Verdict:
+    """The verdict of `claim` from ledger rows (rows of other claims or rules are ignored).
+
+    `hardware` only labels the verdict: the caller picks the rows (`split_by_hardware`).
+    """
     mine = claim_rows(claim, rows)
     experiments = sorted({scope_of(r) for r in mine})
     base = {"claim_id": claim.id, "rule_hash": claim.rule_hash, "kind": claim.kind.value,
-            "experiment": ", ".join(experiments) or None}
+            "experiment": ", ".join(experiments) or None, "hardware": hardware}
+    if claim.kind is Kind.by_construction and mine and not _ran(mine):
+        reasons = sorted({str(r.get("skip_reason") or "no reason recorded") for r in mine})
+        return Verdict(verdict=VerdictWord.SKIPPED, trial_ids=_ids(mine),
+                       reason=f"every check was skipped here: {'; '.join(reasons)}", **base)
     if claim.kind is not Kind.by_construction:
         skipped = _skipped_arm(claim, mine)
         if skipped is not None:

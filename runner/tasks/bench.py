@@ -109,7 +109,7 @@ def bench_task(cfg: RunConfig) -> dict:
     started, wall = utc_now(), time.perf_counter()
     check_data_paths(cfg)
     settings = bench_settings(cfg)
-    hw = setup_hardware(cfg.hardware)
+    hw = setup_hardware(cfg.hardware, backends=("torch",), task="bench")
     arms = [a for a in ARMS if a.throughput]
     with _progress() as bar:
         quality_arms = [a for a in ARMS if a.quality]
@@ -203,7 +203,7 @@ def measure_peak_matmul(n: int, repeats: int) -> dict:
 def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dict:
     """In a fresh process: set up `arm`'s trainer, then time `repeats` x `steps` steps."""
     # 1. Load (the load's memory transient is recorded apart from the training phase).
-    setup_hardware(cfg.hardware)
+    setup_hardware(cfg.hardware, backends=("torch",), task="bench")
     loaded, splits = _load(cfg)
     pad_id = loaded.tokenizer.pad_token_id
     fixed = fixed_batches(splits.train, settings.steps, settings.batch_size, settings.seq_len)

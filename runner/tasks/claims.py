@@ -10,7 +10,12 @@
    `shared_from`, so the derived arm common to several claims trains once); else train it. An
    arm that cannot run here (hardware, weights, an optional package) writes a SKIPPED row with
    the reason.
-4. Decide every verdict from the ledger alone.
+4. Decide every verdict from the ledger alone (for this job's hardware, where the experiment
+   has run on several: runner.claims.verdicts.split_by_hardware).
+
+Hardware that is absent here stops the job with one line (exit 2) before any rule is written;
+inside a Hydra multirun it instead writes a SKIPPED row for every planned trial that the ledger
+lacks, so a sweep over hardware=cpu,cuda,... goes on.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from runner.claims import (
     Kind,
     Verdict,
     VerdictWord,
-    decide,
+    decide_on,
     load_claim,
 )
+from runner.claims.schema import claim_from_record
 from runner.config import trainer_options
 from runner.errors import HardwareUnavailable, ModelError
+from runner.hardware import in_sweep, resolved, setup_hardware
 from runner.ledger import (
     git_commit,
     new_run_id,
@@ -43,6 +50,7 @@ from runner.ledger import (
     write_trial,
 )
 from runner.schema import RunConfig
+from runner.sweep import hardware_fields, reason_of
 
 RULES_DIR = "rules"
 # What makes an arm unrunnable *here* (not a bad config): a missing device or backend, weights
@@ -69,7 +77,8 @@ def claims_task(cfg: RunConfig) -> list[Verdict]:
 
     check_data_paths(cfg)  # a missing data file fails before any rule is written
     enabled(cfg)  # a bad tracking option too
-    verdicts = run_claims(cfg, list(cfg.claims))
+    cfg, unavailable = check_hardware(cfg)
+    verdicts = run_claims(cfg, list(cfg.claims), unavailable=unavailable)
     mirror_verdicts(cfg, verdicts)
     table = Table(title=f"claims of experiment {cfg.experiment}")
     for col in ("claim", "verdict", "effect", "p", "n", "reason"):
@@ -81,6 +90,17 @@ def claims_task(cfg: RunConfig) -> list[Verdict]:
     print(f"claims: ledger {cfg.results_dir}/trials; `make results` regenerates the docs",
           flush=True)
     return verdicts
+
+
+def check_hardware(cfg: RunConfig) -> tuple[RunConfig, str | None]:
+    """(cfg with the device that runs, None), or raise HardwareUnavailable -- except inside a
+    Hydra multirun, where absent hardware gives (cfg, reason) and every trial is SKIPPED."""
+    try:
+        return resolved(cfg, setup_hardware(cfg.hardware)), None
+    except HardwareUnavailable as err:
+        if not in_sweep():
+            raise
+        return cfg, reason_of(err)
 
 
 def validate_derived_task(cfg: RunConfig) -> Verdict:
@@ -95,9 +115,11 @@ def validate_derived_task(cfg: RunConfig) -> Verdict:
     from runner.tasks.train import check_data_paths
 
     check_data_paths(cfg)
+    cfg, unavailable = check_hardware(cfg)
     claim_id = "derived_never_diverges"
     ov = replace(cfg.claim_overrides, trials=cfg.task.trials)
-    (verdict,) = run_claims(replace(cfg, claim_overrides=ov), [claim_id])
+    (verdict,) = run_claims(replace(cfg, claim_overrides=ov), [claim_id],
+                            unavailable=unavailable)
     for problem in verdict.details.get("counterexamples", []):
         print(f"counterexample: {problem}", flush=True)
     print(f"validate_derived: {verdict.verdict.value} over {verdict.n} trial(s) -- "
@@ -112,18 +134,25 @@ def _num(x) -> str:
 
 
 def with_overrides(claim: Claim, trials: int | None, budget: dict) -> Claim:
-    """The claim with an experiment's trial count and budget (a changed rule, a new hash)."""
+    """The claim with an experiment's trial count and budget (a changed rule, a new hash),
+    validated like a claim file: an override the rule cannot take (e.g. 2 trials for a paired
+    comparison) fails here, before anything is registered or trained."""
     changes = {}
     if trials is not None and claim.kind is not Kind.by_construction:
         changes["trials"] = trials
     if budget and claim.kind is not Kind.by_construction:
         changes["budget"] = {**claim.budget, **budget}
-    return replace(claim, **changes)
+    if not changes:
+        return claim
+    return claim_from_record(replace(claim, **changes).as_dict(),
+                             f"claim {claim.id} with claim_overrides")
 
 
-def run_claims(cfg: RunConfig, claim_ids: list[str], *,
-               claim_dir: Path = CLAIM_DIR) -> list[Verdict]:
-    """Run what the ledger lacks for each claim, then return one verdict per claim."""
+def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_DIR,
+               unavailable: str | None = None) -> list[Verdict]:
+    """Run what the ledger lacks for each claim, then return one verdict per claim (on this
+    job's hardware). `unavailable`: the reason this job's hardware is absent; every trial the
+    ledger lacks is then written as SKIPPED with it."""
     # 1. Claims and every trial's config, before anything runs.
     ov = cfg.claim_overrides
     claims = [with_overrides(load_claim(cid, claim_dir), ov.trials, dict(ov.budget))
@@ -136,12 +165,12 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *,
 
     # 3. Trials.
     for trial in plans:
-        status = run_trial(trial, cfg, registered[trial.claim.id])
+        status = run_trial(trial, cfg, registered[trial.claim.id], unavailable)
         print(f"claim {trial.claim.id} arm {trial.arm} seed {trial.seed}: {status}", flush=True)
 
     # 4. Verdicts, from the ledger rows of this experiment.
     rows = [r for r in read_trials(cfg.results_dir) if r.get("experiment") == cfg.experiment]
-    verdicts = [decide(claim, rows) for claim in claims]
+    verdicts = [decide_on(claim, rows, cfg.hardware.name) for claim in claims]
     for v in verdicts:
         print(f"claim {v.claim_id}: {v.verdict.value} -- {v.reason}", flush=True)
     return verdicts
@@ -166,8 +195,13 @@ def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
     return plans
 
 
-def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "") -> str:
-    """Reuse, share, run, or skip one trial; return what happened (for the progress line)."""
+def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "",
+              unavailable: str | None = None) -> str:
+    """Reuse, share, run, or skip one trial; return what happened (for the progress line).
+
+    Config hashes include the hardware (name, backend, device, dtype), so trials are reused and
+    shared only on the same hardware; a by-construction check's hash does not (numpy, no device).
+    """
     rh = trial.claim.rule_hash
     same_config = [r for r in read_trials(cfg.results_dir)  # verdicts are per experiment
                    if r.get("config_hash") == trial.config_hash
@@ -176,6 +210,11 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "") -> s
                 if r.get("rule_hash") == rh and r.get("claim_id") == trial.claim.id]
     if any(r.get("status") != "skipped" for r in existing):
         return "reused"
+    if unavailable is not None:
+        if not any(r.get("skip_reason") == unavailable
+                   and r.get("hardware") == cfg.hardware.name for r in existing):
+            _write_skipped_row(trial, unavailable, cfg)
+        return f"skipped ({unavailable})"
     # Only trials that started after this rule was fixed count for it (pre-registration).
     shareable = [r for r in same_config if not r.get("shared_from")
                  and r.get("claim_id") is not None and r.get("status") != "skipped"
@@ -190,9 +229,9 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "") -> s
     try:
         _train(trial)
     except UNAVAILABLE as err:
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        reason = reason_of(err)
         if not any(r.get("skip_reason") == reason for r in existing):
-            _write_skipped_row(trial, reason)
+            _write_skipped_row(trial, reason, cfg)
         return f"skipped ({reason})"
     return "done"
 
@@ -246,8 +285,7 @@ def _base_row(trial: PlannedTrial, cfg: RunConfig, arm_label: str) -> dict:
         "run_id": new_run_id(cfg.experiment, arm_label, trial.seed, trial.config_hash),
         "experiment": cfg.experiment, "claim_id": trial.claim.id,
         "rule_hash": trial.claim.rule_hash, "claim_arm": trial.arm, "arm": arm_label,
-        "seed": trial.seed, "hardware": cfg.hardware.name,
-        "backend": cfg.hardware.backend.value, "dtype": cfg.hardware.dtype.value,
+        "seed": trial.seed, **hardware_fields(cfg),
         "model_id": cfg.model.id if trial.cfg else None, "data_id": cfg.data.id if trial.cfg
         else None, "config_hash": trial.config_hash,
         "config": OmegaConf.to_container(OmegaConf.structured(run_cfg), enum_to_str=True)
@@ -258,11 +296,15 @@ def _base_row(trial: PlannedTrial, cfg: RunConfig, arm_label: str) -> dict:
     }
 
 
-def _write_skipped_row(trial: PlannedTrial, reason: str) -> None:
-    row = _base_row(trial, trial.cfg, trial.cfg.trainer.name)
-    row.update(status="skipped", skip_reason=reason, ended_at=utc_now(),
-               hyperparameters=trainer_options(trial.cfg.trainer))
-    write_trial(trial.cfg.results_dir, row)
+def _write_skipped_row(trial: PlannedTrial, reason: str, cfg: RunConfig) -> None:
+    if trial.cfg is None:  # a by-construction check
+        row = _base_row(trial, cfg, "check")
+        row.update(hyperparameters=None)
+    else:
+        row = _base_row(trial, trial.cfg, trial.cfg.trainer.name)
+        row.update(hyperparameters=trainer_options(trial.cfg.trainer))
+    row.update(status="skipped", skip_reason=reason, ended_at=utc_now())
+    write_trial(cfg.results_dir, row)
 
 
 def _write_check_row(trial: PlannedTrial, cfg: RunConfig) -> None:

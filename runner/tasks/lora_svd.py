@@ -88,7 +88,7 @@ def lora_svd_task(cfg: RunConfig) -> dict:
     factors = read_factors(adapter_dir, config)
 
     # 2. The base model, and each adapted module's base weight.
-    hw = setup_hardware(cfg.hardware)
+    hw = setup_hardware(cfg.hardware, backends=("torch",), task="lora_svd")
     loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.device)
     weights = base_weights(loaded.model, factors, cfg.model.id)
 

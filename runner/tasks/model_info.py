@@ -47,7 +47,7 @@ def model_info_task(cfg: RunConfig) -> dict:
     batches_per_epoch = math.ceil(n_train / tcfg.micro_batch)
 
     # 2. Load the model and derive from every decoder-block Linear (timed: derivation only).
-    hw = setup_hardware(cfg.hardware)
+    hw = setup_hardware(cfg.hardware, backends=("torch",), task="model_info")
     loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.device)
     from runner.tasks.derived import derive_for_model
 

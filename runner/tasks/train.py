@@ -14,7 +14,8 @@ from rich.console import Console
 
 from runner.checkpoint import Checkpoint, remove_checkpoints
 from runner.data import DataError, load_splits
-from runner.hardware import HardwareInfo, setup_hardware
+from runner.errors import HardwareUnavailable
+from runner.hardware import HardwareInfo, resolved, setup_hardware
 from runner.ledger import (
     git_commit,
     new_run_id,
@@ -72,8 +73,9 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None, rule_hash: str | 
 
     # 1. Hardware, then the model and the data (errors here name the file and line).
     hw = setup_hardware(cfg.hardware)
+    cfg = resolved(cfg, hw)  # mlx device auto -> the device that runs (in the config hash)
     data_path, retention_path = check_data_paths(cfg)
-    loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.device)
+    loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
     splits = load_splits(
         data_path, loaded.tokenizer,
         max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
@@ -130,6 +132,17 @@ class TrainOutcome:
 
 def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
                 console: Console) -> TrainOutcome:
+    backend = getattr(cfg.hardware.backend, "value", cfg.hardware.backend)
+    if backend != "torch":
+        # mlx / jax: only the derived trainer has a backend implementation (PEFT and the
+        # baseline optimizers are torch code); a sweep records the other arms as SKIPPED.
+        if cfg.trainer.name != "derived":
+            raise HardwareUnavailable(
+                f"trainer={cfg.trainer.name} runs on torch only; hardware={cfg.hardware.name} "
+                f"(backend {backend}) runs trainer=derived only")
+        from runner.backends.derived_backend import run_backend_derived
+
+        return run_backend_derived(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "adamw_grid":
         return run_lr_grid(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "derived":

@@ -1,4 +1,4 @@
-"""Backend parity (numpy, torch, jax) and an array-api-strict run proving only the standard is
+"""Backend parity (numpy, torch, jax, mlx) and an array-api-strict run proving only the standard is
 used."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from matrices import orthonormal, planted_weight
 import geometry as g
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
+HAS_MLX = importlib.util.find_spec("mlx") is not None
 
 
 def to_torch(a):
@@ -29,6 +30,13 @@ def to_jax(a):
     return jnp.asarray(a)
 
 
+def to_mlx(a):
+    import mlx.core as mx
+
+    # mx.array(float64 numpy) would give float32; MLX keeps float64 on its CPU stream
+    return mx.array(a, dtype=mx.float64 if a.dtype == np.float64 else None)
+
+
 def to_strict(a):
     import array_api_strict as xps
 
@@ -40,6 +48,7 @@ BACKENDS = [
     pytest.param(to_torch, id="torch"),
     pytest.param(to_jax, id="jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax not installed")),
     pytest.param(to_strict, id="array_api_strict"),
+    pytest.param(to_mlx, id="mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx not installed")),
 ]
 
 

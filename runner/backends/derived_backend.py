@@ -1,0 +1,761 @@
+"""trainer=derived on ``hardware.backend`` = mlx or jax: derivation, training and evaluation in
+the backend, with the same geometry/ functions as the torch trainer (runner/tasks/derived.py,
+runner/trainers/derived.py).
+
+torch is used only to load the weights, the tokenizer and the data (``runner.models``,
+``runner.data``), and at the end to export the trained factors as PEFT LoRA through the
+torch model (``export_peft``: B = c U diag(S), A = V^T, lora_alpha = r). Everything else runs
+on backend arrays:
+
+1. rows 1-7 and 9-14: ``geometry.derive_hyperparameters`` on the backend's weight arrays
+   (float64 spectra on MLX's CPU stream; float32 on JAX, which runs without x64 here:
+   ``geometry._xp.work_dtype`` falls back to the input dtype);
+2. row 15, residual scales: the backend forward's decoder-block inputs/outputs on the same
+   calibration batch as torch, then ``geometry.residual_scale``;
+3. the frames U, V: W's singular vectors k..k+r-1 from the backend's ``eigh`` (float32, as the
+   torch trainer); S = 0;
+4. row 8, the gradient noise scale: per-example gradients of the answer-token loss with respect
+   to S, from one backward per micro-batch (S is given a batch axis, so autodiff returns each
+   example's gradient; the torch trainer gets the same numbers from a closed form at S = 0),
+   then ``geometry.gradient_noise_scale``;
+5. each step: loss and gradients from the backend forward (micro-batched, summed cross-entropy
+   over the batch's answer tokens / ``batch.n_tokens`` as the torch trainer), the gradient
+   norm, ``geometry.mass_step_size``, ``geometry.cayley_retract`` for U and V, the S clamp to
+   [0, sigma_k / c] and the decoupled decay (1 - eta sigma_k / sigma_max);
+6. evaluation: per-example summed next-token cross-entropy of the validation (and retention)
+   examples in the backend (``runner.training.example_losses`` semantics).
+
+Adapter dropout (the derived per-matrix rate, row 13) is inverted dropout on the adapter
+branch's input, as the torch hook does, with masks from the backend's PRNG seeded by
+(seed, step, micro-batch): the masks are reproducible within a backend but are not torch's.
+
+Not on these backends (the torch path has them): the geometric stopping certificate (it needs
+generation; a run stops on its token budget or max_steps) and checkpoint/resume.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+import geometry
+from geometry._xp import namespace
+
+DTYPE_EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend operations: the few things that differ between MLX and JAX
+
+
+class _Ops:
+    """A float32 copy of a torch model's weights on a backend, and what training needs there:
+    ``array``/``numpy`` conversions, ``value_and_grad`` (summed answer-token CE / total, and
+    its gradients with respect to U, S, V), ``s_grads`` (per-example gradients with respect
+    to S), ``example_sums`` (per-example summed CE and label counts), ``block_hidden``
+    (decoder-block inputs/outputs), ``eigh``, ``update`` (one derived step on every adapter),
+    ``grad_norm`` and ``dropout_keys``."""
+
+    name: str
+    be: Any  # the backend module (runner.backends.jax_llama / mlx_models)
+
+    def __init__(self, model):
+        self.params = self.be.params_from_torch(model.state_dict(), model.config)
+        self.spec = self.params.spec
+        self.width: int | None = None  # JAX: pad every batch to this many positions
+
+    def weights(self) -> dict[str, Any]:
+        return self.params.weights
+
+
+@functools.cache
+def _jax_functions():
+    """The jitted JAX functions, built once per process: the model spec is static data of the
+    ``JaxParams`` pytree, so each (spec, shapes) pair compiles once and is shared by every run."""
+    import jax
+    import jax.numpy as jnp
+
+    from runner.backends import jax_llama as be
+
+    def sum_nll(usv, params, scales, ids, am, labels):
+        logits = be._forward(params, ids, am, usv, scales)
+        return _per_token_nll(jnp, jax.nn.logsumexp, jnp.take_along_axis, logits, labels)
+
+    def loss(usv, params, scales, ids, am, labels, total):
+        nll, _ = sum_nll(usv, params, scales, ids, am, labels)
+        return nll.sum() / total
+
+    def example_loss_sum(s_batched, uv, params, scales, ids, am, labels):
+        usv = {n: (uv[n][0], s_batched[n], uv[n][1]) for n in uv}
+        nll, valid = sum_nll(usv, params, scales, ids, am, labels)
+        per = nll.sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1).astype(jnp.float32)
+        return per.sum()
+
+    def example_sums(usv, params, scales, ids, am, labels):
+        nll, valid = sum_nll(usv, params, scales, ids, am, labels)
+        return nll.sum(axis=1), valid.sum(axis=1)
+
+    def hidden_states(params, ids, am):
+        hidden: list = []
+        be._forward(params, ids, am, {}, {}, hidden=hidden)
+        return hidden
+
+    return SimpleNamespace(
+        value_and_grad=jax.jit(jax.value_and_grad(loss)),
+        s_grads=jax.jit(jax.grad(example_loss_sum)),
+        example_sums=jax.jit(example_sums),
+        hidden_states=jax.jit(hidden_states),
+        update=jax.jit(_update),
+        grad_norm=jax.jit(_grad_norm),
+    )
+
+
+class _JaxOps(_Ops):
+    name = "jax"
+
+    def __init__(self, model):
+        import jax
+        import jax.numpy as jnp
+
+        from runner.backends import jax_llama
+
+        self.jax, self.jnp, self.be = jax, jnp, jax_llama
+        super().__init__(model)
+        fns = _jax_functions()
+        self._value_and_grad, self._s_grads = fns.value_and_grad, fns.s_grads
+        self._example_sums, self._hidden = fns.example_sums, fns.hidden_states
+        self.update, self.grad_norm = fns.update, fns.grad_norm
+
+    def array(self, x, dtype="float32"):
+        return self.jnp.asarray(np.asarray(x), dtype=getattr(self.jnp, dtype))
+
+    def numpy(self, x):
+        return np.asarray(x)
+
+    def block_hidden(self, ids, am) -> list:
+        return self._hidden(self.params, ids, am)
+
+    def value_and_grad(self, usv, scales, ids, am, labels, total):
+        return self._value_and_grad(usv, self.params, scales, ids, am, labels,
+                                    self.jnp.float32(total))
+
+    def s_grads(self, s_batched, uv, scales, ids, am, labels):
+        return self._s_grads(s_batched, uv, self.params, scales, ids, am, labels)
+
+    def example_sums(self, usv, scales, ids, am, labels):
+        return self._example_sums(usv, self.params, scales, ids, am, labels)
+
+    def dropout_keys(self, seed_words: list[int], n: int):
+        seed = int(np.random.SeedSequence(seed_words).generate_state(1)[0])
+        return list(self.jax.random.split(self.jax.random.PRNGKey(seed), n))
+
+    def eigh(self, a):
+        return self.jnp.linalg.eigh(a)
+
+
+class _MlxOps(_Ops):
+    name = "mlx"
+
+    def __init__(self, model):
+        import mlx.core as mx
+
+        from runner.backends import mlx_models
+
+        self.mx, self.be = mx, mlx_models
+        super().__init__(model)
+        spec, be = self.spec, mlx_models
+
+        def take(a, idx, axis):
+            return mx.take_along_axis(a, idx, axis=axis)
+
+        def sum_nll(usv, weights, scales, ids, am, labels):
+            logits = be._forward(spec, weights, ids, am, usv, scales)
+            return _per_token_nll(mx, mx.logsumexp, take, logits, labels)
+
+        def loss(usv, weights, scales, ids, am, labels, total):
+            nll, _ = sum_nll(usv, weights, scales, ids, am, labels)
+            return nll.sum() / total
+
+        def example_loss_sum(s_batched, uv, weights, scales, ids, am, labels):
+            usv = {n: (uv[n][0], s_batched[n], uv[n][1]) for n in uv}
+            nll, valid = sum_nll(usv, weights, scales, ids, am, labels)
+            per = nll.sum(axis=1) / mx.maximum(valid.sum(axis=1), 1).astype(mx.float32)
+            return per.sum()
+
+        self._sum_nll = sum_nll
+        self._value_and_grad = mx.value_and_grad(loss, argnums=0)
+        self._s_grads = mx.grad(example_loss_sum, argnums=0)
+
+    def array(self, x, dtype="float32"):
+        return self.mx.array(np.asarray(x), dtype=getattr(self.mx, dtype))
+
+    def numpy(self, x):
+        return np.array(x)
+
+    def block_hidden(self, ids, am) -> list:
+        hidden: list = []
+        out = self.be._forward(self.spec, self.params.weights, ids, am, {}, {}, hidden=hidden)
+        del out  # lazy: only the hidden states are evaluated
+        self.mx.eval(hidden)
+        return hidden
+
+    def value_and_grad(self, usv, scales, ids, am, labels, total):
+        loss, grads = self._value_and_grad(usv, self.params.weights, scales, ids, am, labels,
+                                           self.mx.array(total, dtype=self.mx.float32))
+        self.mx.eval(loss, grads)
+        return loss, grads
+
+    def s_grads(self, s_batched, uv, scales, ids, am, labels):
+        g = self._s_grads(s_batched, uv, self.params.weights, scales, ids, am, labels)
+        self.mx.eval(g)
+        return g
+
+    def example_sums(self, usv, scales, ids, am, labels):
+        nll, valid = self._sum_nll(usv, self.params.weights, scales, ids, am, labels)
+        sums, counts = nll.sum(axis=1), valid.sum(axis=1)
+        self.mx.eval(sums, counts)
+        return sums, counts
+
+    def dropout_keys(self, seed_words: list[int], n: int):
+        seed = int(np.random.SeedSequence(seed_words).generate_state(1)[0])
+        keys = self.mx.random.split(self.mx.random.key(seed), n)
+        return [keys[i] for i in range(n)]
+
+    def eigh(self, a):
+        return self.mx.linalg.eigh(a, stream=self.mx.cpu)
+
+    @staticmethod
+    def update(usv, grads, eta, bounds):
+        return _update(usv, grads, eta, bounds)  # eager (MLX is lazy: one graph per step)
+
+    @staticmethod
+    def grad_norm(grads):
+        return _grad_norm(grads)
+
+
+def _per_token_nll(xp, logsumexp, take_along_axis, logits, labels):
+    """(nll, valid): next-token cross-entropy per position (B, T-1), 0 where the label is -100."""
+    lg = logits[:, :-1, :].astype(xp.float32)
+    lb = labels[:, 1:]
+    valid = lb != IGNORE
+    safe = xp.where(valid, lb, 0)
+    tgt = take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
+    nll = xp.where(valid, logsumexp(lg, axis=-1) - tgt, 0.0)
+    return nll, valid
+
+
+def make_ops(backend: str, model) -> _Ops:
+    """The backend's operations on a copy of ``model``'s weights (float32)."""
+    if backend == "jax":
+        return _JaxOps(model)
+    if backend == "mlx":
+        return _MlxOps(model)
+    raise ValueError(f"unknown backend {backend!r} (mlx or jax)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the backend
+
+
+def _bucket(n: int, step: int = 32) -> int:
+    return max(step, -(-n // step) * step)
+
+
+def to_backend_batch(ops: _Ops, input_ids, attention_mask, labels, *, rows: int | None = None):
+    """Backend arrays (ids, mask, labels) of a right-padded torch batch; for JAX, padded further
+    to ``ops.width`` positions (the longest example of the run, set by the set-up; else a
+    multiple of 32) and to ``rows`` rows, so one compiled function serves all batches. Extra
+    right padding changes nothing: attention is causal, the padded positions carry label -100,
+    and a padded row has no label at all."""
+    ids, am, lab = (np.asarray(t) for t in (input_ids, attention_mask, labels))
+    if ops.name == "jax":
+        b, t = ids.shape
+        rows = max(rows or b, b)
+        width = max(ops.width or 0, _bucket(t))
+        ids = np.pad(ids, ((0, rows - b), (0, width - t)))
+        am = np.pad(am, ((0, rows - b), (0, width - t)))
+        lab = np.pad(lab, ((0, rows - b), (0, width - t)), constant_values=IGNORE)
+    return ops.array(ids, "int32"), ops.array(am, "int32"), ops.array(lab, "int32")
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: derive, calibrate, attach, measure the noise scale
+
+
+def candidate_weights(ops: _Ops) -> dict[str, Any]:
+    """Every Linear weight inside the decoder blocks, in the torch trainer's order (named_modules
+    order: the order of ``runner.backends.module_names``), as backend arrays."""
+    from runner.backends import module_names
+
+    w = ops.weights()
+    return {n: w[n + ".weight"] for n in module_names(ops.spec)
+            if ".layers." in n and n + ".weight" in w}
+
+
+def derive_for_backend(ops: _Ops, n_train: int, batches_per_epoch: int, dtype: str,
+                       erank_variant: str) -> geometry.DerivedHyperparameters:
+    """Rows 1-7 and 9-14 from the backend's weight arrays (``runner.tasks.derived.derive_for_model``
+    on torch). MLX arrays are analysed one at a time (MLX's streams are not shared by threads)."""
+    return geometry.derive_hyperparameters(
+        candidate_weights(ops), n_train=n_train, batches_per_epoch=batches_per_epoch,
+        dtype_eps=DTYPE_EPS[dtype], erank_variant=erank_variant,
+        workers=1 if ops.name == "mlx" else 2,
+    )
+
+
+def residual_scales(ops: _Ops, blocks: list[str], calib) -> dict[str, geometry.Derived]:
+    """sigma_max(x) / sigma_max(f(x)) per decoder block on a calibration batch (row 15), from
+    the backend forward's block inputs x and outputs x + f(x) at the non-padding tokens."""
+    ids, am, _ = to_backend_batch(ops, calib.input_ids, calib.attention_mask, calib.labels)
+    hidden = ops.block_hidden(ids, am)
+    rows = np.flatnonzero(np.asarray(am).reshape(-1) != 0)
+    index = ops.array(rows, "int32")
+    xp = namespace(hidden[0])
+    dt = geometry._xp.work_dtype(hidden[0])
+    out = {}
+    for name in blocks:
+        i = int(name.rsplit(".", 1)[1])
+        x, y = hidden[i], hidden[i + 1]
+        d = x.shape[-1]
+        x2 = xp.take(xp.reshape(x, (-1, d)), index, axis=0)
+        y2 = xp.take(xp.reshape(y, (-1, d)), index, axis=0)
+        x2, f2 = xp.astype(x2, dt), xp.astype(y2, dt) - xp.astype(x2, dt)  # the residual branch
+        out[name] = geometry.residual_scale(x2, f2)
+    return out
+
+
+def singular_frames(ops: _Ops, w, start: int, r: int):
+    """Left/right singular vectors start..start+r-1 (descending) of ``w``, orthonormal: the
+    backend version of ``runner.trainers.derived.singular_frames`` (float32 eigh of the smaller
+    Gram matrix, left vectors W V / s re-orthonormalised by QR with R's diagonal made
+    positive). Eigenvector signs may differ from torch's; a sign flip of a (u_j, v_j) pair
+    changes neither dW nor any later step (the Cayley retraction is equivariant under
+    X -> X D, D = diag(+-1))."""
+    xp = namespace(w)
+    m, n = w.shape
+    tall = m >= n
+    wt = xp.matrix_transpose(w)
+    gram = xp.matmul(wt, w) if tall else xp.matmul(w, wt)
+    lam, vecs = ops.eigh(gram)  # ascending
+    q = gram.shape[0]
+    small_side = xp.flip(vecs[:, q - start - r:q - start], axis=1)  # (q, r), descending
+    s = xp.sqrt(xp.clip(xp.flip(lam[q - start - r:q - start], axis=0), min=0.0))
+    tiny = float(np.finfo(np.float32).tiny)
+    other = (xp.matmul(w, small_side) if tall else xp.matmul(wt, small_side)) / xp.clip(s, min=tiny)
+    qq, rr = xp.linalg.qr(other)
+    d = xp.sum(rr * xp.eye(r, dtype=rr.dtype), axis=0)  # diag(R)
+    sign = xp.where(d < 0, -xp.ones_like(d), xp.ones_like(d))
+    other = qq * sign
+    return (other, small_side) if tall else (small_side, other)
+
+
+def initial_frames(ops: _Ops, w, spec, init: str, seed: int):
+    """U (out x r), V (in x r) as ``runner.trainers.derived.initial_frames``: W's singular vectors
+    k..k+r-1 (``tail``), the top r (``top``), or a random orthonormal pair (``random``: drawn by
+    numpy from ``seed``, so not the torch generator's draw)."""
+    r = spec.rank
+    if init == "random":
+        rng = np.random.default_rng(seed)
+        u = np.linalg.qr(rng.standard_normal((w.shape[0], r)))[0]
+        v = np.linalg.qr(rng.standard_normal((w.shape[1], r)))[0]
+        return ops.array(u), ops.array(v)
+    start = 0 if init == "top" else spec.first_index
+    start = min(start, min(w.shape) - r)
+    return singular_frames(ops, w, start, r)
+
+
+@dataclass
+class BackendAdapters:
+    """U diag(S) V^T adapters as backend arrays, keyed by module name, with their specs."""
+
+    specs: dict  # name -> runner.trainers.derived.AdapterSpec
+    U: dict
+    S: dict
+    V: dict
+
+    def usv(self) -> dict:
+        return {n: (self.U[n], self.S[n], self.V[n]) for n in self.specs}
+
+
+def attach(ops: _Ops, derived, scales: dict[str, float], init: str, seed: int) -> BackendAdapters:
+    from runner.trainers.derived import AdapterSpec, block_of
+
+    weights = candidate_weights(ops)
+    specs, U, S, V = {}, {}, {}, {}
+    for g in derived.layers:
+        if not g.target:
+            continue
+        spec = AdapterSpec(name=g.name, rank=g.rank, dropout=g.dropout, sigma_k=g.sigma_k,
+                           decay=g.weight_decay, first_index=g.init_range[0],
+                           scale=scales[block_of(g.name)])
+        specs[g.name] = spec
+        U[g.name], V[g.name] = initial_frames(ops, weights[g.name], spec, init, seed)
+        S[g.name] = ops.array(np.zeros(spec.rank))
+    return BackendAdapters(specs, U, S, V)
+
+
+def adapter_scales(ops: _Ops, adapters: BackendAdapters, *, train: bool, seed: int,
+                   step: int, micro: int) -> dict:
+    """Per adapter c, or (c, keep, key) where training applies the adapter's dropout; the keys
+    come from (seed, step, micro-batch), step -1 being the noise-scale probe."""
+    names = list(adapters.specs)
+    keys = ops.dropout_keys([seed, step + 1, micro], len(names)) if train else None
+    out = {}
+    for i, name in enumerate(names):
+        spec = adapters.specs[name]
+        c = ops.array(spec.scale)
+        if train and spec.dropout > 0:
+            out[name] = (c, ops.array(1.0 - spec.dropout), keys[i])
+        else:
+            out[name] = c
+    return out
+
+
+def measure_noise_scale(ops: _Ops, adapters: BackendAdapters, examples, pad_id: int,
+                        n_train: int, n_probe: int, micro_batch: int, seed: int):
+    """McCandlish et al. (2018) estimator from per-example gradients with respect to S (row 8),
+    as ``runner.trainers.derived.measure_noise_scale``: |G_1|^2 = mean_i |g_i|^2 and
+    |G_n|^2 = |mean_i g_i|^2 over the first ``n_probe`` training examples. At S = 0 the
+    gradients with respect to U and V vanish, so g_i is the gradient with respect to S.
+    Each example's S gets its own row (S of shape (B, 1, r) broadcasts in the adapter branch),
+    so one backward of sum_i L_i per micro-batch yields every example's gradient."""
+    from runner.data import collate
+
+    n_probe = min(n_probe, len(examples))
+    if n_probe < 2:
+        raise ValueError(f"the noise-scale probe needs >= 2 training examples (got {n_probe})")
+    uv = {n: (adapters.U[n], adapters.V[n]) for n in adapters.specs}
+    rows = []
+    for j, i in enumerate(range(0, n_probe, micro_batch)):
+        batch = collate(list(examples[i:i + micro_batch]), pad_id=pad_id)
+        b = batch.input_ids.shape[0]
+        ids, am, lab = to_backend_batch(ops, batch.input_ids, batch.attention_mask, batch.labels,
+                                        rows=micro_batch)
+        s_b = {n: ops.array(np.zeros((ids.shape[0], 1, adapters.specs[n].rank)))
+               for n in adapters.specs}
+        scales = adapter_scales(ops, adapters, train=True, seed=seed, step=-1, micro=j)
+        g = ops.s_grads(s_b, uv, scales, ids, am, lab)
+        rows.append(np.concatenate([ops.numpy(g[n]).reshape(ids.shape[0], -1)
+                                    for n in adapters.specs], axis=1)[:b].astype(np.float64))
+    grads = np.concatenate(rows)[:n_probe]
+    single_sq = float((grads * grads).sum()) / n_probe
+    mean_sq = float((grads.mean(axis=0) ** 2).sum())
+    biased = (geometry.per_sample_noise_scale(single_sq, mean_sq, n_probe)
+              if mean_sq > 0 else math.nan)
+    return geometry.gradient_noise_scale(single_sq, mean_sq, 1, n_probe, n_train=n_train,
+                                         b_max=n_probe, b_biased=biased)
+
+
+@dataclass
+class BackendSetup:
+    trainer: BackendDerivedTrainer
+    derived: geometry.DerivedHyperparameters
+    noise: geometry.NoiseScale
+    derive_seconds: float
+    setup_seconds: float
+
+
+def setup_backend_derived(cfg, ops: _Ops, splits, pad_id: int, console=None) -> BackendSetup:
+    """Steps 1-5 of ``runner.tasks.derived.setup_derived``, on the backend."""
+    from runner.data import collate
+    from runner.trainers.derived import block_of
+
+    tcfg, n_train = cfg.trainer, len(splits.train)
+    ops.width = _bucket(max(len(e.input_ids) for part in (splits.train, splits.val,
+                                                          splits.retention) for e in part))
+    started = time.perf_counter()
+    derived = derive_for_backend(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
+                                 _value(cfg.hardware.dtype), tcfg.erank_variant)
+    derive_seconds = time.perf_counter() - started
+
+    calib = collate(list(splits.train[:tcfg.micro_batch]), pad_id=pad_id)
+    blocks = sorted({block_of(g.name) for g in derived.layers if g.target})
+    scales = {b: float(r.value) for b, r in residual_scales(ops, blocks, calib).items()}
+
+    adapters = attach(ops, derived, scales, _value(tcfg.init), cfg.seed)
+    noise = measure_noise_scale(ops, adapters, splits.train, pad_id, n_train,
+                                tcfg.noise_examples, tcfg.micro_batch, cfg.seed)
+    batch_size = noise.b_crit
+    records = dict(derived.records)
+    records[1] = geometry.mass_ceiling(derived.sigma_k_min, derived.sigma_max,
+                                       math.ceil(n_train / batch_size))
+    records[8] = geometry.critical_batch_size(noise)
+    records[15] = replace(records[15], value=tuple(scales[b] for b in blocks),
+                          inputs={"blocks": ",".join(blocks)})
+    derived = replace(derived, records=records)
+    if console is not None:
+        ranks = [s.rank for s in adapters.specs.values()]
+        console.print(f"derived ({ops.name}): {len(ranks)} target matrices, ranks {min(ranks)}-"
+                      f"{max(ranks)}, batch {batch_size} (B_simple {noise.b_simple:.1f}), MASS "
+                      f"ceiling {records[1].value:.3g}, derived in {derive_seconds:.2f}s")
+    trainer = BackendDerivedTrainer(ops, adapters, derived, batch_size, tcfg.micro_batch,
+                                    ceiling=float(records[1].value),
+                                    floor=float(records[2].value), seed=cfg.seed)
+    if ops.name == "jax":  # compile the step's functions now: set-up time, not training time
+        trainer.warm_up(collate(list(splits.train[:min(batch_size, tcfg.micro_batch)]),
+                                pad_id=pad_id))
+    setup_seconds = time.perf_counter() - started
+    return BackendSetup(trainer, derived, noise, derive_seconds, setup_seconds)
+
+
+def _value(x) -> str:
+    return getattr(x, "value", x)
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class BackendDerivedTrainer:
+    """``runner.trainers.derived.DerivedTrainer.step`` on backend arrays: Riemannian SGD on U, V
+    (Cayley retraction), projected SGD with decoupled decay on S, MASS step sizes."""
+
+    def __init__(self, ops: _Ops, adapters: BackendAdapters, derived, batch_size: int,
+                 micro_batch: int, *, ceiling: float, floor: float, seed: int):
+        self.ops, self.adapters, self.derived = ops, adapters, derived
+        self.batch_size, self.micro_batch = batch_size, micro_batch
+        self.ceiling, self.floor, self.seed = ceiling, floor, seed
+        self.sigma_k_min = float(derived.sigma_k_min)
+        self.steps = 0
+        self.bounds = {n: (ops.array(sp.sigma_k / sp.scale), ops.array(sp.decay))
+                       for n, sp in adapters.specs.items()}
+
+    def _forward_backward(self, batch):
+        """Loss (summed answer-token CE / batch.n_tokens) and its gradients, micro-batched."""
+        ops, total = self.ops, max(int(batch.n_tokens), 1)
+        usv = self.adapters.usv()
+        loss, grads = None, None
+        for j, i in enumerate(range(0, batch.input_ids.shape[0], self.micro_batch)):
+            sl = slice(i, i + self.micro_batch)
+            ids, am, lab = to_backend_batch(ops, batch.input_ids[sl], batch.attention_mask[sl],
+                                            batch.labels[sl],
+                                            rows=min(self.micro_batch, self.batch_size))
+            scales = adapter_scales(ops, self.adapters, train=True, seed=self.seed,
+                                    step=self.steps, micro=j)
+            l_mb, g_mb = ops.value_and_grad(usv, scales, ids, am, lab, total)
+            if grads is None:
+                loss, grads = l_mb, g_mb
+            else:
+                loss = loss + l_mb
+                grads = {n: tuple(a + b for a, b in zip(grads[n], g_mb[n])) for n in grads}
+        return loss, grads
+
+    def warm_up(self, batch) -> None:
+        """Run (and discard) one step's loss, gradients, norm, MASS step, update and telemetry on
+        ``batch``: JAX then compiles them here (set-up time), not in the first timed step. The
+        adapters are left unchanged."""
+        ops, usv = self.ops, self.adapters.usv()
+        ids, am, lab = to_backend_batch(ops, batch.input_ids, batch.attention_mask, batch.labels,
+                                        rows=min(self.micro_batch, self.batch_size))
+        scales = adapter_scales(ops, self.adapters, train=True, seed=self.seed, step=0, micro=0)
+        loss, grads = ops.value_and_grad(usv, scales, ids, am, lab, max(int(batch.n_tokens), 1))
+        norm = ops.grad_norm(grads)
+        geometry.mass_step_size(loss, norm, self.sigma_k_min, self.ceiling, self.floor)
+        for u, s, v in ops.update(usv, grads, ops.array(0.0), self.bounds).values():
+            geometry.orthogonality_error(u), geometry.orthogonality_error(v)
+            float(namespace(s).max(s))
+
+    def step(self, batch):
+        from runner.training import StepLog
+
+        loss, grads = self._forward_backward(batch)
+        self.steps += 1
+        grad_norm = self.ops.grad_norm(grads)
+        loss_f, norm_f = float(loss), float(grad_norm)
+        if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
+            return StepLog(loss=loss_f, extra={"grad_norm": norm_f})
+
+        # 2. MASS step size (row 1); 3-4. retract U, V; clamp S to [0, sigma_k / c] and decay it.
+        mass = geometry.mass_step_size(loss, grad_norm, self.sigma_k_min, self.ceiling,
+                                       self.floor)
+        eta = float(mass.step)
+        ad = self.adapters
+        new = self.ops.update(ad.usv(), grads, self.ops.array(eta), self.bounds)
+        orth, s_ratio = 0.0, 0.0
+        for name, spec in ad.specs.items():
+            u, s, v = new[name]
+            ad.U[name], ad.S[name], ad.V[name] = u, s, v
+            orth = max(orth, geometry.orthogonality_error(u), geometry.orthogonality_error(v))
+            s_ratio = max(s_ratio, spec.scale * float(namespace(s).max(s)) / spec.sigma_k)
+        return StepLog(loss=loss_f, extra={
+            "grad_norm": norm_f, "step_size": eta, "bound": mass.bound,
+            "update_norm": eta * norm_f, "weyl_bound": self.sigma_k_min,
+            "orth_error": orth, "adapter_norm_ratio": s_ratio,
+        })
+
+    def example_losses(self, examples, batch_size: int, pad_id: int):
+        """Per-example summed next-token CE and label counts (no dropout), as
+        ``runner.training.example_losses``."""
+        from runner.data import batches
+
+        ops, sums, counts = self.ops, [], []
+        usv = self.adapters.usv()
+        scales = adapter_scales(ops, self.adapters, train=False, seed=self.seed, step=0,
+                                micro=0)
+        for batch in batches(examples, batch_size, seed=0, epoch=0, pad_id=pad_id,
+                             shuffle=False):
+            b = batch.input_ids.shape[0]
+            ids, am, lab = to_backend_batch(ops, batch.input_ids, batch.attention_mask,
+                                            batch.labels, rows=batch_size)
+            s, c = ops.example_sums(usv, scales, ids, am, lab)
+            sums.extend(ops.numpy(s).astype(np.float64)[:b].tolist())
+            counts.extend(int(x) for x in ops.numpy(c)[:b])
+        return sums, counts
+
+    def evaluate(self, examples, batch_size: int, pad_id: int) -> float:
+        sums, counts = self.example_losses(examples, batch_size, pad_id)
+        return sum(sums) / max(sum(counts), 1)
+
+    # -- export ------------------------------------------------------------------------------
+
+    def peft_weights(self) -> dict:
+        """name -> (lora_A (r x in), lora_B (out x r)) torch tensors: B = c U diag(S), A = V^T."""
+        import torch
+
+        out = {}
+        for name, spec in self.adapters.specs.items():
+            u = self.ops.numpy(self.adapters.U[name]).astype(np.float32)
+            s = self.ops.numpy(self.adapters.S[name]).astype(np.float32)
+            v = self.ops.numpy(self.adapters.V[name]).astype(np.float32)
+            out[name] = (torch.from_numpy(np.ascontiguousarray(v.T)),
+                         torch.from_numpy(np.ascontiguousarray(spec.scale * u * s)))
+        return out
+
+    def adapter_effective_ranks(self) -> dict[str, float]:
+        out = {}
+        for name in self.adapters.specs:
+            s = self.ops.numpy(self.adapters.S[name]).astype(np.float64)
+            out[name] = geometry.effective_rank(s) if s.max() > 0 else 0.0
+        return out
+
+
+def _grad_norm(grads):
+    """sqrt(sum of squares) over every adapter gradient."""
+    flat = [g for triple in grads.values() for g in triple]
+    xp = namespace(flat[0])
+    return xp.sqrt(sum(xp.sum(g * g) for g in flat))
+
+
+def _update(usv, grads, eta, bounds):
+    """One derived step on every adapter (runner.trainers.derived.DerivedTrainer.step, 3-4):
+    U, V <- cayley_retract(., -grad, eta); S <- clamp(S - eta grad_S, 0, sigma_k / c) *
+    (1 - eta sigma_k / sigma_max). ``bounds[name] = (sigma_k / c, sigma_k / sigma_max)``."""
+    out = {}
+    for name, (u, s, v) in usv.items():
+        gu, gs, gv = grads[name]
+        upper, decay = bounds[name]
+        xp = namespace(u)
+        s = xp.clip(s - eta * gs, min=0.0, max=upper) * (1.0 - eta * decay)
+        out[name] = (geometry.cayley_retract(u, -gu, eta), s, geometry.cayley_retract(v, -gv, eta))
+    return out
+
+
+class _ExportView:
+    """What ``runner.trainers.derived.export_peft`` reads from a trainer (no hooks to remove)."""
+
+    def __init__(self, trainer: BackendDerivedTrainer):
+        self.adapters = SimpleNamespace(specs=trainer.adapters.specs, remove=lambda: None)
+        self.peft_weights = trainer.peft_weights
+
+
+def export_peft(model, trainer: BackendDerivedTrainer, derived):
+    """The trained factors as plain PEFT LoRA on the torch model (B = c U diag(S), A = V^T)."""
+    from runner.trainers.derived import export_peft as torch_export
+
+    return torch_export(model, _ExportView(trainer), derived)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop and the task
+
+
+def train_backend_loop(trainer: BackendDerivedTrainer, splits, budget, *, seed: int,
+                       pad_id: int, console=None):
+    """``runner.training.train_loop`` without checkpoints or the certificate: the same batches
+    (by seed and epoch), token budget, max_steps, divergence stop and evaluation points."""
+    from runner.data import batches
+    from runner.training import EvalPoint, LoopState, TrainResult, is_finite_step
+
+    val = splits.val[:budget.eval_examples]
+    retention = splits.retention[:budget.eval_examples]
+    eval_seconds = [0.0]
+
+    def evaluate(step: int, tokens: int) -> EvalPoint:
+        started = time.perf_counter()
+        v = trainer.evaluate(val, budget.eval_batch_size, pad_id)
+        r = trainer.evaluate(retention, budget.eval_batch_size, pad_id) if retention else None
+        eval_seconds[0] += time.perf_counter() - started
+        if console is not None:
+            console.print(f"step {step} tokens {tokens}: val {v:.4f}")
+        return EvalPoint(step=step, tokens=tokens, val_loss=v, retention_loss=r)
+
+    state = LoopState(evals=[evaluate(0, 0)])
+    while state.stop_reason == "budget" and state.tokens < budget.max_tokens:
+        started = time.perf_counter()
+        for batch in batches(splits.train, trainer.batch_size, seed=seed, epoch=state.epoch,
+                             pad_id=pad_id):
+            log = trainer.step(batch)
+            state.record(batch, log)
+            state.train_seconds += time.perf_counter() - started
+            if not is_finite_step(log):
+                state.stop_reason = "diverged"
+            elif state.step % budget.eval_every == 0:
+                state.evals.append(evaluate(state.step, state.tokens))
+            if (state.stop_reason == "budget" and state.tokens < budget.max_tokens
+                    and budget.max_steps is not None and state.step >= budget.max_steps):
+                state.stop_reason = "max_steps"
+            if state.stop_reason != "budget" or state.tokens >= budget.max_tokens:
+                break
+            started = time.perf_counter()
+        else:
+            state.epoch += 1
+    if state.evals[-1].step != state.step:
+        state.evals.append(evaluate(state.step, state.tokens))
+    return TrainResult(state.step, state.tokens, state.loss_tokens, state.losses, state.evals,
+                       state.stop_reason, state.train_seconds, state.step_logs,
+                       eval_seconds=eval_seconds[0])
+
+
+def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
+    """trainer=derived with ``hardware.backend`` mlx or jax (``runner.tasks.train.run_trainer``)."""
+    from runner.tasks.train import TrainOutcome
+
+    backend, tcfg = _value(cfg.hardware.backend), cfg.trainer
+    if _value(cfg.hardware.dtype) != "float32":
+        from runner.errors import ConfigError
+
+        raise ConfigError(f"hardware.dtype={_value(cfg.hardware.dtype)}: the {backend} derived "
+                          "trainer runs in float32 only")
+    ops = make_ops(backend, loaded.model)
+    setup = setup_backend_derived(cfg, ops, splits, pad_id, console)
+    trainer, derived, noise = setup.trainer, setup.derived, setup.noise
+    if tcfg.certificate:
+        console.print(f"note: the stopping certificate is not evaluated on backend {backend}; "
+                      "training stops on the token budget")
+    result = train_backend_loop(trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
+                                console=console)
+    ranks = trainer.adapter_effective_ranks()
+    peft_model = export_peft(loaded.model, trainer, derived)
+    records = derived.records
+    return TrainOutcome(
+        model=peft_model, result=result,
+        hyperparameters={"init": _value(tcfg.init), "batch_size": trainer.batch_size,
+                         "micro_batch": tcfg.micro_batch, "mass_ceiling": records[1].value,
+                         "epsilon_floor": records[2].value, "backend": backend},
+        extra_metrics={"derive_seconds": setup.derive_seconds,
+                       "setup_seconds": setup.setup_seconds, "batch_size": trainer.batch_size,
+                       "noise_b_simple": noise.b_simple,
+                       "max_orth_error": max((s.get("orth_error", 0.0)
+                                              for s in result.step_logs), default=0.0),
+                       "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1)},
+        derived=derived.to_dict(),
+        certificate=None,
+        step_table=result.step_logs,
+    )
