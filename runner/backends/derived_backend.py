@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -465,6 +465,7 @@ class BackendSetup:
 def setup_backend_derived(cfg, ops: _Ops, splits, pad_id: int, console=None) -> BackendSetup:
     """Steps 1-5 of ``runner.tasks.derived.setup_derived``, on the backend."""
     from runner.data import collate
+    from runner.tasks.derived import with_measured_records
     from runner.trainers.derived import block_of
 
     tcfg, n_train = cfg.trainer, len(splits.train)
@@ -483,13 +484,8 @@ def setup_backend_derived(cfg, ops: _Ops, splits, pad_id: int, console=None) -> 
     noise = measure_noise_scale(ops, adapters, splits.train, pad_id, n_train,
                                 tcfg.noise_examples, tcfg.micro_batch, cfg.seed)
     batch_size = noise.b_crit
-    records = dict(derived.records)
-    records[1] = geometry.mass_ceiling(derived.sigma_k_min, derived.sigma_max,
-                                       math.ceil(n_train / batch_size))
-    records[8] = geometry.critical_batch_size(noise)
-    records[15] = replace(records[15], value=tuple(scales[b] for b in blocks),
-                          inputs={"blocks": ",".join(blocks)})
-    derived = replace(derived, records=records)
+    derived = with_measured_records(derived, n_train, noise, scales, blocks)
+    records = derived.records
     if console is not None:
         ranks = [s.rank for s in adapters.specs.values()]
         console.print(f"derived ({ops.name}): {len(ranks)} target matrices, ranks {min(ranks)}-"

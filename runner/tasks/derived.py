@@ -38,6 +38,19 @@ def derive_for_model(model, n_train: int, batches_per_epoch: int, dtype: str,
     )
 
 
+def with_measured_records(derived, n_train: int, noise, scales: dict[str, float],
+                          blocks: list[str]) -> geometry.DerivedHyperparameters:
+    """Rows 8 and 15 from the measurements, and row 1 for the batches per epoch that the
+    measured batch size gives (shared by the torch and the MLX/JAX set-ups)."""
+    records = dict(derived.records)
+    records[1] = geometry.mass_ceiling(derived.sigma_k_min, derived.sigma_max,
+                                       math.ceil(n_train / noise.b_crit))
+    records[8] = geometry.critical_batch_size(noise)
+    records[15] = replace(records[15], value=tuple(scales[b] for b in blocks),
+                          inputs={"blocks": ",".join(blocks)})
+    return replace(derived, records=records)
+
+
 def _adapter_specs(derived, scales: dict[str, float]) -> dict[str, AdapterSpec]:
     return {
         g.name: AdapterSpec(name=g.name, rank=g.rank, dropout=g.dropout, sigma_k=g.sigma_k,
@@ -102,13 +115,8 @@ def setup_derived(cfg, loaded, splits, pad_id: int, console: Console) -> Derived
                                 lambda exs: collate(list(exs), pad_id=pad_id), n_train,
                                 tcfg.noise_examples, tcfg.micro_batch)
     batch_size = noise.b_crit
-    records = dict(derived.records)
-    records[1] = geometry.mass_ceiling(derived.sigma_k_min, derived.sigma_max,
-                                       math.ceil(n_train / batch_size))
-    records[8] = geometry.critical_batch_size(noise)
-    records[15] = replace(records[15], value=tuple(scales[b] for b in blocks),
-                          inputs={"blocks": ",".join(blocks)})
-    derived = replace(derived, records=records)
+    derived = with_measured_records(derived, n_train, noise, scales, blocks)
+    records = derived.records
     setup_seconds = time.perf_counter() - started
     console.print(f"derived: {len(specs)} target matrices, ranks {min(s.rank for s in specs.values())}"
                   f"-{max(s.rank for s in specs.values())}, batch {batch_size} "
