@@ -17,6 +17,7 @@ from geometry._xp import (
     Array,
     as_array,
     device,
+    eigvalsh,
     namespace,
     require_matrix,
     require_vector,
@@ -76,7 +77,7 @@ def gram_singular_values(w: Array, *, gram_in_input_dtype: bool = False) -> Arra
     if not gram_in_input_dtype:
         w = to_work(w)
     g = xp.matmul(xp.matrix_transpose(w), w) if m >= n else xp.matmul(w, xp.matrix_transpose(w))
-    lam = xp.linalg.eigvalsh(to_work(g))  # ascending
+    lam = eigvalsh(to_work(g))  # ascending
     lam = xp.clip(lam, min=0.0)
     return xp.flip(xp.sqrt(lam))
 

@@ -55,18 +55,20 @@ def cayley_retract(x: Array, direction: Array, step) -> Array:
     xp = namespace(x, direction)
     n, r = x.shape
     xt = xp.matrix_transpose(x)
-    p = direction - 0.5 * xp.matmul(x, xp.matmul(xt, direction))  # (n, r)
-    # V^T U and V^T X from three r x r blocks (6 n r^2 flops instead of 12 n r^2 for the two
-    # n-length products): V^T U = [[X^T P, X^T X], [-P^T P, -P^T X]], V^T X = [X^T X; -P^T X].
+    # Four n-length products (8 n r^2 flops) give every r x r block: X^T D, X^T X, P^T P, and
+    # X^T P = X^T D - (X^T X)(X^T D) / 2 without a fifth; V^T U = [[X^T P, X^T X],
+    # [-P^T P, -P^T X]] and V^T X = [X^T X; -P^T X].
+    xtd = xp.matmul(xt, direction)
     xtx = xp.matmul(xt, x)
-    xtp = xp.matmul(xt, p)
+    p = direction - 0.5 * xp.matmul(x, xtd)  # (n, r)
+    xtp = xtd - 0.5 * xp.matmul(xtx, xtd)
     ptp = xp.matmul(xp.matrix_transpose(p), p)
     ptx = xp.matrix_transpose(xtp)
     vtu = xp.concat([xp.concat([xtp, xtx], axis=1), xp.concat([-ptp, -ptx], axis=1)], axis=0)
     vtx = xp.concat([xtx, -ptx], axis=0)  # (2r, r)
     small = xp.eye(2 * r, dtype=x.dtype, device=device(x)) - (0.5 * step) * vtu
     z = xp.linalg.solve(small, vtx)  # (2r, r)
-    # U z = P z_top + X z_bottom, without forming U = [P, X]
+    # U z = P z_top + X z_bottom, without forming U = [P, X] (4 n r^2 flops)
     return x + step * (xp.matmul(p, z[:r, :]) + xp.matmul(x, z[r:, :]))
 
 

@@ -203,17 +203,21 @@ def measure_peak_matmul(n: int, repeats: int) -> dict:
 def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dict:
     """In a fresh process: set up `arm`'s trainer, then time `repeats` x `steps` steps."""
     # 1. Load (the load's memory transient is recorded apart from the training phase).
+    wall = time.perf_counter()
     setup_hardware(cfg.hardware, backends=("torch",), task="bench")
     loaded, splits = _load(cfg)
     pad_id = loaded.tokenizer.pad_token_id
     fixed = fixed_batches(splits.train, settings.steps, settings.batch_size, settings.seq_len)
-    load_peak = _ru_maxrss_mb()
+    load_peak, load_seconds = _ru_maxrss_mb(), time.perf_counter() - wall
     tracked = _reset_peak_rss()
 
     # 2. Set up the trainer (the derived one derives all its hyperparameters here, timed).
+    #    Its peak memory is recorded, then reset, so the steps' own peak is seen apart.
     started = time.perf_counter()
-    trainer, info = _build_trainer(cfg, arm, loaded, splits, pad_id)
+    trainer, info = _build_trainer(cfg, arm, loaded, splits, pad_id, settings.batch_size)
     info.setdefault("setup_seconds", time.perf_counter() - started)
+    setup_peak = _vm_hwm_mb() if tracked else None
+    tracked = tracked and _reset_peak_rss()
 
     # 3. One untimed warm-up step (lazy optimizer state), then the timed repetitions.
     losses = [trainer.step(fixed[0]).loss]
@@ -227,7 +231,11 @@ def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dic
     # 4. Report: throughput spread over repetitions and this process's peak memory.
     tokens = settings.steps * settings.tokens_per_step
     tok_s = [tokens / s for s in seconds]
-    train_peak = _vm_hwm_mb() if tracked else None
+    steps_peak = _vm_hwm_mb() if tracked else None
+    # The trainer's peak spans its set-up and its steps; the same-shape peer's set-up derives
+    # the derived trainer's shapes, which is not its own cost, so only its steps count.
+    train_peak = (None if not tracked else steps_peak if arm.derived_shape
+                  else max(setup_peak, steps_peak))
     process_peak = max(load_peak, _ru_maxrss_mb(), train_peak or 0.0)
     return {
         "arm": arm.name, "trainer": arm.trainer, **info,
@@ -240,7 +248,9 @@ def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dic
         "peak_mb": train_peak if train_peak is not None else process_peak,
         "peak_mb_scope": "training" if train_peak is not None else "process",
         "process_peak_mb": process_peak, "load_peak_mb": load_peak,
+        "setup_peak_mb": setup_peak, "steps_peak_mb": steps_peak,
         "all_finite": all(math.isfinite(x) for x in losses),
+        "load_seconds": load_seconds, "wall_seconds": time.perf_counter() - wall,
     }
 
 
@@ -248,6 +258,7 @@ def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir:
     """Train `arm` on the equal token budget with the shared loop; its validation curve."""
     from runner.tasks.train import run_trainer
 
+    wall = time.perf_counter()
     loaded, splits = _load(cfg)
     mean_len = sum(len(e.input_ids) for e in splits.train) / len(splits.train)
     baseline_steps = settings.quality_tokens / (mean_len * settings.batch_size)
@@ -261,7 +272,8 @@ def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir:
     r, extra = outcome.result, outcome.extra_metrics
     return {
         "arm": arm.name, "trainer": arm.trainer, "tokens": r.tokens, "steps": r.steps,
-        "train_seconds": r.train_seconds, "stop_reason": r.stop_reason,
+        "train_seconds": r.train_seconds, "eval_seconds": r.eval_seconds,
+        "wall_seconds": time.perf_counter() - wall, "stop_reason": r.stop_reason,
         "val_loss_initial": r.evals[0].val_loss, "val_loss_final": r.evals[-1].val_loss,
         "curve": [{"tokens": e.tokens, "val_loss": e.val_loss} for e in r.evals],
         "eval_every": budget.eval_every, "eval_examples": budget.eval_examples,
@@ -292,19 +304,26 @@ def fixed_batches(examples, count: int, batch_size: int, seq_len: int) -> list[B
 # Trainers
 
 
-def _trainer_config(arm: Arm, model):
-    """The arm's committed trainer option; all_linear swaps q/v for every block Linear."""
+def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None):
+    """The arm's committed trainer option; all_linear swaps q/v for every block Linear.
+
+    ``rows_per_pass`` sets the derived trainer's micro-batch (a memory-only option: rows per
+    forward pass, including its set-up's noise probe) to the rows the peers' steps pass at once,
+    so that peak memories compare passes of the same size.
+    """
     from runner.trainers.derived import candidate_linears
 
+    if arm.trainer == "derived" and rows_per_pass:
+        return load_trainer_option(arm.trainer, {"micro_batch": rows_per_pass})
     if not arm.all_linear:
         return load_trainer_option(arm.trainer)
     targets = sorted({name.rsplit(".", 1)[-1] for name in candidate_linears(model)})
     return load_trainer_option(arm.trainer, {"target_modules": targets})
 
 
-def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int):
+def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_per_pass: int):
     """A ready trainer and what to say about its adapters (rank, targets, set-up cost)."""
-    trainer_cfg = _trainer_config(arm, loaded.model)
+    trainer_cfg = _trainer_config(arm, loaded.model, rows_per_pass)
     quiet = Console(file=io.StringIO())
     if arm.trainer == "derived":
         from runner.tasks.derived import setup_derived
