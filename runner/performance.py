@@ -34,7 +34,8 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   baseline step; the weights-only part is shown beside it.
 - **quality per compute**: every trainer trains on the same budget of training tokens with the
   shared train loop; validation loss at the end, and the tokens and seconds it spent including
-  tuning (the AdamW grid trains every grid point on the full budget).
+  tuning (the AdamW grid trains every grid point on the full budget). The derived trainer's
+  stopping certificate is off here, so that it too trains on the whole budget.
 - The derived trainer has no rank or target options: it runs with the ranks and targets it
   derives (column *adapters*), not the baseline's r=8 on q/v. `adamw_derived_shape` is PEFT
   LoRA + AdamW with exactly those per-module ranks and targets (alpha = rank): the peer for the
@@ -117,6 +118,9 @@ def _section(row: dict) -> list[str]:
         derive += (f" At the same ranks and targets (`adamw_derived_shape`), the derived trainer "
                    f"runs at {summary['same_shape_tok_s_ratio']:.3g}x its tokens/s with "
                    f"{summary['same_shape_mem_ratio']:.3g}x its peak memory.")
+    if derived.get("steps_peak_mb") is not None:
+        derive += (f" The derived trainer's peak memory is {derived['setup_peak_mb']:,.0f} MB "
+                   f"during its set-up and {derived['steps_peak_mb']:,.0f} MB during its steps.")
     quality = _table(
         ["trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
          "s incl. tuning", "stop"],
@@ -127,7 +131,23 @@ def _section(row: dict) -> list[str]:
     return [*head, "### Throughput and memory", "", throughput, "",
             f"![throughput]({FIG_DIR}/{run}-throughput.png)", "", derive, "",
             f"### Quality per compute ({s['quality_tokens']:,} training tokens each)", "",
-            quality, "", f"![validation loss]({FIG_DIR}/{run}-val_loss.png)", ""]
+            quality, "", f"![validation loss]({FIG_DIR}/{run}-val_loss.png)", "",
+            *_time_spent(row)]
+
+
+def _time_spent(row: dict) -> list[str]:
+    """Where the bench's own wall time went, per phase and trainer (rows that record it)."""
+    if "wall_seconds" not in row["throughput"][0]:
+        return []
+    phases = [[f"throughput {t['arm']}", _num(t["wall_seconds"], 1), _num(t["load_seconds"], 1),
+               _num(t["setup_seconds"], 1), "–"] for t in row["throughput"]]
+    phases += [[f"quality {q['arm']}", _num(q["wall_seconds"], 1), "–", _num(q["tuning_seconds"], 1),
+                _num(q["eval_seconds"], 1)] for q in row["quality"]]
+    return ["### Where the bench's time went", "",
+            f"`make bench` took {row['wall_seconds'] / 60:.1f} min in all. Per phase (seconds; "
+            "throughput phases: loading and set-up; quality phases: training including tuning, "
+            "and evaluation):", "",
+            _table(["phase", "wall s", "load s", "set-up / train s", "eval s"], phases), ""]
 
 
 def _figures(row: dict) -> dict[str, bytes]:

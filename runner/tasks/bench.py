@@ -265,8 +265,10 @@ def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir:
     budget = replace(cfg.budget, max_tokens=settings.quality_tokens, max_steps=None,
                      eval_every=max(1, round(baseline_steps / QUALITY_EVALS)),
                      eval_examples=min(cfg.budget.eval_examples, QUALITY_EVAL_EXAMPLES))
-    qcfg = replace(cfg, trainer=_trainer_config(arm, loaded.model), budget=budget,
-                   runs_dir=str(runs_dir / arm.name))
+    trainer_cfg = _trainer_config(arm, loaded.model)
+    if arm.trainer == "derived":  # equal budgets: its certificate must not stop it early
+        trainer_cfg = load_trainer_option(arm.trainer, {"certificate": False})
+    qcfg = replace(cfg, trainer=trainer_cfg, budget=budget, runs_dir=str(runs_dir / arm.name))
     quiet = Console(file=io.StringIO())
     outcome = run_trainer(qcfg, loaded, splits, loaded.tokenizer.pad_token_id, quiet)
     r, extra = outcome.result, outcome.extra_metrics

@@ -268,10 +268,10 @@ def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tenso
     adapters.capture = {}
     try:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        labels = batch.labels[:, 1:]
+        labels = nn.functional.pad(batch.labels[:, 1:], (0, 1), value=-100)  # (b, T): t -> t+1
         ce = nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-            ignore_index=-100, reduction="none").view(labels.shape)  # (b, T-1)
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+            ignore_index=-100, reduction="none").view(labels.shape)  # (b, T)
         counted = (labels != -100).sum(dim=1).clamp(min=1)
         (ce.sum(dim=1) / counted).sum().backward()
         rows = [adapters.specs[name].scale
@@ -299,6 +299,8 @@ class DerivedTrainer:
         self.ceiling, self.floor = ceiling, floor
         self.sigma_k_min = float(derived.sigma_k_min)
         self.last_direction: dict[str, torch.Tensor] | None = None
+        threads = torch.get_num_threads()
+        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
 
     def train_mode(self) -> None:
         self.model.train()
@@ -345,25 +347,37 @@ class DerivedTrainer:
         eta = float(mass.step)
 
         # 3-4. Retract U, V on their Stiefel manifolds; project S into [0, sigma_k] and decay it.
-        direction, orth, s_ratio = {}, 0.0, 0.0
-        with torch.no_grad():
-            for name, u, s, v in self.adapters.triples():
-                spec = self.adapters.specs[name]
-                new_u = geometry.cayley_retract(u, -u.grad, eta) if u.grad is not None else u
-                new_v = geometry.cayley_retract(v, -v.grad, eta) if v.grad is not None else v
-                new_s = (s - eta * s.grad) if s.grad is not None else s.clone()
-                # ||c U diag(S) V^T||_2 = c max(S) <= sigma_k (row 10, with the residual scale c)
-                new_s = new_s.clamp(0.0, spec.sigma_k / spec.scale) * (1.0 - eta * spec.decay)
-                direction[name] = (new_u - u, new_s - s, new_v - v)
-                u.copy_(new_u), v.copy_(new_v), s.copy_(new_s)
-                orth = max(orth, geometry.orthogonality_error(u), geometry.orthogonality_error(v))
-                s_ratio = max(s_ratio, spec.scale * float(s.max()) / spec.sigma_k)
-        self.last_direction = direction
+        #      The adapters are independent: they update on as many threads as torch uses (the
+        #      many small products do not parallelise inside one op; across adapters they do).
+        triples = list(self.adapters.triples())
+        if self._pool is None:
+            updates = [self._update(t, eta) for t in triples]
+        else:
+            updates = list(self._pool.map(lambda t: self._update(t, eta), triples))
+        self.last_direction = {name: d for (name, *_), (d, _, _) in zip(triples, updates, strict=True)}
+        orth = max((o for _, o, _ in updates), default=0.0)
+        s_ratio = max((r for _, _, r in updates), default=0.0)
         return StepLog(loss=float(loss), extra={
             "grad_norm": float(grad_norm), "step_size": eta, "bound": mass.bound,
             "update_norm": eta * float(grad_norm), "weyl_bound": self.sigma_k_min,
             "orth_error": orth, "adapter_norm_ratio": s_ratio,
         })
+
+    @torch.no_grad()  # (grad mode is per thread: the pool's threads need it said here)
+    def _update(self, triple, eta: float):
+        """One adapter's step: (U, S, V) change in place; returns (direction, orthogonality
+        error, c max(S) / sigma_k)."""
+        name, u, s, v = triple
+        spec = self.adapters.specs[name]
+        new_u = geometry.cayley_retract(u, -u.grad, eta) if u.grad is not None else u
+        new_v = geometry.cayley_retract(v, -v.grad, eta) if v.grad is not None else v
+        new_s = (s - eta * s.grad) if s.grad is not None else s.clone()
+        # ||c U diag(S) V^T||_2 = c max(S) <= sigma_k (row 10, with the residual scale c)
+        new_s = new_s.clamp(0.0, spec.sigma_k / spec.scale) * (1.0 - eta * spec.decay)
+        direction = (new_u - u, new_s - s, new_v - v)
+        u.copy_(new_u), v.copy_(new_v), s.copy_(new_s)
+        orth = max(geometry.orthogonality_error(u), geometry.orthogonality_error(v))
+        return direction, orth, spec.scale * float(s.max()) / spec.sigma_k
 
     # -- checkpoints -------------------------------------------------------------------------
 
