@@ -1,4 +1,4 @@
-"""task=bench end to end on the tiny Llama (quick settings, one thread), and docs/performance.md."""
+"""task=bench end to end on the tiny Llama (small settings, one thread), and docs/performance.md."""
 
 from __future__ import annotations
 
@@ -16,26 +16,30 @@ from runner.app import run_job
 from runner.config import to_run_config
 from runner.performance import build_performance
 from runner.report import build_all
-from runner.tasks.bench import QUICK, bench_settings, fixed_batches, summary_line
+from runner.tasks.bench import ARMS, QUICK, bench_settings, fixed_batches, summary_line
 from runner.tasks.train import config_hash
 
 LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+)")
 THROUGHPUT_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived",
                    "adamw_derived_shape"}
-QUICK_TINY = ["task=bench", "model=tiny_llama", "hardware.threads=1", "task.quick=true",
-              "task.quality_tokens=800", "data.max_examples=120"]
+SMALL_TINY = ["task=bench", "model=tiny_llama", "hardware.threads=1", "task.repeats=2",
+              "task.steps=2", "task.quality_tokens=800", "data.max_examples=120"]
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory) -> tuple[Path, str, dict]:
-    """One quick bench run: (results dir, its stdout, the row it returned)."""
-    root = tmp_path_factory.mktemp("bench")
-    cfg = compose_config([*QUICK_TINY, f"results_dir={root / 'results'}",
+def _run_bench(root: Path, overrides: list[str]) -> tuple[Path, str, dict]:
+    """(results dir, stdout, the row) of one bench run."""
+    cfg = compose_config([*overrides, f"results_dir={root / 'results'}",
                           f"runs_dir={root / 'runs'}"])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         row = run_job(cfg)
     return root / "results", out.getvalue(), row
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[Path, str, dict]:
+    """One bench run with every arm, at small settings."""
+    return _run_bench(tmp_path_factory.mktemp("bench"), SMALL_TINY)
 
 
 def test_last_line_is_the_summary(bench) -> None:
@@ -56,7 +60,7 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     stored = json.loads(files[0].read_text())
     assert stored["run_id"] == row["run_id"]
     s = stored["settings"]
-    assert (s["repeats"], s["steps"], s["quick"]) == (QUICK["repeats"], QUICK["steps"], True)
+    assert (s["repeats"], s["steps"], s["quick"]) == (2, 2, False)
     assert stored["tokens_per_step"] == s["batch_size"] * s["seq_len"]
     assert {t["arm"] for t in stored["throughput"]} == THROUGHPUT_ARMS
     for t in stored["throughput"]:
@@ -120,3 +124,17 @@ def test_fixed_batches_are_full_and_unpadded() -> None:
     assert [tuple(b.input_ids.shape) for b in out] == [(3, 5), (3, 5)]
     assert all(int(b.attention_mask.sum()) == 15 for b in out)
     assert all((b.labels[:, 0] == -100).all() and b.n_tokens == 12 for b in out)
+
+
+def test_quick_runs_only_the_summary_arms_and_prints_the_line(tmp_path: Path) -> None:
+    _, stdout, row = _run_bench(tmp_path, ["task=bench", "model=tiny_llama", "hardware.threads=1",
+                                           "task.quick=true", "data.max_examples=120"])
+    assert LAST_LINE.fullmatch(stdout.rstrip("\n").splitlines()[-1])
+    assert {t["arm"] for t in row["throughput"]} == {a.name for a in ARMS
+                                                     if a.quick and a.throughput}
+    assert {q["arm"] for q in row["quality"]} == {"adamw", "derived"}
+    s = row["settings"]
+    assert (s["repeats"], s["steps"], s["quality_tokens"]) == (
+        QUICK["repeats"], QUICK["steps"], QUICK["quality_tokens"])
+    for q in row["quality"]:  # evaluated before and after training only
+        assert len(q["curve"]) == 2

@@ -50,7 +50,9 @@ from runner.schema import RunConfig
 BENCH_DIR = "bench"
 BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of every ratio
 SAME_SHAPE = "adamw_derived_shape"  # PEFT LoRA + AdamW at the derived ranks and targets
-QUICK = {"repeats": 2, "steps": 2, "quality_tokens": 2000}  # caps under task.quick=true
+# task.quick=true (make bench QUICK=1): caps on the settings, and only the arms the summary line
+# needs (Arm.quick); evaluation only before and after training.
+QUICK = {"repeats": 2, "steps": 2, "quality_tokens": 1000}
 MATMUL_N = {False: 2048, True: 512}  # size of the square peak-FLOP/s matmul (by quick)
 MATMUL_REPEATS = 5
 QUALITY_EVALS = 4  # evaluations per quality run (about), beyond the one at step 0
@@ -72,17 +74,18 @@ class Arm:
     derived_shape: bool = False  # PEFT LoRA with the derived trainer's per-module ranks/targets
     throughput: bool = True  # adamw_grid's step is AdamW's: measured for quality only
     quality: bool = True  # the derived-shape peer is a throughput and memory reference only
+    quick: bool = False  # also run under task.quick=true
 
 
 ARMS = (
-    Arm(BASELINE, "adamw"),
+    Arm(BASELINE, "adamw", quick=True),
     Arm("adamw_all_linear", "adamw", all_linear=True),
     Arm("prodigy", "prodigy"),
     Arm("schedulefree", "schedulefree"),
-    Arm("derived", "derived"),
+    Arm("derived", "derived", quick=True),
     # The derived trainer's own adapter shapes (ranks 1-276 on all 210 matrices of SmolLM2)
     # under PEFT + AdamW: the peer for "at the same rank and targets".
-    Arm(SAME_SHAPE, "adamw", derived_shape=True, quality=False),
+    Arm(SAME_SHAPE, "adamw", derived_shape=True, quality=False, quick=True),
     Arm("adamw_grid", "adamw_grid", throughput=False),
 )
 
@@ -110,9 +113,9 @@ def bench_task(cfg: RunConfig) -> dict:
     check_data_paths(cfg)
     settings = bench_settings(cfg)
     hw = setup_hardware(cfg.hardware, backends=("torch",), task="bench")
-    arms = [a for a in ARMS if a.throughput]
+    arms = [a for a in ARMS if a.throughput and (a.quick or not settings.quick)]
     with _progress() as bar:
-        quality_arms = [a for a in ARMS if a.quality]
+        quality_arms = [a for a in ARMS if a.quality and (a.quick or not settings.quick)]
         task = bar.add_task("peak matmul", total=1 + len(arms) + len(quality_arms))
 
         # 1. This machine's peak matmul FLOP/s, at the same thread count as the trainers.
@@ -262,8 +265,10 @@ def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir:
     loaded, splits = _load(cfg)
     mean_len = sum(len(e.input_ids) for e in splits.train) / len(splits.train)
     baseline_steps = settings.quality_tokens / (mean_len * settings.batch_size)
+    # Quick: evaluated before and after training only (the loop always evaluates its last step).
+    every = 10**9 if settings.quick else max(1, round(baseline_steps / QUALITY_EVALS))
     budget = replace(cfg.budget, max_tokens=settings.quality_tokens, max_steps=None,
-                     eval_every=max(1, round(baseline_steps / QUALITY_EVALS)),
+                     eval_every=every,
                      eval_examples=min(cfg.budget.eval_examples, QUALITY_EVAL_EXAMPLES))
     trainer_cfg = _trainer_config(arm, loaded.model)
     if arm.trainer == "derived":  # equal budgets: its certificate must not stop it early
