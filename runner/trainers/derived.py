@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import geometry
+from geometry._xp import one_lapack_thread
 from runner.training import StepLog
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class FactoredAdapters(nn.Module):
         threads = torch.get_num_threads()
         if init == "random" or threads < 2 or len(specs) < 2:
             return {name: one(name) for name in specs}
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with one_lapack_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
             return dict(zip(specs, pool.map(one, specs), strict=True))
 
     def _hook(self, name: str):
