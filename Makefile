@@ -39,7 +39,7 @@ results: setup  ## rebuild docs and the README results section from results/ alo
 	$(PY) -m runner.report
 
 BENCH_MODEL ?= smollm2_135m
-bench: setup  ## derived trainer vs PEFT baselines: tok/s, peak MB, MFU, quality per token (QUICK=1: fewer reps)
+bench: setup  ## derived trainer vs PEFT baselines: tok/s, peak MB, MFU, quality per token (QUICK=1: summary arms only)
 	$(PY) -m runner task=bench model=$(BENCH_MODEL) task.quick=$(if $(QUICK),true,false)
 
 REPRO := runs/reproduce
