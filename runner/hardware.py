@@ -92,6 +92,9 @@ def _torch_device(cfg: HardwareConfig) -> str:
 
 
 def _mlx_device(cfg: HardwareConfig) -> str:
+    from runner.backends.mlx_blas import use_torch_blas
+
+    use_torch_blas()  # before MLX loads: its Linux CPU BLAS is the reference one
     try:
         import mlx.core as mx
     except ImportError as err:

@@ -6,6 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from runner.backends.mlx_blas import use_torch_blas
+
+# Tests import mlx.core directly; before the first does, let MLX's CPU BLAS/LAPACK calls run
+# torch's kernels (runner/backends/mlx_blas.py: the mlx[cpu] wheel's own BLAS is the slow
+# reference one).
+use_torch_blas()
+
 
 @pytest.fixture
 def ledger_overrides(tmp_path: Path) -> list[str]:

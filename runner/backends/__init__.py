@@ -10,6 +10,9 @@ Submodules are imported lazily so that a missing optional dependency (``jax``,
 Each backend module exposes ``params_from_torch(state_dict, config)``,
 ``logits(params, input_ids, attention_mask=None, adapters=None)``,
 ``masked_cross_entropy(logits, labels)`` and ``loss_and_grads(params, adapters, batch)``.
+
+Importing this package calls :func:`runner.backends.mlx_blas.use_torch_blas` (Linux, before
+MLX is imported: MLX's CPU BLAS is the slow reference one; see that module).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import importlib
 from types import ModuleType
 
 from ._spec import IGNORE_INDEX, ModelSpec, module_names, spec_from_config
+from .mlx_blas import use_torch_blas
+
+# Before anything imports MLX: its CPU matmuls then run torch's BLAS (runner/backends/mlx_blas.py).
+use_torch_blas()
 
 _BACKENDS = {"jax": "jax_llama", "mlx": "mlx_models"}
 

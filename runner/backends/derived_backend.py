@@ -7,13 +7,13 @@ torch is used only to load the weights, the tokenizer and the data (``runner.mod
 torch model (``export_peft``: B = c U diag(S), A = V^T, lora_alpha = r). Everything else runs
 on backend arrays:
 
-1. rows 1-7 and 9-14: ``geometry.derive_hyperparameters`` on the backend's weight arrays
-   (float64 spectra on MLX's CPU stream; float32 on JAX, which runs without x64 here:
-   ``geometry._xp.work_dtype`` falls back to the input dtype);
+1. rows 1-7 and 9-14: ``geometry.derive_hyperparameters`` on the backend's weight arrays, with
+   float64 spectra as torch's (MLX: on its CPU stream; JAX: x64 switched on for the
+   derivation's thread only, ``_JaxOps.float64``; the Gram products stay float32 as torch's);
 2. row 15, residual scales: the backend forward's decoder-block inputs/outputs on the same
    calibration batch as torch, then ``geometry.residual_scale``;
 3. the frames U, V: W's singular vectors k..k+r-1 from the backend's ``eigh`` (float32, as the
-   torch trainer); S = 0;
+   torch trainer), both sides re-orthonormalised by QR (:func:`_tail_frames`); S = 0;
 4. row 8, the gradient noise scale: per-example gradients of the answer-token loss with respect
    to S, from one backward per micro-batch (S is given a batch axis, so autodiff returns each
    example's gradient; the torch trainer gets the same numbers from a closed form at S = 0),
@@ -25,9 +25,27 @@ on backend arrays:
 6. evaluation: per-example summed next-token cross-entropy of the validation (and retention)
    examples in the backend (``runner.training.example_losses`` semantics).
 
+The adapters live in each backend's own layout (``_Ops.pack``/``unpack``). MLX is eager and
+keeps them by module name. JAX keeps them stacked by module kind, zero-padded to the kind's
+largest rank (:class:`_JaxLayout`), because XLA compiles every operation of a jitted program
+into its own CPU kernel: with one (U, S, V) per module, SmolLM2-135M's 210 adapters of 210
+ranks made the loss gradient compile in 34 s and the update in 100 s (over 3 minutes of set-up
+in all). Stacked, the forward is a scan over the layers and the update a ``lax.map`` per kind,
+so each program holds one layer's and one adapter's operations whatever the depth: the whole
+JAX set-up of SmolLM2 (derivation included) takes ~60 s on one CPU thread, 29 s of it
+compiling (127 compilations; the loss gradient 9 s, the per-example S gradients 6 s).
+
+MLX on Linux: the ``mlx[cpu]`` wheel's BLAS is the reference one (25x slower than an optimised
+sgemm); ``runner.backends.mlx_blas`` makes MLX call torch's instead, and the MLX cross-entropy
+sums its 49,152-way log-sum-exp in two levels (``mlx_models.logsumexp``), since MLX's CPU
+reductions add sequentially.
+
 Adapter dropout (the derived per-matrix rate, row 13) is inverted dropout on the adapter
 branch's input, as the torch hook does, with masks from the backend's PRNG seeded by
 (seed, step, micro-batch): the masks are reproducible within a backend but are not torch's.
+
+Parity with torch (tests/test_backend_training.py): initial logits, every derived value to
+relative 1e-4, and the first 10 losses, on the tiny models and SmolLM2-135M.
 
 Not on these backends (the torch path has them): the geometric stopping certificate (it needs
 generation; a run stops on its token budget or max_steps) and checkpoint/resume.
@@ -35,6 +53,7 @@ generation; a run stops on its token budget or max_steps) and checkpoint/resume.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import time
@@ -56,12 +75,17 @@ IGNORE = -100
 
 
 class _Ops:
-    """A float32 copy of a torch model's weights on a backend, and what training needs there:
-    ``array``/``numpy`` conversions, ``value_and_grad`` (summed answer-token CE / total, and
-    its gradients with respect to U, S, V), ``s_grads`` (per-example gradients with respect
-    to S), ``example_sums`` (per-example summed CE and label counts), ``block_hidden``
-    (decoder-block inputs/outputs), ``eigh``, ``update`` (one derived step on every adapter),
-    ``grad_norm`` and ``dropout_keys``."""
+    """A float32 copy of a torch model's weights on a backend, and what training needs there.
+
+    The adapters live in a backend-specific *state* (``pack`` builds it from frames by module
+    name, ``unpack`` returns numpy (U, S, V) by name): MLX keeps ``{name: (U, S, V)}`` and runs
+    eagerly; JAX keeps them stacked by module kind (:class:`_JaxLayout`) so that no compiled
+    function holds a per-adapter operation. On that state: ``value_and_grad`` (summed
+    answer-token CE / total, and its gradients, in the state's layout), ``example_s_grads``
+    (per-example gradients with respect to S at S = 0), ``example_sums`` (per-example summed CE
+    and label counts), ``update`` (one derived step on every adapter, with the orthogonality
+    and S-ratio telemetry), ``grad_norm`` and ``add``; and ``block_hidden`` (decoder-block
+    inputs/outputs), ``frames`` (initial U, V), ``dropout_keys``, ``array``/``numpy``."""
 
     name: str
     be: Any  # the backend module (runner.backends.jax_llama / mlx_models)
@@ -74,32 +98,45 @@ class _Ops:
     def weights(self) -> dict[str, Any]:
         return self.params.weights
 
+    def float64(self):
+        """A context in which the backend computes float64 spectra (MLX: always, on its CPU
+        stream)."""
+        return contextlib.nullcontext()
+
 
 @functools.cache
 def _jax_functions():
     """The jitted JAX functions, built once per process: the model spec is static data of the
-    ``JaxParams`` pytree, so each (spec, shapes) pair compiles once and is shared by every run."""
+    ``JaxParams`` pytree, so each (spec, shapes) pair compiles once and is shared by every run.
+
+    Why the adapters are stacked: XLA's CPU compiler turns every fusion into its own LLVM
+    module (~50 ms each here), so compile time grows with the number of operations in a
+    program, and a program over 210 adapters of 210 ranks has thousands (the loss gradient of
+    SmolLM2-135M compiled in 34 s, the update in 100 s). The forward is a scan over the
+    layers (``jax_llama``) that takes the adapters stacked by module kind, the trainer's state
+    is that stacked form, and the update steps the adapters of a kind by ``lax.map``: each
+    program compiles one layer body and one adapter step per kind, whatever the depth."""
     import jax
     import jax.numpy as jnp
 
     from runner.backends import jax_llama as be
 
-    def sum_nll(usv, params, scales, ids, am, labels):
-        logits = be._forward(params, ids, am, usv, scales)
+    def sum_nll(state, params, scales, ids, am, labels):
+        logits = be._forward(params, ids, am, {}, {}, stacked=(state, scales))
         return _per_token_nll(jnp, jax.nn.logsumexp, jnp.take_along_axis, logits, labels)
 
-    def loss(usv, params, scales, ids, am, labels, total):
-        nll, _ = sum_nll(usv, params, scales, ids, am, labels)
+    def loss(state, params, scales, ids, am, labels, total):
+        nll, _ = sum_nll(state, params, scales, ids, am, labels)
         return nll.sum() / total
 
-    def example_loss_sum(s_batched, uv, params, scales, ids, am, labels):
-        usv = {n: (uv[n][0], s_batched[n], uv[n][1]) for n in uv}
-        nll, valid = sum_nll(usv, params, scales, ids, am, labels)
+    def example_loss_sum(s_batched, state, params, scales, ids, am, labels):
+        with_s = {k: (u, s_batched[k], v) for k, (u, _, v) in state.items()}
+        nll, valid = sum_nll(with_s, params, scales, ids, am, labels)
         per = nll.sum(axis=1) / jnp.maximum(valid.sum(axis=1), 1).astype(jnp.float32)
         return per.sum()
 
-    def example_sums(usv, params, scales, ids, am, labels):
-        nll, valid = sum_nll(usv, params, scales, ids, am, labels)
+    def example_sums(state, params, scales, ids, am, labels):
+        nll, valid = sum_nll(state, params, scales, ids, am, labels)
         return nll.sum(axis=1), valid.sum(axis=1)
 
     def hidden_states(params, ids, am):
@@ -107,14 +144,57 @@ def _jax_functions():
         be._forward(params, ids, am, {}, {}, hidden=hidden)
         return hidden
 
+    def frames(w, start, r, width):
+        return _tail_frames(w, start, r, width, jnp.linalg.eigh)
+
     return SimpleNamespace(
         value_and_grad=jax.jit(jax.value_and_grad(loss)),
         s_grads=jax.jit(jax.grad(example_loss_sum)),
         example_sums=jax.jit(example_sums),
         hidden_states=jax.jit(hidden_states),
-        update=jax.jit(_update),
+        frames=jax.jit(frames, static_argnames="width"),
+        update=jax.jit(_update_kinds),
         grad_norm=jax.jit(_grad_norm),
+        add=jax.jit(_add_grads),
     )
+
+
+@dataclass(frozen=True)
+class _JaxLayout:
+    """Where each adapter sits in the JAX state: ``kinds[kind] = (names, r)``, ``names[j]`` the
+    adapter (or None) of the j-th layer having that module kind (``jax_llama.layer_kinds``),
+    r the kind's largest rank; ``ranks[name]``."""
+
+    kinds: dict
+    ranks: dict
+
+    @classmethod
+    def of(cls, spec, specs: dict) -> _JaxLayout:
+        from runner.backends.jax_llama import layer_kinds
+
+        where = {}
+        for name in specs:
+            _, _, i, kind = name.split(".", 3)
+            where.setdefault(kind, {})[int(i)] = name
+        kinds = {}
+        for kind, layers in layer_kinds(spec).items():
+            if kind in where:
+                names = tuple(where[kind].get(i) for i in layers)
+                kinds[kind] = (names, max(specs[n].rank for n in names if n is not None))
+        return cls(kinds, {n: s.rank for n, s in specs.items()})
+
+    def stack(self, per_name: dict, fill) -> dict:
+        """``{kind: np.stack over the kind's layers}`` of the host arrays ``per_name[name]``,
+        their last axis zero-padded to the kind's rank r; ``fill(kind, r)`` where a layer has
+        no adapter of that kind."""
+        out = {}
+        for kind, (names, r) in self.kinds.items():
+            rows = []
+            for n in names:
+                x = fill(kind, r) if n is None else np.asarray(per_name[n])
+                rows.append(np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, r - x.shape[-1])]))
+            out[kind] = np.stack(rows)
+        return out
 
 
 class _JaxOps(_Ops):
@@ -131,7 +211,9 @@ class _JaxOps(_Ops):
         fns = _jax_functions()
         self._value_and_grad, self._s_grads = fns.value_and_grad, fns.s_grads
         self._example_sums, self._hidden = fns.example_sums, fns.hidden_states
-        self.update, self.grad_norm = fns.update, fns.grad_norm
+        self._frames, self._update = fns.frames, fns.update
+        self.grad_norm, self.add = fns.grad_norm, fns.add
+        self.layout: _JaxLayout | None = None
 
     def array(self, x, dtype="float32"):
         return self.jnp.asarray(np.asarray(x), dtype=getattr(self.jnp, dtype))
@@ -139,25 +221,110 @@ class _JaxOps(_Ops):
     def numpy(self, x):
         return np.asarray(x)
 
+    def float64(self):
+        """JAX runs without x64 (float32 everywhere, as torch's training); the derivation turns
+        it on in this thread so that its spectra are float64 like torch's (the Gram product
+        stays float32, ``spectrum="gram_input"``, and only its eigenvalues are float64): in
+        float32 an eigenvalue of the Gram matrix carries an error ~ eps32 * s_1^2, which moved
+        the effective rank of SmolLM2-135M's layer-0 q_proj by 2.2e-4 relative (243.67
+        against 243.72), over the 1e-4 parity bound."""
+        return self.jax.enable_x64(True)
+
+    # -- the stacked state -----------------------------------------------------------------
+
+    def pack(self, specs: dict, frames: dict):
+        """The stacked state: per kind (U (n, out, r), S (n, r), V (n, in, r)), S = 0."""
+        self.layout = lay = _JaxLayout.of(self.spec, specs)
+        w = self.params.weights
+        kinds = self.be.layer_kinds(self.spec)
+
+        def shape(kind):
+            return w[f"model.layers.{kinds[kind][0]}.{kind}.weight"].shape
+
+        u = lay.stack({n: f[0] for n, f in frames.items()},
+                      lambda k, r: np.zeros((shape(k)[0], r), np.float32))
+        v = lay.stack({n: f[1] for n, f in frames.items()},
+                      lambda k, r: np.zeros((shape(k)[1], r), np.float32))
+        return {k: (self.array(u[k]), self.array(np.zeros(u[k].shape[::2])), self.array(v[k]))
+                for k in lay.kinds}
+
+    def unpack(self, state) -> dict:
+        out = {}
+        for kind, (names, _) in self.layout.kinds.items():
+            u, s, v = (np.asarray(x) for x in state[kind])
+            for j, n in enumerate(names):
+                if n is not None:
+                    r = self.layout.ranks[n]
+                    out[n] = (u[j, :, :r], s[j, :r], v[j, :, :r])
+        return out
+
+    def pack_scales(self, scales: dict):
+        """Per kind c (n,), or (c, keep, keys) where an adapter of the kind has dropout; layers
+        without an adapter: c = 0, keep = 1 (a mask that keeps everything)."""
+        out = {}
+        for kind, (names, _) in self.layout.kinds.items():
+            vals = [scales.get(n) for n in names]
+            c = np.array([0.0 if x is None else float(x[0] if isinstance(x, tuple) else x)
+                          for x in vals], np.float32)
+            if not any(isinstance(x, tuple) for x in vals):
+                out[kind] = self.array(c)
+                continue
+            keep = np.array([x[1] if isinstance(x, tuple) else 1.0 for x in vals], np.float32)
+            keys = np.stack([np.asarray(x[2]) if isinstance(x, tuple) else np.zeros(2, np.uint32)
+                             for x in vals])
+            out[kind] = (self.array(c), self.array(keep), self.jnp.asarray(keys))
+        return out
+
+    def pack_bounds(self, bounds: dict):
+        """Per kind (upper (n,), decay (n,), ranks (n,)); layers without an adapter: 1, 0, 0."""
+        out = {}
+        for kind, (names, _) in self.layout.kinds.items():
+            b = [bounds.get(n, (1.0, 0.0)) for n in names]
+            ranks = [0 if n is None else self.layout.ranks[n] for n in names]
+            out[kind] = (self.array([x[0] for x in b]), self.array([x[1] for x in b]),
+                         self.array(ranks, "int32"))
+        return out
+
+    # -- model functions ---------------------------------------------------------------------
+
     def block_hidden(self, ids, am) -> list:
         return self._hidden(self.params, ids, am)
 
-    def value_and_grad(self, usv, scales, ids, am, labels, total):
-        return self._value_and_grad(usv, self.params, scales, ids, am, labels,
+    def value_and_grad(self, state, scales, ids, am, labels, total):
+        return self._value_and_grad(state, self.params, scales, ids, am, labels,
                                     self.jnp.float32(total))
 
-    def s_grads(self, s_batched, uv, scales, ids, am, labels):
-        return self._s_grads(s_batched, uv, self.params, scales, ids, am, labels)
+    def example_s_grads(self, state, scales, ids, am, labels) -> dict:
+        rows = ids.shape[0]
+        s_b = {k: self.array(np.zeros((u.shape[0], rows, 1, u.shape[2])))
+               for k, (u, _, _) in state.items()}
+        g = self._s_grads(s_b, state, self.params, scales, ids, am, labels)
+        out = {}
+        for kind, (names, _) in self.layout.kinds.items():
+            gk = np.asarray(g[kind])  # (n, rows, 1, r)
+            for j, n in enumerate(names):
+                if n is not None:
+                    out[n] = gk[j, :, 0, :self.layout.ranks[n]]
+        return out
 
-    def example_sums(self, usv, scales, ids, am, labels):
-        return self._example_sums(usv, self.params, scales, ids, am, labels)
+    def example_sums(self, state, scales, ids, am, labels):
+        return self._example_sums(state, self.params, scales, ids, am, labels)
+
+    def update(self, state, grads, eta, bounds):
+        return self._update(state, grads, eta, bounds)
 
     def dropout_keys(self, seed_words: list[int], n: int):
         seed = int(np.random.SeedSequence(seed_words).generate_state(1)[0])
-        return list(self.jax.random.split(self.jax.random.PRNGKey(seed), n))
+        return np.asarray(self.jax.random.split(self.jax.random.PRNGKey(seed), n))
 
     def eigh(self, a):
         return self.jnp.linalg.eigh(a)
+
+    def frames(self, w, start: int, r: int, width: int):
+        """:func:`_tail_frames` compiled once per (weight shape, width): ``width`` is the largest
+        rank among the adapters of this weight shape; the result is cut to r columns (numpy)."""
+        u, v = self._frames(w, self.jnp.int32(start), self.jnp.int32(r), width)
+        return np.asarray(u)[:, :r], np.asarray(v)[:, :r]
 
 
 class _MlxOps(_Ops):
@@ -177,7 +344,7 @@ class _MlxOps(_Ops):
 
         def sum_nll(usv, weights, scales, ids, am, labels):
             logits = be._forward(spec, weights, ids, am, usv, scales)
-            return _per_token_nll(mx, mx.logsumexp, take, logits, labels)
+            return _per_token_nll(mx, be.logsumexp, take, logits, labels)
 
         def loss(usv, weights, scales, ids, am, labels, total):
             nll, _ = sum_nll(usv, weights, scales, ids, am, labels)
@@ -199,6 +366,25 @@ class _MlxOps(_Ops):
     def numpy(self, x):
         return np.array(x)
 
+    # -- the state: {name: (U, S, V)} --------------------------------------------------------
+
+    def pack(self, specs: dict, frames: dict):
+        return {n: (self.array(frames[n][0]), self.array(np.zeros(specs[n].rank)),
+                    self.array(frames[n][1])) for n in specs}
+
+    def unpack(self, state) -> dict:
+        return {n: tuple(np.array(x) for x in t) for n, t in state.items()}
+
+    def pack_scales(self, scales: dict):
+        a = self.array
+        return {n: (a(x[0]), a(x[1]), x[2]) if isinstance(x, tuple) else a(x)
+                for n, x in scales.items()}
+
+    def pack_bounds(self, bounds: dict):
+        return {n: (self.array(u), self.array(d)) for n, (u, d) in bounds.items()}
+
+    # -- model functions ---------------------------------------------------------------------
+
     def block_hidden(self, ids, am) -> list:
         hidden: list = []
         out = self.be._forward(self.spec, self.params.weights, ids, am, {}, {}, hidden=hidden)
@@ -206,19 +392,22 @@ class _MlxOps(_Ops):
         self.mx.eval(hidden)
         return hidden
 
-    def value_and_grad(self, usv, scales, ids, am, labels, total):
-        loss, grads = self._value_and_grad(usv, self.params.weights, scales, ids, am, labels,
+    def value_and_grad(self, state, scales, ids, am, labels, total):
+        loss, grads = self._value_and_grad(state, self.params.weights, scales, ids, am, labels,
                                            self.mx.array(total, dtype=self.mx.float32))
         self.mx.eval(loss, grads)
         return loss, grads
 
-    def s_grads(self, s_batched, uv, scales, ids, am, labels):
-        g = self._s_grads(s_batched, uv, self.params.weights, scales, ids, am, labels)
+    def example_s_grads(self, state, scales, ids, am, labels) -> dict:
+        rows = ids.shape[0]
+        s_b = {n: self.mx.zeros((rows, 1, s.shape[0])) for n, (_, s, _) in state.items()}
+        uv = {n: (u, v) for n, (u, _, v) in state.items()}
+        g = self._s_grads(s_b, uv, self.params.weights, scales, ids, am, labels)
         self.mx.eval(g)
-        return g
+        return {n: np.array(g[n]).reshape(rows, -1) for n in state}
 
-    def example_sums(self, usv, scales, ids, am, labels):
-        nll, valid = self._sum_nll(usv, self.params.weights, scales, ids, am, labels)
+    def example_sums(self, state, scales, ids, am, labels):
+        nll, valid = self._sum_nll(state, self.params.weights, scales, ids, am, labels)
         sums, counts = nll.sum(axis=1), valid.sum(axis=1)
         self.mx.eval(sums, counts)
         return sums, counts
@@ -231,13 +420,30 @@ class _MlxOps(_Ops):
     def eigh(self, a):
         return self.mx.linalg.eigh(a, stream=self.mx.cpu)
 
+    def frames(self, w, start: int, r: int, width: int):
+        del width  # eager: nothing compiled to share between ranks
+        return _tail_frames(w, start, r, r, self.eigh)
+
     @staticmethod
-    def update(usv, grads, eta, bounds):
-        return _update(usv, grads, eta, bounds)  # eager (MLX is lazy: one graph per step)
+    def update(state, grads, eta, bounds):
+        """One step on every adapter, eagerly (MLX is lazy: one graph per step), with the
+        telemetry of :func:`_update_kinds`: the largest orthogonality error of U and V and the
+        largest c max(S) / sigma_k."""
+        out, orth, ratio = {}, 0.0, 0.0
+        for name, (u, s, v) in state.items():
+            upper, decay = bounds[name]
+            out[name] = nu, ns, nv = _update_one(u, s, v, *grads[name], eta, upper, decay)
+            orth = max(orth, geometry.orthogonality_error(nu), geometry.orthogonality_error(nv))
+            ratio = max(ratio, float(ns.max() / upper))
+        return out, orth, ratio
 
     @staticmethod
     def grad_norm(grads):
         return _grad_norm(grads)
+
+    @staticmethod
+    def add(a, b):
+        return _add_grads(a, b)
 
 
 def _per_token_nll(xp, logsumexp, take_along_axis, logits, labels):
@@ -270,15 +476,15 @@ def _bucket(n: int, step: int = 32) -> int:
 
 def to_backend_batch(ops: _Ops, input_ids, attention_mask, labels, *, rows: int | None = None):
     """Backend arrays (ids, mask, labels) of a right-padded torch batch; for JAX, padded further
-    to ``ops.width`` positions (the longest example of the run, set by the set-up; else a
-    multiple of 32) and to ``rows`` rows, so one compiled function serves all batches. Extra
-    right padding changes nothing: attention is causal, the padded positions carry label -100,
-    and a padded row has no label at all."""
+    to ``ops.width`` positions (the longest example of the run rounded up to a multiple of 8,
+    set by the set-up; else a multiple of 32) and to ``rows`` rows, so one compiled function
+    serves all batches. Extra right padding changes nothing: attention is causal, the padded
+    positions carry label -100, and a padded row has no label at all."""
     ids, am, lab = (np.asarray(t) for t in (input_ids, attention_mask, labels))
     if ops.name == "jax":
         b, t = ids.shape
         rows = max(rows or b, b)
-        width = max(ops.width or 0, _bucket(t))
+        width = ops.width if ops.width is not None and ops.width >= t else _bucket(t)
         ids = np.pad(ids, ((0, rows - b), (0, width - t)))
         am = np.pad(am, ((0, rows - b), (0, width - t)))
         lab = np.pad(lab, ((0, rows - b), (0, width - t)), constant_values=IGNORE)
@@ -302,12 +508,13 @@ def candidate_weights(ops: _Ops) -> dict[str, Any]:
 def derive_for_backend(ops: _Ops, n_train: int, batches_per_epoch: int, dtype: str,
                        erank_variant: str) -> geometry.DerivedHyperparameters:
     """Rows 1-7 and 9-14 from the backend's weight arrays (``runner.tasks.derived.derive_for_model``
-    on torch). MLX arrays are analysed one at a time (MLX's streams are not shared by threads)."""
-    return geometry.derive_hyperparameters(
-        candidate_weights(ops), n_train=n_train, batches_per_epoch=batches_per_epoch,
-        dtype_eps=DTYPE_EPS[dtype], erank_variant=erank_variant,
-        workers=1 if ops.name == "mlx" else 2,
-    )
+    on torch), with float64 spectra (``_Ops.float64``), one matrix at a time: MLX's streams are
+    not shared by threads, and JAX's float64 switch is per thread."""
+    with ops.float64():
+        return geometry.derive_hyperparameters(
+            candidate_weights(ops), n_train=n_train, batches_per_epoch=batches_per_epoch,
+            dtype_eps=DTYPE_EPS[dtype], erank_variant=erank_variant, workers=1,
+        )
 
 
 def residual_scales(ops: _Ops, blocks: list[str], calib) -> dict[str, geometry.Derived]:
@@ -318,45 +525,67 @@ def residual_scales(ops: _Ops, blocks: list[str], calib) -> dict[str, geometry.D
     rows = np.flatnonzero(np.asarray(am).reshape(-1) != 0)
     index = ops.array(rows, "int32")
     xp = namespace(hidden[0])
-    dt = geometry._xp.work_dtype(hidden[0])
     out = {}
-    for name in blocks:
-        i = int(name.rsplit(".", 1)[1])
-        x, y = hidden[i], hidden[i + 1]
-        d = x.shape[-1]
-        x2 = xp.take(xp.reshape(x, (-1, d)), index, axis=0)
-        y2 = xp.take(xp.reshape(y, (-1, d)), index, axis=0)
-        x2, f2 = xp.astype(x2, dt), xp.astype(y2, dt) - xp.astype(x2, dt)  # the residual branch
-        out[name] = geometry.residual_scale(x2, f2)
+    with ops.float64():
+        dt = geometry._xp.work_dtype(hidden[0])
+        for name in blocks:
+            i = int(name.rsplit(".", 1)[1])
+            x, y = hidden[i], hidden[i + 1]
+            d = x.shape[-1]
+            x2 = xp.take(xp.reshape(x, (-1, d)), index, axis=0)
+            y2 = xp.take(xp.reshape(y, (-1, d)), index, axis=0)
+            x2, f2 = xp.astype(x2, dt), xp.astype(y2, dt) - xp.astype(x2, dt)  # residual branch
+            out[name] = geometry.residual_scale(x2, f2)
     return out
 
 
-def singular_frames(ops: _Ops, w, start: int, r: int):
-    """Left/right singular vectors start..start+r-1 (descending) of ``w``, orthonormal: the
-    backend version of ``runner.trainers.derived.singular_frames`` (float32 eigh of the smaller
-    Gram matrix, left vectors W V / s re-orthonormalised by QR with R's diagonal made
-    positive). Eigenvector signs may differ from torch's; a sign flip of a (u_j, v_j) pair
-    changes neither dW nor any later step (the Cayley retraction is equivariant under
-    X -> X D, D = diag(+-1))."""
+def _tail_frames(w, start, r, width: int, eigh):
+    """Left/right singular vectors start..start+r-1 (descending) of ``w``, orthonormal, in
+    ``width`` >= r columns of which those after the first r are zero: the backend version of
+    ``runner.trainers.derived.singular_frames`` (float32 eigh of the smaller Gram matrix, the
+    other side W V / s, both sides re-orthonormalised by QR with R's diagonal made positive).
+    ``start`` and ``r`` may be traced (JAX compiles this once per weight shape and width): the
+    eigenvectors are gathered by index and the columns from r on masked to zero, which leaves
+    the first r columns of each QR factor those of the r-column problem (Householder QR
+    builds column j from columns <= j only). Eigenvector signs may differ from torch's; a sign
+    flip of a (u_j, v_j) pair changes neither dW nor any later step (the Cayley retraction is
+    equivariant under X -> X D, D = diag(+-1))."""
     xp = namespace(w)
     m, n = w.shape
     tall = m >= n
     wt = xp.matrix_transpose(w)
     gram = xp.matmul(wt, w) if tall else xp.matmul(w, wt)
-    lam, vecs = ops.eigh(gram)  # ascending
+    lam, vecs = eigh(gram)  # ascending
     q = gram.shape[0]
-    small_side = xp.flip(vecs[:, q - start - r:q - start], axis=1)  # (q, r), descending
-    s = xp.sqrt(xp.clip(xp.flip(lam[q - start - r:q - start], axis=0), min=0.0))
+    j = xp.arange(width)
+    valid = j < r
+    cols = xp.clip(q - 1 - start - j, 0, q - 1)  # column q-1-start-j: descending from start
+    zero = xp.zeros((q, width), dtype=w.dtype)
+    small_side = xp.where(valid, xp.take(vecs, cols, axis=1), zero)
+    s = xp.sqrt(xp.clip(xp.take(lam, cols, axis=0), min=0.0))
     tiny = float(np.finfo(np.float32).tiny)
     other = (xp.matmul(w, small_side) if tall else xp.matmul(wt, small_side)) / xp.clip(s, min=tiny)
-    qq, rr = xp.linalg.qr(other)
-    d = xp.sum(rr * xp.eye(r, dtype=rr.dtype), axis=0)  # diag(R)
-    sign = xp.where(d < 0, -xp.ones_like(d), xp.ones_like(d))
-    other = qq * sign
+    small_side, other = _orthonormal(small_side, valid), _orthonormal(other, valid)
     return (other, small_side) if tall else (small_side, other)
 
 
-def initial_frames(ops: _Ops, w, spec, init: str, seed: int):
+def _orthonormal(x, valid):
+    """The Q factor of x = QR with R's diagonal made positive, its columns outside ``valid``
+    zeroed (``runner.trainers.derived._orthonormal``)."""
+    xp = namespace(x)
+    qq, rr = xp.linalg.qr(x)
+    d = xp.sum(rr * xp.eye(rr.shape[0], dtype=rr.dtype), axis=0)  # diag(R)
+    sign = xp.where(d < 0, -xp.ones_like(d), xp.ones_like(d))
+    return xp.where(valid, qq * sign, xp.zeros_like(qq))
+
+
+def singular_frames(ops: _Ops, w, start: int, r: int, width: int | None = None):
+    """U (out x r), V (in x r): singular vectors start..start+r-1 of ``w`` (:func:`_tail_frames`);
+    ``width``: the largest rank among adapters of ``w``'s shape (one JAX compilation for all)."""
+    return ops.frames(w, start, r, max(width or r, r))
+
+
+def initial_frames(ops: _Ops, w, spec, init: str, seed: int, width: int | None = None):
     """U (out x r), V (in x r) as ``runner.trainers.derived.initial_frames``: W's singular vectors
     k..k+r-1 (``tail``), the top r (``top``), or a random orthonormal pair (``random``: drawn by
     numpy from ``seed``, so not the torch generator's draw)."""
@@ -368,54 +597,69 @@ def initial_frames(ops: _Ops, w, spec, init: str, seed: int):
         return ops.array(u), ops.array(v)
     start = 0 if init == "top" else spec.first_index
     start = min(start, min(w.shape) - r)
-    return singular_frames(ops, w, start, r)
+    return singular_frames(ops, w, start, r, width)
 
 
 @dataclass
 class BackendAdapters:
-    """U diag(S) V^T adapters as backend arrays, keyed by module name, with their specs."""
+    """U diag(S) V^T adapters in the backend's state (``_Ops.pack``), with their specs by module
+    name; ``U``, ``S``, ``V``: numpy copies by name (``_Ops.unpack``)."""
 
     specs: dict  # name -> runner.trainers.derived.AdapterSpec
-    U: dict
-    S: dict
-    V: dict
+    ops: _Ops
+    state: Any
 
     def usv(self) -> dict:
-        return {n: (self.U[n], self.S[n], self.V[n]) for n in self.specs}
+        return self.ops.unpack(self.state)
+
+    @property
+    def U(self) -> dict:
+        return {n: t[0] for n, t in self.usv().items()}
+
+    @property
+    def S(self) -> dict:
+        return {n: t[1] for n, t in self.usv().items()}
+
+    @property
+    def V(self) -> dict:
+        return {n: t[2] for n, t in self.usv().items()}
 
 
 def attach(ops: _Ops, derived, scales: dict[str, float], init: str, seed: int) -> BackendAdapters:
     from runner.trainers.derived import AdapterSpec, block_of
 
     weights = candidate_weights(ops)
-    specs, U, S, V = {}, {}, {}, {}
-    for g in derived.layers:
-        if not g.target:
-            continue
+    targets = [g for g in derived.layers if g.target]
+    widths: dict[tuple, int] = {}  # weight shape -> largest rank (the frames' padded width)
+    for g in targets:
+        shape = tuple(weights[g.name].shape)
+        widths[shape] = max(widths.get(shape, 0), g.rank)
+    specs, frames = {}, {}
+    for g in targets:
         spec = AdapterSpec(name=g.name, rank=g.rank, dropout=g.dropout, sigma_k=g.sigma_k,
                            decay=g.weight_decay, first_index=g.init_range[0],
                            scale=scales[block_of(g.name)])
         specs[g.name] = spec
-        U[g.name], V[g.name] = initial_frames(ops, weights[g.name], spec, init, seed)
-        S[g.name] = ops.array(np.zeros(spec.rank))
-    return BackendAdapters(specs, U, S, V)
+        w = weights[g.name]
+        frames[g.name] = initial_frames(ops, w, spec, init, seed, widths[tuple(w.shape)])
+    return BackendAdapters(specs, ops, ops.pack(specs, frames))
 
 
 def adapter_scales(ops: _Ops, adapters: BackendAdapters, *, train: bool, seed: int,
-                   step: int, micro: int) -> dict:
-    """Per adapter c, or (c, keep, key) where training applies the adapter's dropout; the keys
-    come from (seed, step, micro-batch), step -1 being the noise-scale probe."""
+                   step: int, micro: int):
+    """Per adapter c, or (c, keep, key) where training applies the adapter's dropout, in the
+    backend's layout (``_Ops.pack_scales``); the keys come from (seed, step, micro-batch), step
+    -1 being the noise-scale probe."""
     names = list(adapters.specs)
     keys = ops.dropout_keys([seed, step + 1, micro], len(names)) if train else None
     out = {}
     for i, name in enumerate(names):
         spec = adapters.specs[name]
-        c = ops.array(spec.scale)
         if train and spec.dropout > 0:
-            out[name] = (c, ops.array(1.0 - spec.dropout), keys[i])
+            out[name] = (spec.scale, 1.0 - spec.dropout, keys[i])
         else:
-            out[name] = c
-    return out
+            out[name] = spec.scale
+    return ops.pack_scales(out)
 
 
 def measure_noise_scale(ops: _Ops, adapters: BackendAdapters, examples, pad_id: int,
@@ -431,19 +675,15 @@ def measure_noise_scale(ops: _Ops, adapters: BackendAdapters, examples, pad_id: 
     n_probe = min(n_probe, len(examples))
     if n_probe < 2:
         raise ValueError(f"the noise-scale probe needs >= 2 training examples (got {n_probe})")
-    uv = {n: (adapters.U[n], adapters.V[n]) for n in adapters.specs}
     rows = []
     for j, i in enumerate(range(0, n_probe, micro_batch)):
         batch = collate(list(examples[i:i + micro_batch]), pad_id=pad_id)
         b = batch.input_ids.shape[0]
         ids, am, lab = to_backend_batch(ops, batch.input_ids, batch.attention_mask, batch.labels,
                                         rows=micro_batch)
-        s_b = {n: ops.array(np.zeros((ids.shape[0], 1, adapters.specs[n].rank)))
-               for n in adapters.specs}
         scales = adapter_scales(ops, adapters, train=True, seed=seed, step=-1, micro=j)
-        g = ops.s_grads(s_b, uv, scales, ids, am, lab)
-        rows.append(np.concatenate([ops.numpy(g[n]).reshape(ids.shape[0], -1)
-                                    for n in adapters.specs], axis=1)[:b].astype(np.float64))
+        g = ops.example_s_grads(adapters.state, scales, ids, am, lab)
+        rows.append(np.concatenate([g[n] for n in adapters.specs], axis=1)[:b].astype(np.float64))
     grads = np.concatenate(rows)[:n_probe]
     single_sq = float((grads * grads).sum()) / n_probe
     mean_sq = float((grads.mean(axis=0) ** 2).sum())
@@ -470,7 +710,7 @@ def setup_backend_derived(cfg, ops: _Ops, splits, pad_id: int, console=None) -> 
 
     tcfg, n_train = cfg.trainer, len(splits.train)
     ops.width = _bucket(max(len(e.input_ids) for part in (splits.train, splits.val,
-                                                          splits.retention) for e in part))
+                                                          splits.retention) for e in part), 8)
     started = time.perf_counter()
     derived = derive_for_backend(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
                                  _value(cfg.hardware.dtype), tcfg.erank_variant)
@@ -520,13 +760,13 @@ class BackendDerivedTrainer:
         self.ceiling, self.floor, self.seed = ceiling, floor, seed
         self.sigma_k_min = float(derived.sigma_k_min)
         self.steps = 0
-        self.bounds = {n: (ops.array(sp.sigma_k / sp.scale), ops.array(sp.decay))
-                       for n, sp in adapters.specs.items()}
+        self.bounds = ops.pack_bounds({n: (sp.sigma_k / sp.scale, sp.decay)
+                                       for n, sp in adapters.specs.items()})
 
     def _forward_backward(self, batch):
         """Loss (summed answer-token CE / batch.n_tokens) and its gradients, micro-batched."""
         ops, total = self.ops, max(int(batch.n_tokens), 1)
-        usv = self.adapters.usv()
+        state = self.adapters.state
         loss, grads = None, None
         for j, i in enumerate(range(0, batch.input_ids.shape[0], self.micro_batch)):
             sl = slice(i, i + self.micro_batch)
@@ -535,28 +775,28 @@ class BackendDerivedTrainer:
                                             rows=min(self.micro_batch, self.batch_size))
             scales = adapter_scales(ops, self.adapters, train=True, seed=self.seed,
                                     step=self.steps, micro=j)
-            l_mb, g_mb = ops.value_and_grad(usv, scales, ids, am, lab, total)
+            l_mb, g_mb = ops.value_and_grad(state, scales, ids, am, lab, total)
             if grads is None:
                 loss, grads = l_mb, g_mb
             else:
-                loss = loss + l_mb
-                grads = {n: tuple(a + b for a, b in zip(grads[n], g_mb[n])) for n in grads}
+                loss, grads = loss + l_mb, ops.add(grads, g_mb)
         return loss, grads
 
     def warm_up(self, batch) -> None:
         """Run (and discard) one step's loss, gradients, norm, MASS step, update and telemetry on
         ``batch``: JAX then compiles them here (set-up time), not in the first timed step. The
         adapters are left unchanged."""
-        ops, usv = self.ops, self.adapters.usv()
+        ops, state = self.ops, self.adapters.state
         ids, am, lab = to_backend_batch(ops, batch.input_ids, batch.attention_mask, batch.labels,
                                         rows=min(self.micro_batch, self.batch_size))
         scales = adapter_scales(ops, self.adapters, train=True, seed=self.seed, step=0, micro=0)
-        loss, grads = ops.value_and_grad(usv, scales, ids, am, lab, max(int(batch.n_tokens), 1))
+        loss, grads = ops.value_and_grad(state, scales, ids, am, lab, max(int(batch.n_tokens), 1))
+        if self.batch_size > self.micro_batch:
+            ops.add(grads, grads)
         norm = ops.grad_norm(grads)
         geometry.mass_step_size(loss, norm, self.sigma_k_min, self.ceiling, self.floor)
-        for u, s, v in ops.update(usv, grads, ops.array(0.0), self.bounds).values():
-            geometry.orthogonality_error(u), geometry.orthogonality_error(v)
-            float(namespace(s).max(s))
+        _, orth, ratio = ops.update(state, grads, ops.array(0.0), self.bounds)
+        float(orth), float(ratio)
 
     def step(self, batch):
         from runner.training import StepLog
@@ -573,17 +813,12 @@ class BackendDerivedTrainer:
                                        self.floor)
         eta = float(mass.step)
         ad = self.adapters
-        new = self.ops.update(ad.usv(), grads, self.ops.array(eta), self.bounds)
-        orth, s_ratio = 0.0, 0.0
-        for name, spec in ad.specs.items():
-            u, s, v = new[name]
-            ad.U[name], ad.S[name], ad.V[name] = u, s, v
-            orth = max(orth, geometry.orthogonality_error(u), geometry.orthogonality_error(v))
-            s_ratio = max(s_ratio, spec.scale * float(namespace(s).max(s)) / spec.sigma_k)
+        ad.state, orth, s_ratio = self.ops.update(ad.state, grads, self.ops.array(eta),
+                                                  self.bounds)
         return StepLog(loss=loss_f, extra={
             "grad_norm": norm_f, "step_size": eta, "bound": mass.bound,
             "update_norm": eta * norm_f, "weyl_bound": self.sigma_k_min,
-            "orth_error": orth, "adapter_norm_ratio": s_ratio,
+            "orth_error": float(orth), "adapter_norm_ratio": float(s_ratio),
         })
 
     def example_losses(self, examples, batch_size: int, pad_id: int):
@@ -592,7 +827,7 @@ class BackendDerivedTrainer:
         from runner.data import batches
 
         ops, sums, counts = self.ops, [], []
-        usv = self.adapters.usv()
+        state = self.adapters.state
         scales = adapter_scales(ops, self.adapters, train=False, seed=self.seed, step=0,
                                 micro=0)
         for batch in batches(examples, batch_size, seed=0, epoch=0, pad_id=pad_id,
@@ -600,7 +835,7 @@ class BackendDerivedTrainer:
             b = batch.input_ids.shape[0]
             ids, am, lab = to_backend_batch(ops, batch.input_ids, batch.attention_mask,
                                             batch.labels, rows=batch_size)
-            s, c = ops.example_sums(usv, scales, ids, am, lab)
+            s, c = ops.example_sums(state, scales, ids, am, lab)
             sums.extend(ops.numpy(s).astype(np.float64)[:b].tolist())
             counts.extend(int(x) for x in ops.numpy(c)[:b])
         return sums, counts
@@ -615,19 +850,17 @@ class BackendDerivedTrainer:
         """name -> (lora_A (r x in), lora_B (out x r)) torch tensors: B = c U diag(S), A = V^T."""
         import torch
 
-        out = {}
+        out, usv = {}, self.adapters.usv()
         for name, spec in self.adapters.specs.items():
-            u = self.ops.numpy(self.adapters.U[name]).astype(np.float32)
-            s = self.ops.numpy(self.adapters.S[name]).astype(np.float32)
-            v = self.ops.numpy(self.adapters.V[name]).astype(np.float32)
+            u, s, v = (x.astype(np.float32) for x in usv[name])
             out[name] = (torch.from_numpy(np.ascontiguousarray(v.T)),
                          torch.from_numpy(np.ascontiguousarray(spec.scale * u * s)))
         return out
 
     def adapter_effective_ranks(self) -> dict[str, float]:
-        out = {}
+        out, usv = {}, self.adapters.usv()
         for name in self.adapters.specs:
-            s = self.ops.numpy(self.adapters.S[name]).astype(np.float64)
+            s = usv[name][1].astype(np.float64)
             out[name] = geometry.effective_rank(s) if s.max() > 0 else 0.0
         return out
 
@@ -639,18 +872,51 @@ def _grad_norm(grads):
     return xp.sqrt(sum(xp.sum(g * g) for g in flat))
 
 
-def _update(usv, grads, eta, bounds):
-    """One derived step on every adapter (runner.trainers.derived.DerivedTrainer.step, 3-4):
-    U, V <- cayley_retract(., -grad, eta); S <- clamp(S - eta grad_S, 0, sigma_k / c) *
-    (1 - eta sigma_k / sigma_max). ``bounds[name] = (sigma_k / c, sigma_k / sigma_max)``."""
-    out = {}
-    for name, (u, s, v) in usv.items():
-        gu, gs, gv = grads[name]
-        upper, decay = bounds[name]
-        xp = namespace(u)
-        s = xp.clip(s - eta * gs, min=0.0, max=upper) * (1.0 - eta * decay)
-        out[name] = (geometry.cayley_retract(u, -gu, eta), s, geometry.cayley_retract(v, -gv, eta))
-    return out
+def _add_grads(a, b):
+    """Gradients of two micro-batches, summed adapter by adapter."""
+    return {n: tuple(x + y for x, y in zip(a[n], b[n])) for n in a}
+
+
+def _update_one(u, s, v, gu, gs, gv, eta, upper, decay):
+    """One derived step on one adapter (runner.trainers.derived.DerivedTrainer.step, 3-4):
+    U, V <- cayley_retract(., -grad, eta); S <- clamp(S - eta grad_S, 0, upper) *
+    (1 - eta decay), with ``upper`` = sigma_k / c and ``decay`` = sigma_k / sigma_max."""
+    xp = namespace(u)
+    s = xp.clip(s - eta * gs, min=0.0, max=upper) * (1.0 - eta * decay)
+    return geometry.cayley_retract(u, -gu, eta), s, geometry.cayley_retract(v, -gv, eta)
+
+
+def _update_kinds(state, grads, eta, bounds):
+    """:func:`_update_one` on every adapter of the JAX state (stacked by module kind, zero-padded
+    to the kind's rank; ``bounds[kind] = (upper, decay, ranks)``), by ``lax.map`` over each
+    kind's layers. Zero columns stay zero and change nothing else: with X = [X_r, 0] and
+    D = [D_r, 0] the Cayley system's extra rows and columns are those of the identity, and a
+    zero S entry with zero gradient stays 0 (a layer without an adapter is all zero columns).
+    ``lax.map``, not ``vmap``: a vmapped ``solve`` is a batched LU, and jaxlib 0.10's batched
+    LAPACK kernels (``ParallelBatchMap``) deadlocked here when two ran at once on the 2-thread
+    CPU pool. Returns the new state, the largest orthogonality error ||X^T X - I_r||_F of any
+    U or V over its r real columns (``geometry.orthogonality_error``), and the largest
+    c max(S) / sigma_k (= max(S) / upper)."""
+    import jax
+    import jax.numpy as jnp
+
+    out, orth, ratio = {}, [], []
+    for kind, (u, s, v) in state.items():
+        upper, decay, ranks = bounds[kind]
+
+        def one(a):
+            return _update_one(*a[:6], eta, a[6], a[7])
+
+        nu, ns, nv = jax.lax.map(one, (u, s, v, *grads[kind], upper, decay))
+        r = u.shape[2]
+        mask = (jnp.arange(r)[None, :] < ranks[:, None]).astype(u.dtype)
+        ident = mask[:, :, None] * jnp.eye(r, dtype=u.dtype)  # diag(1 on the real columns)
+        for x in (nu, nv):
+            d = jnp.matmul(jnp.swapaxes(x, 1, 2), x) - ident
+            orth.append(jnp.max(jnp.sqrt(jnp.sum(d * d, axis=(1, 2)))))
+        ratio.append(jnp.max(jnp.max(ns, axis=1) / upper))
+        out[kind] = (nu, ns, nv)
+    return out, jnp.max(jnp.stack(orth)), jnp.max(jnp.stack(ratio))
 
 
 class _ExportView:

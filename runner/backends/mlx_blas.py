@@ -1,0 +1,60 @@
+"""MLX on a Linux CPU: run its BLAS and LAPACK calls on torch's kernels (MKL or OpenBLAS).
+
+Why: the Linux ``mlx[cpu]`` wheels bundle the netlib *reference* BLAS and LAPACK
+(``mlx_cpu.libs/libblas-*.so.3.10.0``, ``liblapack-*.so.3.10.0``). MLX's float32 matmul on the
+CPU is ``cblas_sgemm``, and the reference implementation is a triple loop: about 1.4 GFLOP/s
+on one core, 25x slower than an optimised sgemm (576x576 @ 576x512: 0.12 s against 0.005 s).
+With it an MLX training step of SmolLM2-135M took minutes where torch takes seconds; nothing
+in our code (graph size, evaluation points, dtypes) was the cause: the time was all in sgemm.
+
+The fix: torch's ``libtorch_cpu.so`` (MKL in the x86-64 wheels) exports the Fortran BLAS and
+LAPACK entry points, ``sgemm_``, ``dgemm_``, ``ssyevd_``, ``dsyevd_``, ``sgesdd_``, ... with
+32-bit integers (torch calls them itself with ``int``), which is the interface the reference
+libraries use. The reference ``cblas_sgemm`` is a wrapper that calls ``sgemm_``, and MLX calls
+the LAPACK routines by those names; the dynamic linker looks such symbols up in the global
+scope first. So re-opening the already loaded ``libtorch_cpu.so`` with ``RTLD_GLOBAL`` before
+``mlx.core`` is first imported makes every MLX BLAS/LAPACK call run torch's kernels: the same
+matmul then takes 0.005 s, and a float64 576x576 ``eigh`` 0.03 s instead of 0.27 s. MLX's
+libraries bind their symbols when they are loaded (``BIND_NOW``), so this must come first: it
+is called by ``runner.backends`` on import, by ``runner.hardware`` before it imports MLX, and
+by tests/conftest.py.
+
+Scope: Linux only (MLX on macOS uses Accelerate), and only while ``mlx.core`` is not imported
+yet. Only libraries loaded afterwards can bind to torch's exported symbols; among the
+installed extension libraries only MLX's (libmlx, its libblas and liblapack, its core module)
+have undefined symbols that ``libtorch_cpu.so`` defines. ``MODELCYPHER_MLX_REFERENCE_BLAS=1``
+turns it off (to measure the difference).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+
+_STATE: dict[str, bool] = {}
+
+
+def use_torch_blas() -> bool:
+    """Make torch's BLAS/LAPACK symbols global before MLX loads; True if MLX will use them.
+    Idempotent; a no-op (False) off Linux, without MLX installed, once ``mlx.core`` is
+    imported, without torch's ``sgemm_``, or with ``MODELCYPHER_MLX_REFERENCE_BLAS=1``."""
+    if "done" in _STATE:
+        return _STATE["done"]
+    ok = False
+    if (sys.platform.startswith("linux") and "mlx.core" not in sys.modules
+            and os.environ.get("MODELCYPHER_MLX_REFERENCE_BLAS") != "1"
+            and importlib.util.find_spec("mlx") is not None):
+        import torch
+
+        lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+        try:
+            local = ctypes.CDLL(lib, mode=os.RTLD_NOLOAD | os.RTLD_LOCAL)
+            if hasattr(local, "sgemm_") and hasattr(local, "dsyevd_"):
+                ctypes.CDLL(lib, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
+                ok = True
+        except OSError:  # not loaded under that path (a torch build without libtorch_cpu.so)
+            ok = False
+    _STATE["done"] = ok
+    return ok
