@@ -113,12 +113,23 @@ def eigvalsh(g: Array) -> Array:
     """
     xp = namespace(g)
     if _on_host(g) and g.dtype == xp.float64:
-        from scipy.linalg import eigh
-
         host = g.detach().numpy() if array_api_compat.is_torch_array(g) else g
-        lam = eigh(host, eigvals_only=True, driver="evd", check_finite=False)
-        return xp.asarray(lam, dtype=xp.float64, device=device(g))
+        return xp.asarray(host_eigh(host, eigvals_only=True), dtype=xp.float64,
+                          device=device(g))
     return xp.linalg.eigvalsh(g)
+
+
+def host_eigh(a, *, subset: tuple[int, int] | None = None, eigvals_only: bool = False):
+    """LAPACK's symmetric eigensolver through SciPy on a numpy array, eigenvalues ascending:
+    ``?syevd`` (divide and conquer) for the whole spectrum, ``?syevr`` (MRRR) for the eigenpairs
+    of index ``subset = (lo, hi)`` only (inclusive, counted from the smallest), which computes
+    only those eigenvectors. No finiteness check (callers pass Gram matrices of finite weights)."""
+    from scipy.linalg import eigh
+
+    if subset is None:
+        return eigh(a, eigvals_only=eigvals_only, driver="evd", check_finite=False)
+    return eigh(a, eigvals_only=eigvals_only, subset_by_index=list(subset), driver="evr",
+                check_finite=False)
 
 
 def to_float(x: Any) -> float:

@@ -106,8 +106,14 @@ def peak_rss_mb() -> float:
 
 
 class _Evaluator:
+    """Validation (and retention) loss at an evaluation point. A trainer that runs its own
+    model (the MLX and JAX backends) supplies ``example_losses(examples, batch_size, pad_id)``;
+    otherwise the torch ``model`` is evaluated."""
+
     def __init__(self, model, trainer, splits, budget: BudgetConfig, pad_id: int):
-        self.model, self.trainer, self.budget, self.pad_id = model, trainer, budget, pad_id
+        self.trainer, self.budget, self.pad_id = trainer, budget, pad_id
+        self.losses = getattr(trainer, "example_losses", None) or (
+            lambda examples, bs, pad: example_losses(model, examples, bs, pad))
         self.val = splits.val[: budget.eval_examples]
         self.retention = splits.retention[: budget.eval_examples]
         self.seconds = 0.0  # time spent evaluating, excluded from training throughput
@@ -117,10 +123,13 @@ class _Evaluator:
         started = time.perf_counter()
         bs = self.budget.eval_batch_size
         set_eval_mode(self.trainer)
-        sums, counts = example_losses(self.model, self.val, bs, self.pad_id)
+        sums, counts = self.losses(self.val, bs, self.pad_id)
         val = sum(sums) / max(sum(counts), 1)
         self.per_example = [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
-        ret = evaluate_loss(self.model, self.retention, bs, self.pad_id) if self.retention else None
+        ret = None
+        if self.retention:
+            sums, counts = self.losses(self.retention, bs, self.pad_id)
+            ret = sum(sums) / max(sum(counts), 1)
         set_train_mode(self.trainer)
         self.seconds += time.perf_counter() - started
         return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret)

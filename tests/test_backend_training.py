@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -373,6 +374,143 @@ def test_first_losses_match_torch(backend: str, model_name: str) -> None:
     assert set(logs[-1].extra) == {"grad_norm", "step_size", "bound", "update_norm",
                                    "weyl_bound", "orth_error", "adapter_norm_ratio"}
     assert max(log.extra["orth_error"] for log in logs) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) the stopping certificate's inputs, and resume
+
+
+# The certificate's model-dependent inputs after a few identical steps (no dropout) on torch and
+# the backend. Generation: greedy continuations from float32 logits that agree to ~1e-6, so the
+# same tokens, and a mean entropy equal to float32 rounding (rel 1e-5). Curvature: the update
+# d = x_new - x_old is a difference of float32 adapters whose roundings differ between the
+# frameworks by ~eps32 |x| (the step is tiny against |x|), so a = g . d may differ by
+# ~eps32 |g| |x| (measured on the tiny models: 0.01-0.06 of it; bound CURV_ROUNDING times it,
+# and a itself must be over 100 times it); b = d^T H d is a central difference
+# (g(x+d) - g(x-d)) . d / 2 of float32 gradients, so it carries each framework's cancellation
+# error ~ eps32 |g| |d|, torch's included (measured: 0.1-0.95 of it; bound CURV_CANCEL times).
+GEN_RTOL = 1e-5
+CURV_ROUNDING = 16
+CURV_CANCEL = 64
+CERT_STEPS = 3
+
+
+def _fresh_pair(backend: str, model_name: str):
+    """A fresh torch and backend derived set-up without dropout (trainers not stepped)."""
+    cfg, loaded, splits, pad = _fixture(model_name)
+    model = load_model(cfg.model)  # the torch set-up hooks adapters onto its model
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        specs = torch_derived._adapter_specs
+        mp.setattr(torch_derived, "_adapter_specs", lambda d, s: _no_dropout(specs(d, s)))
+        ref = torch_derived.setup_derived(cfg, model, splits, pad, QUIET)
+        attach = db.attach
+
+        def attach_without_dropout(*args, **kwargs):
+            adapters = attach(*args, **kwargs)
+            adapters.specs = _no_dropout(adapters.specs)
+            return adapters
+
+        mp.setattr(db, "attach", attach_without_dropout)
+        got = db.setup_backend_derived(cfg, db.make_ops(backend, loaded.model), splits, pad)
+    eos = model.model.generation_config.eos_token_id
+    got.trainer.eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    got.trainer.keep_direction = True
+    return ref.trainer, got.trainer
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_certificate_inputs_match_torch(backend: str, model_name: str) -> None:
+    """Greedy-generation statistics (the drift criterion) of the base model and after
+    CERT_STEPS steps, and the validation curvature along the last update (the predicted-
+    improvement criterion), on the backend against the torch trainer."""
+    _needs(backend, model_name)
+    from runner.tasks.derived import _calibration_batch, _prompts
+
+    cfg, _, splits, pad = _fixture(model_name)
+    ref, got = _fresh_pair(backend, model_name)
+    prompts, val = _prompts(splits.val, 4), _calibration_batch(splits.val, pad, 8)
+    assert math.isnan(got.curvature(val)[0])  # no update yet
+    for when in ("base", "trained"):
+        if when == "trained":
+            for b in _batches(splits, got.batch_size, cfg.seed, pad, CERT_STEPS):
+                ref.step(b), got.step(b)
+        ref.eval_mode()
+        (e_ref, r_ref), (e_got, r_got) = (t.generation_stats(prompts, 16, pad) for t in (ref, got))
+        print(f"{backend} {model_name} {when}: entropy {e_got:.8f} vs {e_ref:.8f}, "
+              f"repetition {r_got} vs {r_ref}")
+        assert _rel(e_got, e_ref) <= GEN_RTOL and r_got == r_ref
+        ref.train_mode()
+    ref.eval_mode()
+    (a_ref, b_ref), (a_got, b_got) = ref.curvature(val), got.curvature(val)
+    # the cancellation bound of b: eps32 |g| |d| (gradient and update norms of the last step)
+    d = math.sqrt(sum(float((x.double() ** 2).sum())
+                      for t in ref.last_direction.values() for x in t))
+    ref._forward_backward(val)
+    g = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in ref.params if p.grad is not None))
+    x = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for _, *usv in ref.adapters.triples()
+                      for p in usv))
+    cancel, rounding = 2.0**-23 * g * d, 2.0**-23 * g * x
+    print(f"{backend} {model_name}: a {a_got:.6e} vs {a_ref:.6e} (eps32 |g| |x| = "
+          f"{rounding:.1e}); b {b_got:.6e} vs {b_ref:.6e} (eps32 |g| |d| = {cancel:.1e})")
+    assert abs(a_got - a_ref) <= CURV_ROUNDING * rounding and abs(a_ref) > 100 * rounding
+    assert abs(b_got - b_ref) <= CURV_CANCEL * cancel
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_run_resumes_bitwise(backend: str, tmp_path) -> None:
+    """A backend derived run interrupted after its first checkpoint continues from it when run
+    again and ends as an uninterrupted run: the same curves, certificate records and adapter
+    (bitwise: the same batches, dropout keys from (seed, step) and arithmetic)."""
+    _needs(backend)
+    import io
+
+    from runner.tasks.train import run_trainer
+
+    def config(name: str):
+        return to_run_config(compose_config([
+            "+experiment=quickstart", "task=train", "trainer=derived", "model=tiny_llama",
+            "data.max_examples=60", "hardware.threads=1", f"hardware.backend={backend}",
+            "budget.max_tokens=500", "budget.eval_every=3", "budget.eval_examples=8",
+            f"runs_dir={tmp_path / name}"]))
+
+    def run(name: str, stop_at: int | None = None):
+        cfg, (_, _, splits, pad) = config(name), _fixture("tiny_llama")
+        out = io.StringIO()
+        step = db.BackendDerivedTrainer.step
+
+        def interrupted(self, batch):
+            if self.steps == stop_at:
+                raise KeyboardInterrupt
+            return step(self, batch)
+
+        with pytest.MonkeyPatch.context() as mp:
+            if stop_at is not None:
+                mp.setattr(db.BackendDerivedTrainer, "step", interrupted)
+            outcome = run_trainer(cfg, load_model(cfg.model), splits, pad,
+                                  Console(file=out, width=200))
+        return outcome, out.getvalue()
+
+    reference, _ = run("reference")
+    with pytest.raises(KeyboardInterrupt):
+        run("interrupted", stop_at=4)  # after the checkpoint of step 3
+    assert list((tmp_path / "interrupted").glob("checkpoints/*/state.pt"))
+    resumed, log = run("interrupted")
+    assert "resumed at step 3" in log
+    a, b = resumed.result, reference.result
+    assert a.steps == b.steps > 4 and a.stop_reason == b.stop_reason
+    same = functools.partial(json.dumps, sort_keys=True, default=str)  # NaN == NaN
+    assert a.train_losses == b.train_losses and same(a.step_logs) == same(b.step_logs)
+    assert same([dataclasses.asdict(e) for e in a.evals]) == same([dataclasses.asdict(e)
+                                                                   for e in b.evals])
+    assert reference.certificate is not None
+    assert same(resumed.certificate) == same(reference.certificate)
+    ours, theirs = resumed.model.state_dict(), reference.model.state_dict()
+    lora = [k for k in theirs if "lora_" in k]
+    assert lora and ours.keys() == theirs.keys()
+    for k in lora:
+        assert torch.equal(ours[k], theirs[k]), k
 
 
 # ---------------------------------------------------------------------------------------------

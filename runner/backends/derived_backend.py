@@ -47,8 +47,11 @@ branch's input, as the torch hook does, with masks from the backend's PRNG seede
 Parity with torch (tests/test_backend_training.py): initial logits, every derived value to
 relative 1e-4, and the first 10 losses, on the tiny models and SmolLM2-135M.
 
-Not on these backends (the torch path has them): the geometric stopping certificate (it needs
-generation; a run stops on its token budget or max_steps) and checkpoint/resume.
+The loop is ``runner.training.train_loop``, as on torch: the same batches, evaluations,
+divergence stop, checkpoints (the adapters, their last update and the step count, as torch
+tensors; a resumed run ends bitwise where an uninterrupted one does) and the geometric stopping
+certificate (``runner.trainers.derived.CertificateMonitor``, which asks this trainer for
+greedy-generation statistics and the validation curvature along the last update).
 """
 
 from __future__ import annotations
@@ -103,6 +106,14 @@ class _Ops:
         stream)."""
         return contextlib.nullcontext()
 
+    def sync(self, tree) -> None:
+        """Compute a lazily built state now (MLX); JAX arrays are already values."""
+
+    def pack(self, specs: dict, frames: dict):
+        """The state of fresh adapters: U, V from ``frames[name]``, S = 0."""
+        return self.pack_usv({n: (frames[n][0], np.zeros(specs[n].rank, np.float32), frames[n][1])
+                              for n in specs}, specs)
+
 
 @functools.cache
 def _jax_functions():
@@ -139,6 +150,10 @@ def _jax_functions():
         nll, valid = sum_nll(state, params, scales, ids, am, labels)
         return nll.sum(axis=1), valid.sum(axis=1)
 
+    def last_logits(state, params, scales, ids, am, pos):
+        logits = be._forward(params, ids, am, {}, {}, stacked=(state, scales))
+        return jax.lax.dynamic_index_in_dim(logits[0], pos, axis=0, keepdims=False)
+
     def hidden_states(params, ids, am):
         hidden: list = []
         be._forward(params, ids, am, {}, {}, hidden=hidden)
@@ -151,6 +166,7 @@ def _jax_functions():
         value_and_grad=jax.jit(jax.value_and_grad(loss)),
         s_grads=jax.jit(jax.grad(example_loss_sum)),
         example_sums=jax.jit(example_sums),
+        last_logits=jax.jit(last_logits),
         hidden_states=jax.jit(hidden_states),
         frames=jax.jit(frames, static_argnames="width"),
         update=jax.jit(_update_kinds),
@@ -211,6 +227,7 @@ class _JaxOps(_Ops):
         fns = _jax_functions()
         self._value_and_grad, self._s_grads = fns.value_and_grad, fns.s_grads
         self._example_sums, self._hidden = fns.example_sums, fns.hidden_states
+        self._last_logits = fns.last_logits
         self._frames, self._update = fns.frames, fns.update
         self.grad_norm, self.add = fns.grad_norm, fns.add
         self.layout: _JaxLayout | None = None
@@ -232,8 +249,9 @@ class _JaxOps(_Ops):
 
     # -- the stacked state -----------------------------------------------------------------
 
-    def pack(self, specs: dict, frames: dict):
-        """The stacked state: per kind (U (n, out, r), S (n, r), V (n, in, r)), S = 0."""
+    def pack_usv(self, usv: dict, specs: dict):
+        """The stacked state of ``usv[name] = (U, S, V)``: per kind (U (n, out, r), S (n, r),
+        V (n, in, r)), zero where a layer has no adapter of the kind and past an adapter's rank."""
         self.layout = lay = _JaxLayout.of(self.spec, specs)
         w = self.params.weights
         kinds = self.be.layer_kinds(self.spec)
@@ -241,12 +259,12 @@ class _JaxOps(_Ops):
         def shape(kind):
             return w[f"model.layers.{kinds[kind][0]}.{kind}.weight"].shape
 
-        u = lay.stack({n: f[0] for n, f in frames.items()},
+        u = lay.stack({n: t[0] for n, t in usv.items()},
                       lambda k, r: np.zeros((shape(k)[0], r), np.float32))
-        v = lay.stack({n: f[1] for n, f in frames.items()},
+        s = lay.stack({n: t[1] for n, t in usv.items()}, lambda k, r: np.zeros(r, np.float32))
+        v = lay.stack({n: t[2] for n, t in usv.items()},
                       lambda k, r: np.zeros((shape(k)[1], r), np.float32))
-        return {k: (self.array(u[k]), self.array(np.zeros(u[k].shape[::2])), self.array(v[k]))
-                for k in lay.kinds}
+        return {k: (self.array(u[k]), self.array(s[k]), self.array(v[k])) for k in lay.kinds}
 
     def unpack(self, state) -> dict:
         out = {}
@@ -310,6 +328,11 @@ class _JaxOps(_Ops):
     def example_sums(self, state, scales, ids, am, labels):
         return self._example_sums(state, self.params, scales, ids, am, labels)
 
+    def last_logits(self, state, scales, ids, am, pos: int) -> np.ndarray:
+        """The logits at position ``pos`` of the first row, float64 numpy (V,)."""
+        row = self._last_logits(state, self.params, scales, ids, am, self.jnp.int32(pos))
+        return np.asarray(row, np.float64)
+
     def update(self, state, grads, eta, bounds):
         return self._update(state, grads, eta, bounds)
 
@@ -368,9 +391,11 @@ class _MlxOps(_Ops):
 
     # -- the state: {name: (U, S, V)} --------------------------------------------------------
 
-    def pack(self, specs: dict, frames: dict):
-        return {n: (self.array(frames[n][0]), self.array(np.zeros(specs[n].rank)),
-                    self.array(frames[n][1])) for n in specs}
+    def pack_usv(self, usv: dict, specs: dict):
+        return {n: tuple(self.array(x) for x in usv[n]) for n in specs}
+
+    def sync(self, tree) -> None:
+        self.mx.eval(tree)
 
     def unpack(self, state) -> dict:
         return {n: tuple(np.array(x) for x in t) for n, t in state.items()}
@@ -411,6 +436,10 @@ class _MlxOps(_Ops):
         sums, counts = nll.sum(axis=1), valid.sum(axis=1)
         self.mx.eval(sums, counts)
         return sums, counts
+
+    def last_logits(self, state, scales, ids, am, pos: int) -> np.ndarray:
+        logits = self.be._forward(self.spec, self.params.weights, ids, am, state, scales)
+        return np.array(logits[0, pos].astype(self.mx.float32)).astype(np.float64)
 
     def dropout_keys(self, seed_words: list[int], n: int):
         seed = int(np.random.SeedSequence(seed_words).generate_state(1)[0])
@@ -754,17 +783,29 @@ class BackendDerivedTrainer:
     (Cayley retraction), projected SGD with decoupled decay on S, MASS step sizes."""
 
     def __init__(self, ops: _Ops, adapters: BackendAdapters, derived, batch_size: int,
-                 micro_batch: int, *, ceiling: float, floor: float, seed: int):
+                 micro_batch: int, *, ceiling: float, floor: float, seed: int,
+                 eos_ids: tuple[int, ...] = ()):
         self.ops, self.adapters, self.derived = ops, adapters, derived
         self.batch_size, self.micro_batch = batch_size, micro_batch
         self.ceiling, self.floor, self.seed = ceiling, floor, seed
+        self.eos_ids = tuple(eos_ids)  # never chosen by greedy generation (min_new_tokens)
         self.sigma_k_min = float(derived.sigma_k_min)
         self.steps = 0
         self.bounds = ops.pack_bounds({n: (sp.sigma_k / sp.scale, sp.decay)
                                        for n, sp in adapters.specs.items()})
+        # The last update (new - old state), kept when the certificate needs its curvature.
+        self.keep_direction = False
+        self.last_direction = None
 
-    def _forward_backward(self, batch):
-        """Loss (summed answer-token CE / batch.n_tokens) and its gradients, micro-batched."""
+    def train_mode(self) -> None:
+        """(Dropout is chosen per call by ``adapter_scales``: no mode to switch.)"""
+
+    def eval_mode(self) -> None:
+        """(See :meth:`train_mode`.)"""
+
+    def _forward_backward(self, batch, *, train: bool = True):
+        """Loss (summed answer-token CE / batch.n_tokens) and its gradients, micro-batched;
+        ``train``: with the step's dropout masks."""
         ops, total = self.ops, max(int(batch.n_tokens), 1)
         state = self.adapters.state
         loss, grads = None, None
@@ -773,7 +814,7 @@ class BackendDerivedTrainer:
             ids, am, lab = to_backend_batch(ops, batch.input_ids[sl], batch.attention_mask[sl],
                                             batch.labels[sl],
                                             rows=min(self.micro_batch, self.batch_size))
-            scales = adapter_scales(ops, self.adapters, train=True, seed=self.seed,
+            scales = adapter_scales(ops, self.adapters, train=train, seed=self.seed,
                                     step=self.steps, micro=j)
             l_mb, g_mb = ops.value_and_grad(state, scales, ids, am, lab, total)
             if grads is None:
@@ -812,9 +853,12 @@ class BackendDerivedTrainer:
         mass = geometry.mass_step_size(loss, grad_norm, self.sigma_k_min, self.ceiling,
                                        self.floor)
         eta = float(mass.step)
-        ad = self.adapters
+        ad, before = self.adapters, self.adapters.state
         ad.state, orth, s_ratio = self.ops.update(ad.state, grads, self.ops.array(eta),
                                                   self.bounds)
+        if self.keep_direction:
+            self.last_direction = _tree_map(lambda new, old: new - old, ad.state, before)
+            self.ops.sync(self.last_direction)
         return StepLog(loss=loss_f, extra={
             "grad_norm": norm_f, "step_size": eta, "bound": mass.bound,
             "update_norm": eta * norm_f, "weyl_bound": self.sigma_k_min,
@@ -844,6 +888,103 @@ class BackendDerivedTrainer:
         sums, counts = self.example_losses(examples, batch_size, pad_id)
         return sum(sums) / max(sum(counts), 1)
 
+    # -- what the stopping certificate asks (runner.trainers.derived.CertificateMonitor) -------
+
+    def generation_stats(self, prompts, new_tokens: int, pad_id: int) -> tuple[float, float]:
+        """Mean next-token entropy and 4-gram repetition rate of greedy continuations of
+        ``prompts`` (1-D token tensors), as ``runner.trainers.derived.generation_stats`` (HF
+        ``generate``, do_sample=False, min_new_tokens = new_tokens): the entropy of the raw
+        logits' softmax in float64, the next token their argmax with EOS excluded. Without a
+        KV cache: each token is one forward of the sequence so far (JAX: right-padded to a
+        multiple of 32 positions, so one compiled forward serves a prompt)."""
+        from runner.trainers.derived import _ngram_repetition
+
+        del pad_id  # one unpadded row: nothing to pad
+        ops, state = self.ops, self.adapters.state
+        scales = adapter_scales(ops, self.adapters, train=False, seed=self.seed, step=0, micro=0)
+        entropies, reps = [], []
+        for prompt in prompts:
+            seq = [int(t) for t in prompt]
+            start = len(seq)
+            width = _bucket(start + new_tokens) if ops.name == "jax" else None
+            for _ in range(new_tokens):
+                n = len(seq)
+                ids = np.zeros((1, width or n), np.int64)
+                am = np.zeros_like(ids)
+                ids[0, :n], am[0, :n] = seq, 1
+                logits = ops.last_logits(state, scales, ops.array(ids, "int32"),
+                                         ops.array(am, "int32"), n - 1)
+                p = np.exp(logits - logits.max())
+                p /= p.sum()
+                nz = p[p > 0]
+                entropies.append(float(-(nz * np.log(nz)).sum()))  # 0 log 0 = 0
+                logits[list(self.eos_ids)] = -np.inf
+                seq.append(int(np.argmax(logits)))
+            reps.append(_ngram_repetition(seq[start:]))
+        return sum(entropies) / len(entropies), sum(reps) / len(reps)
+
+    def curvature(self, val_batch) -> tuple[float, float]:
+        """a = grad L_val . d and b = d^T H_val d along the last update d (central differences
+        of the validation gradient, without dropout); NaN before the first step or when the
+        trainer keeps no direction."""
+        d = self.last_direction
+        if d is None:
+            return math.nan, math.nan
+        ad, base = self.adapters, self.adapters.state
+        try:
+            _, g0 = self._forward_backward(val_batch, train=False)
+            ad.state = _tree_map(lambda x, y: x + y, base, d)
+            _, g_plus = self._forward_backward(val_batch, train=False)
+            ad.state = _tree_map(lambda x, y: x - y, base, d)
+            _, g_minus = self._forward_backward(val_batch, train=False)
+        finally:
+            ad.state = base  # back where we were, exactly
+        a = _tree_dot(self.ops, g0, d)
+        b = _tree_dot(self.ops, _tree_map(lambda x, y: x - y, g_plus, g_minus), d) / 2.0
+        return a, b
+
+    # -- checkpoints (runner.checkpoint, through runner.training.train_loop) -------------------
+
+    def setup_summary(self) -> dict[str, float]:
+        """What the set-up derived (recomputed on resume, so it must come out the same)."""
+        return {"batch_size": self.batch_size, "micro_batch": self.micro_batch,
+                "ceiling": self.ceiling, "floor": self.floor, "sigma_k_min": self.sigma_k_min}
+
+    def _host(self, tree) -> dict:
+        import torch
+
+        return {n: tuple(torch.from_numpy(np.array(x, np.float32)) for x in t)
+                for n, t in self.ops.unpack(tree).items()}
+
+    def _device(self, per_name: dict):
+        if set(per_name) != set(self.adapters.specs):
+            raise ValueError("the checkpoint's adapters are not this run's target modules")
+        usv = {n: tuple(x.numpy() for x in t) for n, t in per_name.items()}
+        for n, (_, s, _) in usv.items():
+            if s.shape != (self.adapters.specs[n].rank,):
+                raise ValueError(f"{n}: rank {s.shape[0]} in the checkpoint, "
+                                 f"{self.adapters.specs[n].rank} derived")
+        return self.ops.pack_usv(usv, self.adapters.specs)
+
+    def state_dict(self) -> dict[str, Any]:
+        """U, S, V, the last update and the step count (the dropout masks' seed) as torch
+        tensors by module name; the set-up only as its summary, checked on resume."""
+        d = self.last_direction
+        return {"adapters": self._host(self.adapters.state),
+                "last_direction": None if d is None else self._host(d),
+                "steps": self.steps, "setup": self.setup_summary()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        ours, theirs = self.setup_summary(), state["setup"]
+        differ = [f"{k} {theirs.get(k)} != {v}" for k, v in ours.items()
+                  if not math.isclose(float(theirs.get(k, math.nan)), float(v), rel_tol=1e-6)]
+        if differ:
+            raise ValueError("the derived set-up differs: " + ", ".join(differ))
+        self.adapters.state = self._device(state["adapters"])
+        d = state["last_direction"]
+        self.last_direction = None if d is None else self._device(d)
+        self.steps = int(state["steps"])
+
     # -- export ------------------------------------------------------------------------------
 
     def peft_weights(self) -> dict:
@@ -863,6 +1004,20 @@ class BackendDerivedTrainer:
             s = usv[name][1].astype(np.float64)
             out[name] = geometry.effective_rank(s) if s.max() > 0 else 0.0
         return out
+
+
+def _tree_map(f, *trees):
+    """``f`` leaf by leaf over states or gradients of the same layout (MLX: by module name;
+    JAX: by module kind; each a (U, S, V) triple)."""
+    return {k: tuple(f(*leaves) for leaves in zip(*(t[k] for t in trees), strict=True))
+            for k in trees[0]}
+
+
+def _tree_dot(ops: _Ops, a, b) -> float:
+    """sum over every leaf of a * b, accumulated in float64 on the host."""
+    return float(sum(np.dot(ops.numpy(x).astype(np.float64).ravel(),
+                            ops.numpy(y).astype(np.float64).ravel())
+                     for k in a for x, y in zip(a[k], b[k], strict=True)))
 
 
 def _grad_norm(grads):
@@ -938,56 +1093,12 @@ def export_peft(model, trainer: BackendDerivedTrainer, derived):
 # The loop and the task
 
 
-def train_backend_loop(trainer: BackendDerivedTrainer, splits, budget, *, seed: int,
-                       pad_id: int, console=None):
-    """``runner.training.train_loop`` without checkpoints or the certificate: the same batches
-    (by seed and epoch), token budget, max_steps, divergence stop and evaluation points."""
-    from runner.data import batches
-    from runner.training import EvalPoint, LoopState, TrainResult, is_finite_step
-
-    val = splits.val[:budget.eval_examples]
-    retention = splits.retention[:budget.eval_examples]
-    eval_seconds = [0.0]
-
-    def evaluate(step: int, tokens: int) -> EvalPoint:
-        started = time.perf_counter()
-        v = trainer.evaluate(val, budget.eval_batch_size, pad_id)
-        r = trainer.evaluate(retention, budget.eval_batch_size, pad_id) if retention else None
-        eval_seconds[0] += time.perf_counter() - started
-        if console is not None:
-            console.print(f"step {step} tokens {tokens}: val {v:.4f}")
-        return EvalPoint(step=step, tokens=tokens, val_loss=v, retention_loss=r)
-
-    state = LoopState(evals=[evaluate(0, 0)])
-    while state.stop_reason == "budget" and state.tokens < budget.max_tokens:
-        started = time.perf_counter()
-        for batch in batches(splits.train, trainer.batch_size, seed=seed, epoch=state.epoch,
-                             pad_id=pad_id):
-            log = trainer.step(batch)
-            state.record(batch, log)
-            state.train_seconds += time.perf_counter() - started
-            if not is_finite_step(log):
-                state.stop_reason = "diverged"
-            elif state.step % budget.eval_every == 0:
-                state.evals.append(evaluate(state.step, state.tokens))
-            if (state.stop_reason == "budget" and state.tokens < budget.max_tokens
-                    and budget.max_steps is not None and state.step >= budget.max_steps):
-                state.stop_reason = "max_steps"
-            if state.stop_reason != "budget" or state.tokens >= budget.max_tokens:
-                break
-            started = time.perf_counter()
-        else:
-            state.epoch += 1
-    if state.evals[-1].step != state.step:
-        state.evals.append(evaluate(state.step, state.tokens))
-    return TrainResult(state.step, state.tokens, state.loss_tokens, state.losses, state.evals,
-                       state.stop_reason, state.train_seconds, state.step_logs,
-                       eval_seconds=eval_seconds[0])
-
-
 def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
     """trainer=derived with ``hardware.backend`` mlx or jax (``runner.tasks.train.run_trainer``)."""
-    from runner.tasks.train import TrainOutcome
+    from runner.checkpoint import Checkpoint
+    from runner.tasks.derived import certificate_monitor
+    from runner.tasks.train import TrainOutcome, config_hash
+    from runner.training import train_loop
 
     backend, tcfg = _value(cfg.hardware.backend), cfg.trainer
     if _value(cfg.hardware.dtype) != "float32":
@@ -998,11 +1109,20 @@ def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
     ops = make_ops(backend, loaded.model)
     setup = setup_backend_derived(cfg, ops, splits, pad_id, console)
     trainer, derived, noise = setup.trainer, setup.derived, setup.noise
+    eos = loaded.model.generation_config.eos_token_id
+    trainer.eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+
+    # Train with MASS steps; stop on the certificate or the token budget (the torch loop,
+    # checkpoints included: runner.tasks.derived.run_derived).
+    monitor = None
     if tcfg.certificate:
-        console.print(f"note: the stopping certificate is not evaluated on backend {backend}; "
-                      "training stops on the token budget")
-    result = train_backend_loop(trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
-                                console=console)
+        trainer.keep_direction = True  # the curvature criterion reads the last update
+        monitor = certificate_monitor(cfg, trainer, splits, pad_id)
+    checkpoint = Checkpoint.for_run(cfg.runs_dir, config_hash(cfg),
+                                    stateful={"certificate": monitor} if monitor else None)
+    result = train_loop(None, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
+                        console=console, on_eval=monitor.on_eval if monitor else None,
+                        checkpoint=checkpoint)
     ranks = trainer.adapter_effective_ranks()
     peft_model = export_peft(loaded.model, trainer, derived)
     records = derived.records
@@ -1018,6 +1138,6 @@ def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
                                               for s in result.step_logs), default=0.0),
                        "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1)},
         derived=derived.to_dict(),
-        certificate=None,
+        certificate=monitor.history[-1] if monitor and monitor.history else None,
         step_table=result.step_logs,
     )

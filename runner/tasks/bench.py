@@ -55,7 +55,7 @@ SAME_SHAPE = "adamw_derived_shape"  # PEFT LoRA + AdamW at the derived ranks and
 QUICK = {"repeats": 2, "steps": 2, "quality_tokens": 1000}
 MATMUL_N = {False: 2048, True: 512}  # size of the square peak-FLOP/s matmul (by quick)
 MATMUL_REPEATS = 5
-QUALITY_EVALS = 4  # evaluations per quality run (about), beyond the one at step 0
+QUALITY_EVALS = 3  # evaluations per quality run (about), beyond the one at step 0
 QUALITY_EVAL_EXAMPLES = 32  # cap on validation examples per evaluation in the quality runs
 FLOPS_FORMULA = (
     "6·N·T (Kaplan et al. 2020): N = every parameter of the model, frozen base and adapters, "
@@ -270,9 +270,8 @@ def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir:
     budget = replace(cfg.budget, max_tokens=settings.quality_tokens, max_steps=None,
                      eval_every=every,
                      eval_examples=min(cfg.budget.eval_examples, QUALITY_EVAL_EXAMPLES))
-    trainer_cfg = _trainer_config(arm, loaded.model)
-    if arm.trainer == "derived":  # equal budgets: its certificate must not stop it early
-        trainer_cfg = load_trainer_option(arm.trainer, {"certificate": False})
+    # Equal budgets: the derived trainer's certificate must not stop it early.
+    trainer_cfg = _trainer_config(arm, loaded.model, certificate=False)
     qcfg = replace(cfg, trainer=trainer_cfg, budget=budget, runs_dir=str(runs_dir / arm.name))
     quiet = Console(file=io.StringIO())
     outcome = run_trainer(qcfg, loaded, splits, loaded.tokenizer.pad_token_id, quiet)
@@ -311,21 +310,26 @@ def fixed_batches(examples, count: int, batch_size: int, seq_len: int) -> list[B
 # Trainers
 
 
-def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None):
+def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None,
+                    certificate: bool = True):
     """The arm's committed trainer option; all_linear swaps q/v for every block Linear.
 
-    ``rows_per_pass`` sets the derived trainer's micro-batch (a memory-only option: rows per
-    forward pass, including its set-up's noise probe) to the rows the peers' steps pass at once,
-    so that peak memories compare passes of the same size.
+    For the derived trainer, ``rows_per_pass`` sets its micro-batch (a memory-only option: rows
+    per forward pass, including its set-up's noise probe) to the rows the peers' steps pass at
+    once, so that peak memories compare passes of the same size; ``certificate=False`` turns its
+    stopping certificate off.
     """
     from runner.trainers.derived import candidate_linears
 
-    if arm.trainer == "derived" and rows_per_pass:
-        return load_trainer_option(arm.trainer, {"micro_batch": rows_per_pass})
-    if not arm.all_linear:
-        return load_trainer_option(arm.trainer)
-    targets = sorted({name.rsplit(".", 1)[-1] for name in candidate_linears(model)})
-    return load_trainer_option(arm.trainer, {"target_modules": targets})
+    overrides: dict = {}
+    if arm.trainer == "derived":
+        overrides["certificate"] = certificate
+        if rows_per_pass:
+            overrides["micro_batch"] = rows_per_pass
+    if arm.all_linear:
+        overrides["target_modules"] = sorted({name.rsplit(".", 1)[-1]
+                                              for name in candidate_linears(model)})
+    return load_trainer_option(arm.trainer, overrides or None)
 
 
 def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_per_pass: int):
@@ -365,12 +369,15 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
 
 
 def _load(cfg: RunConfig):
+    """The model and the data splits, without the retention set: the bench reports validation
+    loss only, and on SmolLM2-135M each evaluation of a retention set as large as the
+    validation set would double the quality runs' evaluation time (about 10 s per point)."""
     from runner.tasks.train import check_data_paths
 
-    data_path, retention_path = check_data_paths(cfg)
+    data_path, _ = check_data_paths(cfg)
     loaded = load_model(cfg.model, dtype=cfg.hardware.dtype.value, device=cfg.hardware.device)
     splits = load_splits(data_path, loaded.tokenizer, max_seq_len=cfg.data.max_seq_len,
-                         val_fraction=cfg.data.val_fraction, retention_path=retention_path,
+                         val_fraction=cfg.data.val_fraction, retention_path=None,
                          max_examples=cfg.data.max_examples)
     return loaded, splits
 

@@ -130,6 +130,15 @@ def setup_derived(cfg, loaded, splits, pad_id: int, console: Console) -> Derived
     return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds)
 
 
+def certificate_monitor(cfg, trainer, splits, pad_id: int) -> CertificateMonitor:
+    """The stopping certificate's monitor for a derived run (torch or MLX/JAX trainer): its
+    validation batch (the first 8 validation examples), its 4 generation prompts and its
+    gradient window (half the evaluation interval, at least 2 steps)."""
+    return CertificateMonitor(trainer, _calibration_batch(splits.val, pad_id, 8),
+                              _prompts(splits.val, 4), pad_id,
+                              grad_window=max(2, cfg.budget.eval_every // 2))
+
+
 def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
     from runner.tasks.train import TrainOutcome, config_hash
 
@@ -141,11 +150,7 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
     batch_size, records, derive_seconds = trainer.batch_size, derived.records, setup.derive_seconds
 
     # 5. Train with MASS steps; stop on the certificate or the token budget.
-    monitor = None
-    if tcfg.certificate:
-        monitor = CertificateMonitor(trainer, _calibration_batch(splits.val, pad_id, 8),
-                                     _prompts(splits.val, 4), pad_id,
-                                     grad_window=max(2, cfg.budget.eval_every // 2))
+    monitor = certificate_monitor(cfg, trainer, splits, pad_id) if tcfg.certificate else None
     checkpoint = Checkpoint.for_run(cfg.runs_dir, config_hash(cfg),
                                     stateful={"certificate": monitor} if monitor else None)
     result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,

@@ -20,6 +20,7 @@ exported as plain PEFT LoRA: B = c * U diag(S), A = V^T, lora_alpha = r (scaling
 from __future__ import annotations
 
 import math
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,7 @@ import torch
 from torch import nn
 
 import geometry
-from geometry._xp import one_lapack_thread
+from geometry._xp import host_eigh, one_lapack_thread
 from runner.training import StepLog
 
 # ---------------------------------------------------------------------------------------------
@@ -181,10 +182,7 @@ def _gram_eigenpairs(gram: torch.Tensor, start: int, r: int):
     """
     q = gram.shape[0]
     if gram.device.type == "cpu":
-        from scipy.linalg import eigh
-
-        lam, vecs = eigh(gram.detach().numpy(), subset_by_index=[q - start - r, q - 1 - start],
-                         driver="evr", check_finite=False)  # ascending
+        lam, vecs = host_eigh(gram.detach().numpy(), subset=(q - start - r, q - 1 - start))
         return (torch.from_numpy(lam[::-1].copy()).to(gram.dtype),
                 torch.from_numpy(vecs[:, ::-1].copy()).to(gram.dtype))
     lam, vecs = torch.linalg.eigh(gram)  # ascending
@@ -302,6 +300,8 @@ class DerivedTrainer:
         self.last_direction: dict[str, torch.Tensor] | None = None
         threads = torch.get_num_threads()
         self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        if self._pool is not None:  # its idle threads end with the trainer
+            weakref.finalize(self, self._pool.shutdown, wait=False)
 
     def train_mode(self) -> None:
         self.model.train()
@@ -379,6 +379,49 @@ class DerivedTrainer:
         u.copy_(new_u), v.copy_(new_v), s.copy_(new_s)
         orth = max(geometry.orthogonality_error(u), geometry.orthogonality_error(v))
         return direction, orth, spec.scale * float(s.max()) / spec.sigma_k
+
+    # -- what the stopping certificate asks (CertificateMonitor) ------------------------------
+
+    def generation_stats(self, prompts: list[torch.Tensor], new_tokens: int, pad_id: int):
+        return generation_stats(self.model, prompts, new_tokens, pad_id)
+
+    def _val_grads(self, val_batch) -> list[torch.Tensor]:
+        """Gradients of the validation batch's loss for every adapter parameter, in
+        ``adapters.triples()`` order (U, S, V of each); .grad is left cleared."""
+        params = [p for _, u, s, v in self.adapters.triples() for p in (u, s, v)]
+        for p in self.params:
+            p.grad = None
+        self._forward_backward(val_batch)
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in params]
+        for p in self.params:
+            p.grad = None
+        return grads
+
+    def curvature(self, val_batch) -> tuple[float, float]:
+        """a = grad L_val . d and b = d^T H_val d along the last update d, by central
+        differences of the validation gradient (the weights end where they started); NaN
+        before the first step."""
+        if self.last_direction is None:
+            return math.nan, math.nan
+        d = [delta for name in self.adapters.keys for delta in self.last_direction[name]]
+        params = [p for _, u, s, v in self.adapters.triples() for p in (u, s, v)]
+        g0 = self._val_grads(val_batch)
+        with torch.no_grad():
+            for p, dp in zip(params, d, strict=True):
+                p.add_(dp)
+        g_plus = self._val_grads(val_batch)
+        with torch.no_grad():
+            for p, dp in zip(params, d, strict=True):
+                p.sub_(2 * dp)
+        g_minus = self._val_grads(val_batch)
+        with torch.no_grad():
+            for p, dp in zip(params, d, strict=True):
+                p.add_(dp)  # back where we were
+        a = sum(float((g * dp).double().sum()) for g, dp in zip(g0, d, strict=True))
+        b = sum(float(((gp - gm) * dp).double().sum()) / 2.0
+                for gp, gm, dp in zip(g_plus, g_minus, d, strict=True))
+        return a, b
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -469,55 +512,21 @@ def generation_stats(model, prompts: list[torch.Tensor], new_tokens: int, pad_id
 
 
 class CertificateMonitor:
-    """Computes the four criteria at each evaluation; says when the certificate holds."""
+    """Computes the four criteria at each evaluation; says when the certificate holds.
 
-    def __init__(self, trainer: DerivedTrainer, val_batch, prompts, pad_id: int,
-                 grad_window: int, new_tokens: int = 16):
+    The trainer supplies what depends on its model: ``generation_stats(prompts, new_tokens,
+    pad_id)`` (mean next-token entropy and 4-gram repetition of greedy continuations) and
+    ``curvature(val_batch)`` (a = grad L_val . d and b = d^T H_val d along its last update d);
+    the torch trainer and the MLX/JAX one (runner.backends.derived_backend) both do."""
+
+    def __init__(self, trainer, val_batch, prompts, pad_id: int, grad_window: int,
+                 new_tokens: int = 16):
         self.trainer, self.val_batch, self.prompts = trainer, val_batch, prompts
         self.pad_id, self.grad_window, self.new_tokens = pad_id, grad_window, new_tokens
-        self.base_entropy, self.base_rep = generation_stats(trainer.model, prompts, new_tokens,
-                                                            pad_id)
+        # S = 0 here (a resumed run loads its adapters later): the base model's statistics
+        self.base_entropy, self.base_rep = trainer.generation_stats(prompts, new_tokens, pad_id)
         self.history: list[dict] = []
         self.epoch_start_val: float | None = None
-
-    def _val_grad(self) -> list[torch.Tensor]:
-        t = self.trainer
-        for p in t.params:
-            p.grad = None
-        t._forward_backward(self.val_batch)
-        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                 for p in t.params]
-        for p in t.params:
-            p.grad = None
-        return grads
-
-    def _curvature(self) -> tuple[float, float]:
-        """a = grad L_val . d and b = d^T H_val d along the last update d (central differences)."""
-        t = self.trainer
-        if t.last_direction is None:
-            return math.nan, math.nan
-        d = [delta for name in t.adapters.keys for delta in _order(t.last_direction[name])]
-        params = [p for name, u, s, v in t.adapters.triples() for p in (u, s, v)]
-        g0 = self._val_grad_for(params)
-        with torch.no_grad():
-            for p, dp in zip(params, d):
-                p.add_(dp)
-        g_plus = self._val_grad_for(params)
-        with torch.no_grad():
-            for p, dp in zip(params, d):
-                p.sub_(2 * dp)
-        g_minus = self._val_grad_for(params)
-        with torch.no_grad():
-            for p, dp in zip(params, d):
-                p.add_(dp)  # back where we were
-        a = sum(float((g * dp).double().sum()) for g, dp in zip(g0, d))
-        b = sum(float(((gp - gm) * dp).double().sum()) / 2.0
-                for gp, gm, dp in zip(g_plus, g_minus, d))
-        return a, b
-
-    def _val_grad_for(self, params) -> list[torch.Tensor]:
-        grads = dict(zip(map(id, self.trainer.params), self._val_grad()))
-        return [grads[id(p)] for p in params]
 
     def on_eval(self, evals, step_logs, per_example_val: list[float], epoch_start_val: float):
         """Evaluate the certificate; return (satisfied, record)."""
@@ -527,10 +536,10 @@ class CertificateMonitor:
         grad_norms = grad_norm_series(step_logs)
         criteria = [
             _windowed(geometry.gradient_stationarity, grad_norms, self.grad_window),
-            geometry.predicted_improvement(*self._curvature(),
+            geometry.predicted_improvement(*t.curvature(self.val_batch),
                                            geometry.validation_ci_half_width(per_example_val)),
-            geometry.generation_drift(*_swap(generation_stats(t.model, self.prompts,
-                                                              self.new_tokens, self.pad_id),
+            geometry.generation_drift(*_swap(t.generation_stats(self.prompts, self.new_tokens,
+                                                                self.pad_id),
                                              self.base_entropy, self.base_rep)),
             _windowed(geometry.validation_stability, vals, 2),
         ]
@@ -548,11 +557,6 @@ class CertificateMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = list(state["history"])
-
-
-def _order(triple):
-    du, ds, dv = triple
-    return du, ds, dv
 
 
 def _swap(stats, base_entropy, base_rep):
