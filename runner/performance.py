@@ -28,7 +28,9 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   peak is reset after the model is loaded, so the loading transient is left out; the model's
   resident weights are included). The whole-process peak is in the row as `process_peak_mb`.
 - **MFU**: achieved model FLOP/s over this machine's peak, measured in the same run as the best
-  of several large float32 `torch.matmul`s at the same thread count. Model FLOPs: {formula}
+  of several large float32 `torch.matmul`s at the same thread count, timed before and after
+  the throughput runs (a shared or throttled machine can run one burst slower than the
+  training that follows). Model FLOPs: {formula}
 - **derive steps**: the derived trainer's set-up time for all 15 hyperparameters (from the
   weights, the residual-scale calibration and the gradient-noise-scale probe) divided by one
   baseline step; the weights-only part is shown beside it.
@@ -99,7 +101,8 @@ def _section(row: dict) -> list[str]:
             f"Run `{run}` ({row['device']}, {row['dtype']}, commit `{row['git_commit'][:12]}`): "
             f"{s['repeats']} repetitions x {s['steps']} steps per trainer, "
             f"{row['tokens_per_step']:,} tokens per step; measured peak "
-            f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (float32 {peak['n']}^3 matmul).", "",
+            f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (the best of {len(peak['seconds'])} "
+            f"float32 {peak['n']}^3 matmuls).", "",
             f"`bench: tok_s_ratio={summary['tok_s_ratio']:.3g} "
             f"mem_ratio={summary['mem_ratio']:.3g} derive_steps={summary['derive_steps']:.3g} "
             f"mfu={summary['mfu']:.3g}`", ""]
