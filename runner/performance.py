@@ -79,15 +79,31 @@ def performance_page(rows: list[dict], latest: list[dict]) -> str:
     for row in latest:
         parts += _section(row)
     parts += ["## All bench runs", "",
-              "The derived trainer against PEFT AdamW r=8 q/v, as the summary line of each run.",
+              "The derived trainer against PEFT AdamW r=8 q/v, as the summary line of each run; "
+              "*vs same shape*: its tokens/s over `adamw_derived_shape`'s; *peak*: the run's "
+              "measured matmul GFLOP/s. Runs on the same machine that differ in *peak* ran on a "
+              "machine whose speed changed, and a ratio is only as steady as the machine was "
+              "between its two trainers' turns.",
               "", _table(["run", "model", "hardware", "threads", "batch x seq", "quick",
-                          "tok_s_ratio", "mem_ratio", "derive_steps", "mfu"],
+                          "tok_s_ratio", "vs same shape", "mem_ratio", "derive_steps", "mfu",
+                          "peak"],
                          [[r["run_id"], r["model_id"], r["hardware"], r["threads"],
                            _shape(r), "yes" if r["settings"]["quick"] else "no",
-                           *(_num(r["summary"][k], 3) for k in
-                             ("tok_s_ratio", "mem_ratio", "derive_steps")),
-                           _num(r["summary"]["mfu"], 4)] for r in rows]), ""]
+                           _num(r["summary"]["tok_s_ratio"], 3), _num(_vs_same_shape(r), 3),
+                           *(_num(r["summary"][k], 3) for k in ("mem_ratio", "derive_steps")),
+                           _num(r["summary"]["mfu"], 4),
+                           _num(r["peak_matmul"]["flops_per_second"] / 1e9, 1)] for r in rows]),
+              ""]
     return "\n".join(parts)
+
+
+def _vs_same_shape(row: dict) -> float | None:
+    """The derived arm's tokens/s over PEFT AdamW's at the derived ranks and targets (None when
+    the run has no such arm)."""
+    arms = {t["arm"]: t for t in row["throughput"]}
+    if "derived" not in arms or "adamw_derived_shape" not in arms:
+        return None
+    return arms["derived"]["tok_s_median"] / arms["adamw_derived_shape"]["tok_s_median"]
 
 
 def _section(row: dict) -> list[str]:
