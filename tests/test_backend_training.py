@@ -147,15 +147,20 @@ def _backend_setup(backend: str, model_name: str, dropout: bool):
     ops = db.make_ops(backend, loaded.model)
     with pytest.MonkeyPatch.context() as mp:
         if not dropout:
-            attach = db.attach
-
-            def attach_without_dropout(*args, **kwargs):
-                adapters = attach(*args, **kwargs)
-                adapters.specs = _no_dropout(adapters.specs)
-                return adapters
-
-            mp.setattr(db, "attach", attach_without_dropout)
+            _backend_without_dropout(mp)
         return db.setup_backend_derived(cfg, ops, splits, pad)
+
+
+def _backend_without_dropout(mp: pytest.MonkeyPatch) -> None:
+    """Make the backend set-up attach its adapters with dropout 0."""
+    attach = db.attach
+
+    def attach_without_dropout(*args, **kwargs):
+        adapters = attach(*args, **kwargs)
+        adapters.specs = _no_dropout(adapters.specs)
+        return adapters
+
+    mp.setattr(db, "attach", attach_without_dropout)
 
 
 def _batches(splits, batch_size: int, seed: int, pad: int, steps: int = STEPS):
@@ -404,17 +409,9 @@ def _fresh_pair(backend: str, model_name: str):
         specs = torch_derived._adapter_specs
         mp.setattr(torch_derived, "_adapter_specs", lambda d, s: _no_dropout(specs(d, s)))
         ref = torch_derived.setup_derived(cfg, model, splits, pad, QUIET)
-        attach = db.attach
-
-        def attach_without_dropout(*args, **kwargs):
-            adapters = attach(*args, **kwargs)
-            adapters.specs = _no_dropout(adapters.specs)
-            return adapters
-
-        mp.setattr(db, "attach", attach_without_dropout)
+        _backend_without_dropout(mp)
         got = db.setup_backend_derived(cfg, db.make_ops(backend, loaded.model), splits, pad)
-    eos = model.model.generation_config.eos_token_id
-    got.trainer.eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    got.trainer.eos_ids = db.eos_ids(model.model)
     got.trainer.keep_direction = True
     return ref.trainer, got.trainer
 

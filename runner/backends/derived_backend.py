@@ -975,11 +975,9 @@ class BackendDerivedTrainer:
                 "steps": self.steps, "setup": self.setup_summary()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ours, theirs = self.setup_summary(), state["setup"]
-        differ = [f"{k} {theirs.get(k)} != {v}" for k, v in ours.items()
-                  if not math.isclose(float(theirs.get(k, math.nan)), float(v), rel_tol=1e-6)]
-        if differ:
-            raise ValueError("the derived set-up differs: " + ", ".join(differ))
+        from runner.trainers.derived import check_setup
+
+        check_setup(self.setup_summary(), state["setup"])
         self.adapters.state = self._device(state["adapters"])
         d = state["last_direction"]
         self.last_direction = None if d is None else self._device(d)
@@ -1093,6 +1091,12 @@ def export_peft(model, trainer: BackendDerivedTrainer, derived):
 # The loop and the task
 
 
+def eos_ids(model) -> tuple[int, ...]:
+    """The torch model's end-of-sequence token ids (its generation config's, as a tuple)."""
+    eos = model.generation_config.eos_token_id
+    return tuple(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
 def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
     """trainer=derived with ``hardware.backend`` mlx or jax (``runner.tasks.train.run_trainer``)."""
     from runner.checkpoint import Checkpoint
@@ -1109,8 +1113,7 @@ def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
     ops = make_ops(backend, loaded.model)
     setup = setup_backend_derived(cfg, ops, splits, pad_id, console)
     trainer, derived, noise = setup.trainer, setup.derived, setup.noise
-    eos = loaded.model.generation_config.eos_token_id
-    trainer.eos_ids = tuple(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    trainer.eos_ids = eos_ids(loaded.model)
 
     # Train with MASS steps; stop on the certificate or the token budget (the torch loop,
     # checkpoints included: runner.tasks.derived.run_derived).

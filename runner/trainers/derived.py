@@ -437,11 +437,7 @@ class DerivedTrainer:
                 "last_direction": self.last_direction, "setup": self.setup_summary()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        ours, theirs = self.setup_summary(), state["setup"]
-        differ = [f"{k} {theirs.get(k)} != {v}" for k, v in ours.items()
-                  if not math.isclose(float(theirs.get(k, math.nan)), float(v), rel_tol=1e-6)]
-        if differ:
-            raise ValueError("the derived set-up differs: " + ", ".join(differ))
+        check_setup(self.setup_summary(), state["setup"])
         self.adapters.load_state_dict(state["adapters"])
         self.last_direction = state["last_direction"]
 
@@ -481,6 +477,15 @@ def export_peft(base_model, trainer: DerivedTrainer, derived) -> Any:
             layer.lora_A["default"].weight.copy_(a)
             layer.lora_B["default"].weight.copy_(b)
     return peft_model.eval()
+
+
+def check_setup(ours: dict[str, float], theirs: dict[str, float]) -> None:
+    """Refuse a checkpoint whose stored set-up summary differs from the recomputed one
+    (relative 1e-6): its adapters were trained under other derived values."""
+    differ = [f"{k} {theirs.get(k)} != {v}" for k, v in ours.items()
+              if not math.isclose(float(theirs.get(k, math.nan)), float(v), rel_tol=1e-6)]
+    if differ:
+        raise ValueError("the derived set-up differs: " + ", ".join(differ))
 
 
 def grad_norm_series(step_logs: list[dict]) -> list[float]:
