@@ -884,10 +884,6 @@ class BackendDerivedTrainer:
             counts.extend(int(x) for x in ops.numpy(c)[:b])
         return sums, counts
 
-    def evaluate(self, examples, batch_size: int, pad_id: int) -> float:
-        sums, counts = self.example_losses(examples, batch_size, pad_id)
-        return sum(sums) / max(sum(counts), 1)
-
     # -- what the stopping certificate asks (runner.trainers.derived.CertificateMonitor) -------
 
     def generation_stats(self, prompts, new_tokens: int, pad_id: int) -> tuple[float, float]:
