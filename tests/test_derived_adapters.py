@@ -178,3 +178,28 @@ def test_batched_noise_probe_matches_per_example_passes(model_name: str) -> None
     # float32 forward passes of a padded batch and of single rows round differently
     torch.testing.assert_close(batched, reference, rtol=1e-4, atol=1e-6 * reference.abs().max())
     adapters.remove()
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.05, 0.23])
+def test_dropout_mask_drops_at_the_realized_rate(p: float) -> None:
+    from runner.trainers.derived import DROPOUT_LEVELS, dropout_threshold, keep_mask
+
+    threshold, realized = dropout_threshold(p)
+    assert abs(realized - p) <= 0.5 / DROPOUT_LEVELS
+    torch.manual_seed(0)
+    x = torch.empty(7, 301, 997)  # an element count that is not a multiple of 3
+    drops = sum(int((~keep_mask(x, threshold)).sum()) for _ in range(5))
+    n = 5 * x.numel()
+    # tolerance: 5 binomial standard deviations
+    assert abs(drops / n - realized) <= 5 * (realized * (1 - realized) / n) ** 0.5
+
+
+def test_masked_input_gradient_is_the_mask() -> None:
+    from runner.trainers.derived import _Masked
+
+    x = torch.randn(3, 5, requires_grad=True)
+    keep = torch.rand(3, 5) > 0.5
+    y = _Masked.apply(x, keep)
+    assert torch.equal(y, x.detach() * keep)
+    y.backward(torch.ones_like(y))
+    assert torch.equal(x.grad, keep.float())

@@ -1028,20 +1028,21 @@ def _add_grads(a, b):
 
 def _update_one(u, s, v, gu, gs, gv, eta, upper, decay):
     """One derived step on one adapter (runner.trainers.derived.DerivedTrainer.step, 3-4):
-    U, V <- cayley_retract(., -grad, eta); S <- clamp(S - eta grad_S, 0, upper) *
-    (1 - eta decay), with ``upper`` = sigma_k / c and ``decay`` = sigma_k / sigma_max."""
+    U, V <- cayley_retract(., grad, -eta) (the curve of -grad for time eta); S <- clamp(S -
+    eta grad_S, 0, upper) * (1 - eta decay), with ``upper`` = sigma_k / c and ``decay`` =
+    sigma_k / sigma_max."""
     xp = namespace(u)
     s = xp.clip(s - eta * gs, min=0.0, max=upper) * (1.0 - eta * decay)
-    return geometry.cayley_retract(u, -gu, eta), s, geometry.cayley_retract(v, -gv, eta)
+    return geometry.cayley_retract(u, gu, -eta), s, geometry.cayley_retract(v, gv, -eta)
 
 
 def _update_kinds(state, grads, eta, bounds):
     """:func:`_update_one` on every adapter of the JAX state (stacked by module kind, zero-padded
     to the kind's rank; ``bounds[kind] = (upper, decay, ranks)``), by ``lax.map`` over each
     kind's layers. Zero columns stay zero and change nothing else: with X = [X_r, 0] and
-    D = [D_r, 0] the Cayley system's extra rows and columns are those of the identity, and a
+    D = [D_r, 0] the Cayley r x r matrix K's extra rows and columns are the identity's, and a
     zero S entry with zero gradient stays 0 (a layer without an adapter is all zero columns).
-    ``lax.map``, not ``vmap``: a vmapped ``solve`` is a batched LU, and jaxlib 0.10's batched
+    ``lax.map``, not ``vmap``: a vmapped ``inv`` is a batched LU, and jaxlib 0.10's batched
     LAPACK kernels (``ParallelBatchMap``) deadlocked here when two ran at once on the 2-thread
     CPU pool. Returns the new state, the largest orthogonality error ||X^T X - I_r||_F of any
     U or V over its r real columns (``geometry.orthogonality_error``), and the largest

@@ -5,7 +5,9 @@ measured in one run on this machine.
 2. Throughput and memory: each trainer runs in its own process (so peak memories do not
    mix) and takes `steps` optimizer steps on the same fixed batches (`batch_size` rows of exactly
    `seq_len` tokens packed from the training data, no padding), `repeats` times after one
-   untimed warm-up step; nothing else is timed. The derived trainer's set-up (all 15
+   untimed warm-up step; nothing else is timed. The repetitions are interleaved across the
+   trainers (every trainer's first, then every trainer's second, ...), so a change in the
+   machine's speed during the bench reaches all of them. The derived trainer's set-up (all 15
    hyperparameters) is timed there too.
 3. Quality per compute: every trainer (and the AdamW learning-rate grid, with its tuning cost)
    trains on the same token budget with the shared train loop; validation loss against tokens.
@@ -29,7 +31,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
@@ -116,7 +118,8 @@ def bench_task(cfg: RunConfig) -> dict:
     arms = [a for a in ARMS if a.throughput and (a.quick or not settings.quick)]
     with _progress() as bar:
         quality_arms = [a for a in ARMS if a.quality and (a.quick or not settings.quick)]
-        task = bar.add_task("peak matmul", total=1 + len(arms) + len(quality_arms))
+        task = bar.add_task("peak matmul",
+                            total=1 + len(arms) + settings.repeats + len(quality_arms))
 
         # 1. This machine's peak matmul FLOP/s, at the same thread count as the trainers (again
         #    after the throughput runs: the best of both, since a shared or throttled machine
@@ -124,12 +127,14 @@ def bench_task(cfg: RunConfig) -> dict:
         peak = measure_peak_matmul(settings.matmul_n, MATMUL_REPEATS)
         bar.advance(task)
 
-        # 2. Throughput and memory, one fresh process per trainer.
-        throughput = []
-        for arm in arms:
-            bar.update(task, description=f"throughput {arm.name}")
-            throughput.append(_in_subprocess(measure_throughput, cfg, arm, settings))
+        # 2. Throughput and memory, one fresh process per trainer, repetitions interleaved.
+        @contextmanager
+        def unit(description):
+            bar.update(task, description=description)
+            yield
             bar.advance(task)
+
+        throughput = measure_throughput(cfg, arms, settings, unit)
         peak = best_peak(peak, measure_peak_matmul(settings.matmul_n, MATMUL_REPEATS))
 
         # 3. Quality at an equal token budget (fresh weights per arm; checkpoints in a temp dir).
@@ -212,8 +217,32 @@ def best_peak(first: dict, second: dict) -> dict:
             "flops_per_second": max(first["flops_per_second"], second["flops_per_second"])}
 
 
-def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dict:
-    """In a fresh process: set up `arm`'s trainer, then time `repeats` x `steps` steps."""
+def measure_throughput(cfg: RunConfig, arms: list[Arm], settings: BenchSettings,
+                       unit=lambda description: nullcontext()) -> list[dict]:
+    """Every arm in a fresh process of its own: the set-ups one after another, then the timed
+    repetitions interleaved (repetition 1 of every arm, then repetition 2, ...), so that a
+    drift in the machine's speed reaches every arm alike instead of whichever ran last.
+    ``unit(description)`` is entered around each set-up and each round of repetitions (the
+    progress bar)."""
+    with ExitStack() as stack:
+        workers = []
+        for arm in arms:
+            with unit(f"throughput set-up {arm.name}"):
+                workers.append(stack.enter_context(_worker(cfg.hardware.threads)))
+                workers[-1].submit(_throughput_setup, cfg, arm, settings).result()
+        for rep in range(settings.repeats):
+            with unit(f"throughput repetition {rep + 1}/{settings.repeats}"):
+                for worker in workers:
+                    worker.submit(_throughput_repeat).result()
+        return [worker.submit(_throughput_report).result() for worker in workers]
+
+
+# The state of one arm's throughput run, inside its own worker process.
+_ARM: dict = {}
+
+
+def _throughput_setup(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> None:
+    """Load, set up `arm`'s trainer (timed) and take one untimed warm-up step."""
     # 1. Load (the load's memory transient is recorded apart from the training phase).
     wall = time.perf_counter()
     setup_hardware(cfg.hardware, backends=("torch",), task="bench")
@@ -231,38 +260,49 @@ def measure_throughput(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> dic
     setup_peak = _vm_hwm_mb() if tracked else None
     tracked = tracked and _reset_peak_rss()
 
-    # 3. One untimed warm-up step (lazy optimizer state), then the timed repetitions.
-    losses = [trainer.step(fixed[0]).loss]
-    seconds = []
-    for _ in range(settings.repeats):
-        started = time.perf_counter()
-        for batch in fixed:
-            losses.append(trainer.step(batch).loss)
-        seconds.append(time.perf_counter() - started)
+    # 3. One untimed warm-up step (lazy optimizer state).
+    _ARM.clear()
+    _ARM.update(arm=arm, settings=settings, trainer=trainer, fixed=fixed, info=info,
+                losses=[trainer.step(fixed[0]).loss], seconds=[], wall=wall,
+                load_peak=load_peak, load_seconds=load_seconds, tracked=tracked,
+                setup_peak=setup_peak, model_sha256=loaded.sha256, data_sha256=splits.sha256,
+                n_params=_count_params(loaded.model, trainer.params))
 
-    # 4. Report: throughput spread over repetitions and this process's peak memory.
+
+def _throughput_repeat() -> None:
+    """One timed repetition: `steps` optimizer steps on the fixed batches."""
+    started = time.perf_counter()
+    for batch in _ARM["fixed"]:
+        _ARM["losses"].append(_ARM["trainer"].step(batch).loss)
+    _ARM["seconds"].append(time.perf_counter() - started)
+
+
+def _throughput_report() -> dict:
+    """Throughput spread over the repetitions and this process's peak memory."""
+    a, arm, settings = _ARM, _ARM["arm"], _ARM["settings"]
+    seconds, tracked = a["seconds"], a["tracked"]
     tokens = settings.steps * settings.tokens_per_step
     tok_s = [tokens / s for s in seconds]
     steps_peak = _vm_hwm_mb() if tracked else None
     # The trainer's peak spans its set-up and its steps; the same-shape peer's set-up derives
     # the derived trainer's shapes, which is not its own cost, so only its steps count.
     train_peak = (None if not tracked else steps_peak if arm.derived_shape
-                  else max(setup_peak, steps_peak))
-    process_peak = max(load_peak, _ru_maxrss_mb(), train_peak or 0.0)
+                  else max(a["setup_peak"], steps_peak))
+    process_peak = max(a["load_peak"], _ru_maxrss_mb(), train_peak or 0.0)
     return {
-        "arm": arm.name, "trainer": arm.trainer, **info,
-        "model_sha256": loaded.sha256, "data_sha256": splits.sha256,
-        "n_params": _count_params(loaded.model, trainer.params),
-        "trainable_params": sum(p.numel() for p in trainer.params),
+        "arm": arm.name, "trainer": arm.trainer, **a["info"],
+        "model_sha256": a["model_sha256"], "data_sha256": a["data_sha256"],
+        "n_params": a["n_params"],
+        "trainable_params": sum(p.numel() for p in a["trainer"].params),
         "repeat_seconds": seconds, "tok_s": tok_s,
         "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s),
         "tok_s_max": max(tok_s), "step_seconds_median": statistics.median(seconds) / settings.steps,
         "peak_mb": train_peak if train_peak is not None else process_peak,
         "peak_mb_scope": "training" if train_peak is not None else "process",
-        "process_peak_mb": process_peak, "load_peak_mb": load_peak,
-        "setup_peak_mb": setup_peak, "steps_peak_mb": steps_peak,
-        "all_finite": all(math.isfinite(x) for x in losses),
-        "load_seconds": load_seconds, "wall_seconds": time.perf_counter() - wall,
+        "process_peak_mb": process_peak, "load_peak_mb": a["load_peak"],
+        "setup_peak_mb": a["setup_peak"], "steps_peak_mb": steps_peak,
+        "all_finite": all(math.isfinite(x) for x in a["losses"]),
+        "load_seconds": a["load_seconds"], "wall_seconds": time.perf_counter() - a["wall"],
     }
 
 
@@ -402,17 +442,18 @@ def _count_params(model, extra) -> int:
 # Processes and memory
 
 
-def _in_subprocess(fn, *args):
-    """Run `fn(*args)` in a fresh process of its own (its own peak memory, its own threads).
+@contextmanager
+def _worker(threads: int):
+    """A fresh process of its own (its own peak memory, its own threads) that keeps its state
+    between calls: a one-worker pool.
 
-    The processes fork from a forkserver that has imported this module (torch, transformers,
-    PEFT) once but run nothing, so each starts in a second instead of re-importing for ten.
+    It forks from a forkserver that has imported this module (torch, transformers, PEFT) once
+    but run nothing, so it starts in a second instead of re-importing for ten.
     """
     ctx = get_context("forkserver")
     ctx.set_forkserver_preload([__name__])
-    with _thread_env(args[0].hardware.threads), ProcessPoolExecutor(
-            max_workers=1, mp_context=ctx) as pool:
-        return pool.submit(fn, *args).result()
+    with _thread_env(threads), ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        yield pool
 
 
 @contextmanager

@@ -33,7 +33,7 @@ def dense_cayley(x, d, step):
 @given(frames)
 def test_retraction_keeps_orthonormality(t):
     x, d, step = setup(t)
-    # tolerance: float64 solve of a 2r x 2r system; 1e-10 leaves ~1e5 ulps of headroom
+    # tolerance: float64 inverse of an r x r matrix with ||K^-1|| <= 1; 1e-10 leaves ~1e5 ulps
     assert g.orthogonality_error(g.cayley_retract(x, d, step)) < 1e-10
 
 
@@ -43,11 +43,44 @@ def test_zero_step_identity(t):
     assert np.array_equal(g.cayley_retract(x, d, 0.0), x)
 
 
-@given(frames)
-def test_retraction_matches_dense_cayley(t):
+@pytest.mark.parametrize("series", [False, True])
+@given(t=frames)
+def test_retraction_matches_dense_cayley(series, t):
     x, d, step = setup(t)
-    # tolerance: two float64 solves of a well-conditioned system (|eigenvalues| >= 1)
-    np.testing.assert_allclose(g.cayley_retract(x, d, step), dense_cayley(x, d, step), atol=1e-9)
+    # tolerance: two float64 solves of a well-conditioned system (|eigenvalues| >= 1); with
+    # series=True, small steps take K^-1 from its Neumann series (exact to eps64)
+    step = step if not series else step * 1e-3
+    np.testing.assert_allclose(g.cayley_retract(x, d, step, series=series),
+                               dense_cayley(x, d, step), atol=1e-9)
+
+
+@pytest.mark.parametrize(("dtype", "norm", "series"), [
+    (np.float64, 0.0, True), (np.float64, 1e-9, True), (np.float64, 1e-5, True),
+    (np.float64, 1e-2, False),  # 7 terms to reach eps64: more than SERIES_MAX_TERMS
+    (np.float32, 1e-2, True), (np.float32, 0.3, False),
+])
+def test_near_identity_inverse_matches_lu(dtype, norm, series):
+    from geometry.stiefel import _near_identity_inverse
+
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((40, 40))
+    f = (f * norm / np.linalg.norm(f)).astype(dtype)
+    k, eye = np.eye(40, dtype=dtype) - f, np.eye(40, dtype=dtype)
+    inv = _near_identity_inverse(np, k, eye)
+    assert (inv is not None) == series
+    if series:
+        # tolerance: the series' remainder is below eps; both inverses round at ~40 eps
+        eps = np.finfo(dtype).eps
+        np.testing.assert_allclose(inv, np.linalg.inv(k.astype(np.float64)), rtol=0,
+                                   atol=100 * eps)
+
+
+def test_near_identity_inverse_declines_large_or_nan_norms():
+    from geometry.stiefel import _near_identity_inverse
+
+    eye = np.eye(3)
+    assert _near_identity_inverse(np, eye - 0.3 * np.ones((3, 3)), eye) is None  # ||F|| = 0.9
+    assert _near_identity_inverse(np, eye * np.nan, eye) is None
 
 
 @given(frames)
