@@ -203,3 +203,43 @@ def test_masked_input_gradient_is_the_mask() -> None:
     assert torch.equal(y, x.detach() * keep)
     y.backward(torch.ones_like(y))
     assert torch.equal(x.grad, keep.float())
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.01, 0.3])
+def test_dropped_positions_are_a_bernoulli_process(p: float) -> None:
+    from runner.trainers.derived import dropped_positions
+
+    torch.manual_seed(0)
+    n, trials = 200_003, 20
+    draws = [dropped_positions(n, p) for _ in range(trials)]
+    for pos in draws:
+        assert pos.dtype == torch.int64
+        assert bool((pos[1:] > pos[:-1]).all()) and (pos.numel() == 0 or 0 <= int(pos[0]) <= int(pos[-1]) < n)
+    count = sum(d.numel() for d in draws)
+    # tolerance: 5 binomial standard deviations on the total count, and on the first half
+    sd = (trials * n * p * (1 - p)) ** 0.5
+    assert abs(count - trials * n * p) <= 5 * sd
+    first_half = sum(int((d < n // 2).sum()) for d in draws)
+    assert abs(first_half - count / 2) <= 5 * (count / 4) ** 0.5
+    assert dropped_positions(n, 0.0).numel() == 0
+
+
+def test_sparse_dropout_projection_matches_the_dense_mask() -> None:
+    from runner.trainers.derived import _DroppedProjection
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 11, dtype=torch.float64, generator=gen, requires_grad=True)
+    v = torch.randn(11, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    keep = torch.rand(37, 11, generator=gen) > 0.3
+    rows, cols = (~keep).nonzero(as_tuple=True)
+    g = torch.randn(37, 5, dtype=torch.float64, generator=gen)
+    sparse = _DroppedProjection.apply(x, v, rows, cols)
+    sparse.backward(g)
+    dx, dv = x.grad.clone(), v.grad.clone()
+    x.grad = v.grad = None
+    dense = (x * keep) @ v
+    dense.backward(g)
+    # tolerance: float64 rounding of a 11-term sum and its corrections
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dx, x.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(dv, v.grad, rtol=0, atol=1e-12)

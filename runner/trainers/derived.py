@@ -99,20 +99,27 @@ class FactoredAdapters(nn.Module):
 
     def _hook(self, name: str):
         key, spec = self.keys[name], self.specs[name]
-        threshold, p_drop = dropout_threshold(spec.dropout)
+        threshold, p_dense = dropout_threshold(spec.dropout)
+        sparse = spec.dropout * spec.rank <= SPARSE_DROPOUT_MAX_PR
 
         def hook(module, args, output):
             x = args[0]
             # out = y + c (x V) diag(S) U^T: (..., in) @ (in, r), scaled by an r-vector, then
             # added to y inside one GEMM (addmm). Every scalar (c and the dropout rescale)
             # rides on the r-vector, so no (..., out)-sized tensor is multiplied.
-            if self.training and p_drop > 0:
-                # Inverted dropout on the adapter's input; the 1/(1-p) rescale is applied to
-                # S's r entries instead of the input.
-                keep = keep_mask(x, threshold)
-                a, rescale = _Masked.apply(x, keep) @ self.V[key], 1.0 / (1.0 - p_drop)
-            else:
+            if not self.training or spec.dropout <= 0:
                 a, rescale = x @ self.V[key], 1.0
+            elif sparse:
+                # Inverted dropout on the adapter's input; the 1/(1-p) rescale is applied to
+                # S's r entries instead of the input. Few elements drop: correct x V for them.
+                x2 = x.reshape(-1, x.shape[-1])
+                pos = dropped_positions(x2.numel(), spec.dropout, x.device)
+                rows, cols = pos // x2.shape[1], pos % x2.shape[1]
+                a = _DroppedProjection.apply(x2, self.V[key], rows, cols)
+                a, rescale = a.view(*x.shape[:-1], -1), 1.0 / (1.0 - spec.dropout)
+            else:  # many drop: a dense mask (p at 2^-16 resolution)
+                keep = keep_mask(x, threshold)
+                a, rescale = _Masked.apply(x, keep) @ self.V[key], 1.0 / (1.0 - p_dense)
             coef = self.S[key] * (spec.scale * rescale)
             u = self.U[key]
             flat = torch.addmm(output.reshape(-1, output.shape[-1]),
@@ -173,6 +180,59 @@ class _Masked(torch.autograd.Function):
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
         return grad * keep.to(grad.dtype), None
+
+
+# Sparse dropout (below) when p * r is at most this: its scattered K x r corrections (K ~ p x
+# the input's elements) then cost less than the dense mask's passes over the whole input.
+SPARSE_DROPOUT_MAX_PR = 0.5
+
+
+def dropped_positions(n: int, p: float, device=None) -> torch.Tensor:
+    """The dropped positions among n elements that each drop independently with probability p:
+    sorted, distinct int64 indices, drawn as an iid Bernoulli(p) process through its geometric
+    gaps (gap - 1 = floor(log U / log(1-p)), U uniform on (0, 1], in float64). Exact in
+    distribution, and about n p draws instead of one per element."""
+    if p <= 0.0 or n == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    log_q = math.log1p(-p)
+    mean = n * p
+    chunk = int(mean + 6.0 * math.sqrt(mean) + 16)  # rarely needs a second chunk
+    parts, last = [], -1.0
+    while True:
+        u = 1.0 - torch.rand(chunk, dtype=torch.float64, device=device)  # (0, 1]
+        pos = last + torch.cumsum(torch.floor(torch.log(u) / log_q) + 1.0, 0)
+        if bool(pos[-1] >= n):
+            parts.append(pos[pos < n])
+            return torch.cat(parts).to(torch.int64)
+        parts.append(pos)
+        last = float(pos[-1])
+
+
+class _DroppedProjection(torch.autograd.Function):
+    """a = (x * M) V for x (N, in) and the 0/1 mask M that is 0 at the dropped (rows, cols),
+    without forming x * M: a = x V - sum over dropped (t, i) of x[t, i] V[i, :]. Backward:
+    dx = da V^T with the dropped entries zeroed, dV = x^T da - the same scattered terms. It
+    saves x itself (q, k and v share one input, so they save one tensor, not three masked
+    copies)."""
+
+    @staticmethod
+    def forward(ctx, x, v, rows, cols):
+        a = x @ v
+        a.index_add_(0, rows, x[rows, cols].unsqueeze(1) * v[cols], alpha=-1.0)
+        ctx.save_for_backward(x, v, rows, cols)
+        return a
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, v, rows, cols = ctx.saved_tensors
+        dx = dv = None
+        if ctx.needs_input_grad[0]:
+            dx = grad @ v.T
+            dx[rows, cols] = 0.0
+        if ctx.needs_input_grad[1]:
+            dv = x.T @ grad
+            dv.index_add_(0, cols, x[rows, cols].unsqueeze(1) * grad[rows], alpha=-1.0)
+        return dx, dv, None, None
 
 
 def initial_frames(w: torch.Tensor, spec: AdapterSpec, init: str, gen: torch.Generator):
