@@ -22,7 +22,10 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
 - **tokens/s**: each trainer in its own process takes a fixed number of optimizer steps on the
   same fixed batches (rows of exactly the stated sequence length, packed from the training data,
   no padding) after one untimed warm-up step, repeated; the median over repetitions is shown
-  with the min-max spread. Evaluation is not timed. The ratio is to PEFT LoRA + AdamW, r=8,
+  with the min-max spread. Since 2026-11-27 (runs from `20261127T165200` on) the repetitions
+  are interleaved across the trainers (every trainer's first, then every trainer's second), so
+  a change in the machine's speed reaches all of them; earlier runs took each trainer's
+  repetitions back to back. Evaluation is not timed. The ratio is to PEFT LoRA + AdamW, r=8,
   alpha=16 on q/v (`adamw`).
 - **peak MB**: the trainer process's peak resident memory while setting up and training (the
   peak is reset after the model is loaded, so the loading transient is left out; the model's
