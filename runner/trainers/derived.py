@@ -99,27 +99,13 @@ class FactoredAdapters(nn.Module):
 
     def _hook(self, name: str):
         key, spec = self.keys[name], self.specs[name]
-        threshold, p_dense = dropout_threshold(spec.dropout)
-        sparse = spec.dropout * spec.rank <= SPARSE_DROPOUT_MAX_PR
 
         def hook(module, args, output):
-            x = args[0]
             # out = y + c (x V) diag(S) U^T: (..., in) @ (in, r), scaled by an r-vector, then
             # added to y inside one GEMM (addmm). Every scalar (c and the dropout rescale)
             # rides on the r-vector, so no (..., out)-sized tensor is multiplied.
-            if not self.training or spec.dropout <= 0:
-                a, rescale = x @ self.V[key], 1.0
-            elif sparse:
-                # Inverted dropout on the adapter's input; the 1/(1-p) rescale is applied to
-                # S's r entries instead of the input. Few elements drop: correct x V for them.
-                x2 = x.reshape(-1, x.shape[-1])
-                pos = dropped_positions(x2.numel(), spec.dropout, x.device)
-                rows, cols = pos // x2.shape[1], pos % x2.shape[1]
-                a = _DroppedProjection.apply(x2, self.V[key], rows, cols)
-                a, rescale = a.view(*x.shape[:-1], -1), 1.0 / (1.0 - spec.dropout)
-            else:  # many drop: a dense mask (p at 2^-16 resolution)
-                keep = keep_mask(x, threshold)
-                a, rescale = _Masked.apply(x, keep) @ self.V[key], 1.0 / (1.0 - p_dense)
+            p = spec.dropout if self.training else 0.0
+            a, rescale = dropout_projection(args[0], self.V[key], p)
             coef = self.S[key] * (spec.scale * rescale)
             u = self.U[key]
             flat = torch.addmm(output.reshape(-1, output.shape[-1]),
@@ -217,22 +203,40 @@ class _DroppedProjection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v, rows, cols):
+        dropped = x[rows, cols].unsqueeze(1)  # (K, 1): the dropped inputs' values
         a = x @ v
-        a.index_add_(0, rows, x[rows, cols].unsqueeze(1) * v[cols], alpha=-1.0)
-        ctx.save_for_backward(x, v, rows, cols)
+        a.index_add_(0, rows, dropped * v[cols], alpha=-1.0)
+        ctx.save_for_backward(x, v, rows, cols, dropped)
         return a
 
     @staticmethod
     def backward(ctx, grad):
-        x, v, rows, cols = ctx.saved_tensors
+        x, v, rows, cols, dropped = ctx.saved_tensors
         dx = dv = None
         if ctx.needs_input_grad[0]:
             dx = grad @ v.T
             dx[rows, cols] = 0.0
         if ctx.needs_input_grad[1]:
             dv = x.T @ grad
-            dv.index_add_(0, cols, x[rows, cols].unsqueeze(1) * grad[rows], alpha=-1.0)
+            dv.index_add_(0, cols, dropped * grad[rows], alpha=-1.0)
         return dx, dv, None, None
+
+
+def dropout_projection(x: torch.Tensor, v: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(dropout_p(x) V without the rescale, the rescale 1/(1-p)): inverted dropout on the
+    adapter's input, its rescale left for the caller to apply to the r-wide side. Where few
+    inputs drop (p r <= SPARSE_DROPOUT_MAX_PR) only the dropped positions are drawn and x V is
+    corrected for them; otherwise a dense mask is drawn (p at 2^-16 resolution)."""
+    if p <= 0:
+        return x @ v, 1.0
+    if p * v.shape[1] <= SPARSE_DROPOUT_MAX_PR:
+        x2 = x.reshape(-1, x.shape[-1])
+        pos = dropped_positions(x2.numel(), p, x.device)
+        rows, cols = pos // x2.shape[1], pos % x2.shape[1]
+        a = _DroppedProjection.apply(x2, v, rows, cols)
+        return a.view(*x.shape[:-1], -1), 1.0 / (1.0 - p)
+    threshold, p_dense = dropout_threshold(p)
+    return _Masked.apply(x, keep_mask(x, threshold)) @ v, 1.0 / (1.0 - p_dense)
 
 
 def initial_frames(w: torch.Tensor, spec: AdapterSpec, init: str, gen: torch.Generator):
