@@ -9,11 +9,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from geometry._xp import Array, one_lapack_thread, require_matrix
+from geometry._xp import Array, one_lapack_thread, require_matrix, worker_pool
 from geometry.mass import mass_ceiling
 from geometry.noise_scale import NOISE_SCALE_SOURCE, NoiseScale
 from geometry.provenance import Derived, jsonable
@@ -424,7 +423,7 @@ def derive_hyperparameters(
                              erank_variant=erank_variant, spectrum=spectrum)
 
     if workers > 1 and len(weights) > 1:
-        with one_lapack_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
+        with one_lapack_thread(), worker_pool(workers) as pool:
             layers = tuple(pool.map(one, weights.items()))
     else:
         layers = tuple(one(item) for item in weights.items())

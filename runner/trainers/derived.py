@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import sys
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 from torch import nn
 
 import geometry
-from geometry._xp import host_eigh, one_lapack_thread
+from geometry._xp import host_eigh, one_lapack_thread, worker_pool
 from runner.training import StepLog
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +93,7 @@ class FactoredAdapters(nn.Module):
         threads = torch.get_num_threads()
         if init == "random" or threads < 2 or len(specs) < 2:
             return {name: one(name) for name in specs}
-        with one_lapack_thread(), ThreadPoolExecutor(max_workers=threads) as pool:
+        with one_lapack_thread(), worker_pool(threads) as pool:
             return dict(zip(specs, pool.map(one, specs), strict=True))
 
     def _hook(self, name: str):
@@ -409,7 +408,8 @@ class DerivedTrainer:
         self.sigma_k_min = float(derived.sigma_k_min)
         self.last_direction: dict[str, torch.Tensor] | None = None
         threads = torch.get_num_threads()
-        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
+        # (one torch thread per worker: see worker_pool for why)
+        self._pool = worker_pool(threads) if threads > 1 else None
         if self._pool is not None:  # its idle threads end with the trainer
             weakref.finalize(self, self._pool.shutdown, wait=False)
 
