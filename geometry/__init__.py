@@ -50,7 +50,12 @@ from geometry.spectra import (
     top_singular_value_power,
     top_singular_values,
 )
-from geometry.stiefel import cayley_retract, orthogonality_error, stiefel_project
+from geometry.stiefel import (
+    cayley_displacement,
+    cayley_retract,
+    orthogonality_error,
+    stiefel_project,
+)
 from geometry.stopping import (
     Criterion,
     StoppingCertificate,
@@ -73,7 +78,7 @@ from geometry.subspaces import (
 __all__ = [
     "FLOAT32_EPS", "Criterion", "Derived", "DerivedHyperparameters", "LayerGeometry", "MassStep",
     "FactoredSVD", "NoiseScale", "ProcrustesFit", "StoppingCertificate", "StructuralRank", "analyze_layer",
-    "cayley_retract", "cka", "clipping_rule", "critical_batch_size", "derive_hyperparameters",
+    "cayley_displacement", "cayley_retract", "cka", "clipping_rule", "critical_batch_size", "derive_hyperparameters",
     "effective_rank", "effective_rank_squared", "epsilon_floor", "factored_svd", "generation_drift",
     "gradient_noise_scale", "gradient_stationarity", "gram_singular_values", "init_indices",
     "is_target_module", "lora_dropout", "lora_rank", "lora_scale_bound", "mass_ceiling",

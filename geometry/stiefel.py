@@ -67,19 +67,34 @@ def cayley_retract(x: Array, direction: Array, step, *, series: bool = False) ->
     (``test_retraction_first_order``); the normal component X S (S symmetric) of D is ignored
     (``test_retraction_ignores_normal_component``).
     """
+    return x + cayley_displacement(x, direction, step, series=series)
+
+
+def cayley_displacement(x: Array, direction: Array, step, *, series: bool = False) -> Array:
+    """Y(t) - X of :func:`cayley_retract`, (D - X Sigma) (t K^{-1}), without adding X back.
+
+    A trainer that updates its frames in place (X += this) and keeps the step for later (a
+    curvature probe along it) saves the passes over n x r arrays that forming Y, then Y - X,
+    then copying Y into X would take; t rides on the r x r inverse.
+
+    **Invariants**: it equals the dense Cayley transform minus X
+    (``test_displacement_is_retraction``).
+    """
     _check_pair(x, direction)
     xp = namespace(x, direction)
     r = x.shape[1]
-    b = xp.matmul(xp.matrix_transpose(x), direction)  # (r, r)
-    bt = xp.matrix_transpose(b)
-    normal = xp.matmul(xp.matrix_transpose(direction), direction) - xp.matmul(bt, b)
+    # (The standard's operators, @ and .mT, not xp.matmul: this runs for every adapter every
+    # step, and a namespace's wrappers cost more than the small products themselves.)
+    b = x.mT @ direction  # (r, r)
+    bt = b.mT
+    normal = direction.mT @ direction - bt @ b
     eye = xp.eye(r, dtype=x.dtype, device=device(x))
     k = eye - (0.25 * step) * (b - bt) + (0.25 * step * step) * normal
     sigma = 0.5 * (b + bt) + (0.5 * step) * normal
     k_inv = _near_identity_inverse(xp, k, eye) if series else None
     if k_inv is None:
         k_inv = xp.linalg.inv(k)
-    return x + step * xp.matmul(direction - xp.matmul(x, sigma), k_inv)
+    return (direction - x @ sigma) @ (step * k_inv)
 
 
 SERIES_MAX_TERMS = 4  # beyond this many products an LU inverse is cheaper (r ~ 100-300 here)
@@ -104,7 +119,7 @@ def _near_identity_inverse(xp, k: Array, eye: Array) -> Array | None:
         return None
     out = eye + f  # Horner: I + F (I + F (... (I + F)))
     for _ in range(terms - 1):
-        out = eye + xp.matmul(f, out)
+        out = eye + f @ out
     return out
 
 
@@ -121,8 +136,7 @@ def orthogonality_error(x: Array) -> float:
     require_matrix(x, "x")
     xp = namespace(x)
     r = x.shape[1]
-    gram = xp.matmul(xp.matrix_transpose(x), x)
-    return to_float(xp.linalg.matrix_norm(gram - xp.eye(r, dtype=x.dtype, device=device(x))))
+    return to_float(xp.linalg.matrix_norm(x.mT @ x - xp.eye(r, dtype=x.dtype, device=device(x))))
 
 
 def _check_pair(x: Array, g: Array) -> None:

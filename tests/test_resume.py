@@ -34,7 +34,7 @@ GRID = [TRAIN, ONE_THREAD, "trainer=adamw_grid", "trainer.lr_grid=[1e-4,1e-3]",
         "budget.max_tokens=1500", "budget.eval_every=2", "budget.eval_examples=8",
         "data.max_examples=120"]
 TIMING = {"train_seconds", "wall_seconds", "tokens_per_second", "peak_rss_mb", "derive_seconds",
-          "tuning_seconds"}
+          "setup_seconds", "tuning_seconds"}
 
 
 def _ledger(tmp: Path) -> list[str]:

@@ -167,8 +167,8 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
         hyperparameters={"init": tcfg.init.value, "batch_size": batch_size,
                          "micro_batch": tcfg.micro_batch, "mass_ceiling": records[1].value,
                          "epsilon_floor": records[2].value},
-        extra_metrics={"derive_seconds": derive_seconds, "batch_size": batch_size,
-                       "noise_b_simple": noise.b_simple,
+        extra_metrics={"derive_seconds": derive_seconds, "setup_seconds": setup.setup_seconds,
+                       "batch_size": batch_size, "noise_b_simple": noise.b_simple,
                        "max_orth_error": max((s.get("orth_error", 0.0)
                                               for s in result.step_logs), default=0.0),
                        "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1)},

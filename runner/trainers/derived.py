@@ -481,14 +481,15 @@ class DerivedTrainer:
         name, u, s, v = triple
         spec = self.adapters.specs[name]
         # Along -grad for time eta = along grad for time -eta (A is linear in the direction),
-        # which saves negating the gradients.
-        new_u = geometry.cayley_retract(u, u.grad, -eta, series=True) if u.grad is not None else u
-        new_v = geometry.cayley_retract(v, v.grad, -eta, series=True) if v.grad is not None else v
+        # which saves negating the gradients. The frames move in place by the displacement,
+        # which is kept as the step's direction.
+        du, dv = (geometry.cayley_displacement(x, x.grad, -eta, series=True)
+                  if x.grad is not None else torch.zeros_like(x) for x in (u, v))
         new_s = (s - eta * s.grad) if s.grad is not None else s.clone()
         # ||c U diag(S) V^T||_2 = c max(S) <= sigma_k (row 10, with the residual scale c)
         new_s = new_s.clamp(0.0, spec.sigma_k / spec.scale) * (1.0 - eta * spec.decay)
-        direction = (new_u - u, new_s - s, new_v - v)
-        u.copy_(new_u), v.copy_(new_v), s.copy_(new_s)
+        direction = (du, new_s - s, dv)
+        u.add_(du), v.add_(dv), s.copy_(new_s)
         orth = max(geometry.orthogonality_error(u), geometry.orthogonality_error(v))
         return direction, orth, spec.scale * float(s.max()) / spec.sigma_k
 

@@ -54,6 +54,13 @@ def test_retraction_matches_dense_cayley(series, t):
                                dense_cayley(x, d, step), atol=1e-9)
 
 
+@given(frames)
+def test_displacement_is_retraction(t):
+    x, d, step = setup(t)
+    # tolerance: as test_retraction_matches_dense_cayley, against the oracle's Y - X
+    np.testing.assert_allclose(g.cayley_displacement(x, d, step), dense_cayley(x, d, step) - x, atol=1e-9)
+
+
 @pytest.mark.parametrize(("dtype", "norm", "series"), [
     (np.float64, 0.0, True), (np.float64, 1e-9, True), (np.float64, 1e-5, True),
     (np.float64, 1e-2, False),  # 7 terms to reach eps64: more than SERIES_MAX_TERMS
