@@ -245,9 +245,15 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
             else:
                 state.epoch, state.next_batch = state.epoch + 1, 0
 
-    # 6. Evaluate the weights training ends with (after a diverged step: the last finite ones).
+    # 6. Evaluate the weights training ends with (after a diverged step: the last finite ones),
+    #    and ask the certificate there too, so that a trial records the certificate it ended
+    #    with even when it stopped between evaluations (its stop reason stands).
     if state.evals[-1].step != state.step:
         state.evals.append(evaluate(state.step, state.tokens))
+        if on_eval is not None and math.isfinite(state.evals[-1].val_loss):
+            started = time.perf_counter()
+            on_eval(state.evals, state.step_logs, evaluate.per_example, state.epoch_start_val)
+            evaluate.seconds += time.perf_counter() - started
         state.eval_seconds = evaluate.seconds
     set_eval_mode(trainer)  # the weights saved and verified are the evaluated ones
     if checkpoint is not None:  # a finished loop: a rerun (or a grid point) just reads it back

@@ -440,7 +440,10 @@ def test_certificate_inputs_match_torch(backend: str, model_name: str) -> None:
         assert _rel(e_got, e_ref) <= GEN_RTOL and r_got == r_ref
         ref.train_mode()
     ref.eval_mode()
+    before = [p.detach().clone() for p in ref.params]
     (a_ref, b_ref), (a_got, b_got) = ref.curvature(val), got.curvature(val)
+    # the probe moves the weights along +-d and puts them back bitwise
+    assert all(torch.equal(p, p0) for p, p0 in zip(ref.params, before, strict=True))
     # the cancellation bound of b: eps32 |g| |d| (gradient and update norms of the last step)
     d = math.sqrt(sum(float((x.double() ** 2).sum())
                       for t in ref.last_direction.values() for x in t))

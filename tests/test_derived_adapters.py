@@ -62,6 +62,18 @@ def derived_run(request, tmp_path_factory):
     return overrides, row, own
 
 
+def test_certificate_recorded_where_training_ends(tmp_path) -> None:
+    """No evaluation falls inside this run (eval_every beyond its steps): the trial still
+    records the certificate of the weights it ends with, and its stop reason stays budget."""
+    row = run_job(compose_config([*FAST, "model=tiny_llama", "budget.eval_every=10000",
+                                  f"results_dir={tmp_path}/results", f"runs_dir={tmp_path}/runs"]))
+    assert row["stop_reason"] == "budget"
+    cert = row["certificate"]
+    assert cert is not None and cert["step"] == row["metrics"]["steps"] > 0
+    assert {c["name"] for c in cert["criteria"]} >= {
+        "gradient_stationarity", "predicted_improvement", "generation_drift", "validation_stability"}
+
+
 def _fresh_base(overrides: list[str]):
     return load_model(to_run_config(compose_config(overrides)).model)
 

@@ -513,12 +513,13 @@ class DerivedTrainer:
 
     def curvature(self, val_batch) -> tuple[float, float]:
         """a = grad L_val . d and b = d^T H_val d along the last update d, by central
-        differences of the validation gradient (the weights end where they started); NaN
-        before the first step."""
+        differences of the validation gradient; NaN before the first step. The weights end
+        bitwise where they started (restored from a copy: W + d - 2d + d is not W in floats)."""
         if self.last_direction is None:
             return math.nan, math.nan
         d = [delta for name in self.adapters.keys for delta in self.last_direction[name]]
         params = [p for _, u, s, v in self.adapters.triples() for p in (u, s, v)]
+        start = [p.detach().clone() for p in params]
         g0 = self._val_grads(val_batch)
         with torch.no_grad():
             for p, dp in zip(params, d, strict=True):
@@ -529,8 +530,8 @@ class DerivedTrainer:
                 p.sub_(2 * dp)
         g_minus = self._val_grads(val_batch)
         with torch.no_grad():
-            for p, dp in zip(params, d, strict=True):
-                p.add_(dp)  # back where we were
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
         a = sum(float((g * dp).double().sum()) for g, dp in zip(g0, d, strict=True))
         b = sum(float(((gp - gm) * dp).double().sum()) / 2.0
                 for gp, gm, dp in zip(g_plus, g_minus, d, strict=True))
