@@ -251,9 +251,7 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
     if state.evals[-1].step != state.step:
         state.evals.append(evaluate(state.step, state.tokens))
         if on_eval is not None and math.isfinite(state.evals[-1].val_loss):
-            started = time.perf_counter()
-            on_eval(state.evals, state.step_logs, evaluate.per_example, state.epoch_start_val)
-            evaluate.seconds += time.perf_counter() - started
+            _ask_certificate(state, evaluate, on_eval)
         state.eval_seconds = evaluate.seconds
     set_eval_mode(trainer)  # the weights saved and verified are the evaluated ones
     if checkpoint is not None:  # a finished loop: a rerun (or a grid point) just reads it back
@@ -273,19 +271,23 @@ def _resume(checkpoint: Checkpoint | None, trainer, console: Console) -> LoopSta
     return state
 
 
+def _ask_certificate(state: LoopState, evaluate: _Evaluator, on_eval) -> bool:
+    """Whether ``on_eval`` says stop, for the evaluation just made; its time counts as
+    evaluation time (not training time either)."""
+    started = time.perf_counter()
+    stop, _ = on_eval(state.evals, state.step_logs, evaluate.per_example, state.epoch_start_val)
+    evaluate.seconds += time.perf_counter() - started
+    return bool(stop)
+
+
 def _evaluate_and_check(state: LoopState, evaluate: _Evaluator, on_eval,
                         console: Console) -> None:
     """Evaluate; a non-finite validation loss is a divergence, else the certificate may stop."""
     state.evals.append(evaluate(state.step, state.tokens))
     if not math.isfinite(state.evals[-1].val_loss):
         state.stop_reason = "diverged"
-    elif on_eval is not None:
-        started = time.perf_counter()
-        stop, _ = on_eval(state.evals, state.step_logs, evaluate.per_example,
-                          state.epoch_start_val)
-        evaluate.seconds += time.perf_counter() - started  # not training time either
-        if stop:
-            state.stop_reason = "certificate"
+    elif on_eval is not None and _ask_certificate(state, evaluate, on_eval):
+        state.stop_reason = "certificate"
     state.eval_seconds = evaluate.seconds
     if not console.is_terminal:  # a log file gets one line per evaluation
         console.print(f"step {state.step} tokens {state.tokens} loss {state.losses[-1]:.4f} "
