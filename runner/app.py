@@ -20,14 +20,14 @@ from omegaconf import DictConfig
 from runner.config import config_error_line, to_run_config
 from runner.errors import ConfigError, HardwareUnavailable, UserError
 from runner.hardware import in_sweep
+from runner.paths import CONF_DIR
 from runner.schema import TaskName, register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         run_job(cfg)
@@ -108,7 +108,7 @@ def precheck(args: list[str]) -> None:
         else:
             choices.append([ov.input_line])
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         for combo in itertools.product(*choices) if choices else [()]:
             try:
                 cfg = compose(config_name="config", overrides=list(combo))

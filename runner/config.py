@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
+from runner.paths import CONF_DIR
 from runner.schema import (
     TRAINER_SCHEMAS,
     BudgetConfig,
@@ -18,7 +19,6 @@ from runner.schema import (
     TrainerConfig,
 )
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 # Why a key is rejected on the derived trainer: these knobs are what it derives.
 DERIVED_KNOBS = {

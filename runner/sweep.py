@@ -18,6 +18,7 @@ from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware, usable_cores
 from runner.ledger import git_commit, new_run_id, package_versions, utc_now, write_trial
 from runner.schema import RunConfig
+from runner.trial import config_hash
 
 
 def reason_of(err: BaseException) -> str:
@@ -37,7 +38,6 @@ def hardware_fields(cfg: RunConfig) -> dict:
 def skip_train(cfg: RunConfig, err: HardwareUnavailable) -> dict:
     """Write the SKIPPED row of a task=train job and return it."""
     from runner.config import trainer_options
-    from runner.tasks.train import config_hash
 
     try:  # hardware that is present (a trainer its backend cannot run): record the device
         cfg = resolved(cfg, setup_hardware(cfg.hardware))

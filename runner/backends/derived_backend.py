@@ -1098,8 +1098,8 @@ def run_backend_derived(cfg, loaded, splits, pad_id: int, console):
     """trainer=derived with ``hardware.backend`` mlx or jax (``runner.tasks.train.run_trainer``)."""
     from runner.checkpoint import Checkpoint
     from runner.tasks.derived import certificate_monitor
-    from runner.tasks.train import TrainOutcome, config_hash
     from runner.training import train_loop
+    from runner.trial import TrainOutcome, config_hash
 
     backend, tcfg = _value(cfg.hardware.backend), cfg.trainer
     if _value(cfg.hardware.dtype) != "float32":

@@ -23,10 +23,8 @@ import yaml
 
 from runner.errors import ConfigError
 from runner.ledger import stable_hash
+from runner.paths import CLAIM_DIR, TRAINER_DIR
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CLAIM_DIR = PROJECT_ROOT / "conf" / "claim"
-TRAINER_DIR = PROJECT_ROOT / "conf" / "trainer"
 BUDGET_KEYS = ("max_tokens", "max_steps", "eval_every", "eval_examples", "eval_batch_size")
 INVARIANT_OPS = ("<=", ">=", "==", "<", ">")
 

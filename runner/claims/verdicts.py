@@ -70,11 +70,22 @@ class Verdict:
     trials_needed: int | None = None  # INCONCLUSIVE: total trials the power estimate asks for
     details: dict[str, Any] = field(default_factory=dict)
     hardware: str | None = None  # set when the experiment's trials span several hardware names
+    # How the report shows it: the test that decided the verdict (e.g. "paired t, two-sided"),
+    # the unit of `effect` ("nats", "Pearson r", ...), whether the row is an implementation
+    # check (holds by construction; kept out of the verdict totals) and whether it comes from a
+    # smoke run on a random-init model (kept out of the headline totals).
+    deciding_test: str | None = None
+    effect_unit: str | None = None
+    is_check: bool = False
+    smoke: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if self.hardware is None:  # single-hardware verdicts keep their original shape
             del out["hardware"]
+        for key in ("deciding_test", "effect_unit", "is_check", "smoke"):
+            if not out[key]:  # absent until set, so older claim tables keep their shape
+                del out[key]
         out["verdict"] = self.verdict.value
         out["ci"] = list(self.ci) if self.ci else None
         out["trial_ids"] = list(self.trial_ids)

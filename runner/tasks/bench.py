@@ -48,6 +48,7 @@ from runner.hardware import setup_hardware
 from runner.ledger import git_commit, new_run_id, package_versions, utc_now
 from runner.models import load_model
 from runner.schema import RunConfig
+from runner.trial import config_hash
 
 BENCH_DIR = "bench"
 BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of every ratio
@@ -502,7 +503,6 @@ def _vm_hwm_mb() -> float | None:
 
 
 def _bench_row(cfg, hw, settings, peak, throughput, quality, summary, started, wall) -> dict:
-    from runner.tasks.train import config_hash
 
     return {
         "schema_version": 1,

@@ -51,6 +51,7 @@ from runner.ledger import (
 )
 from runner.schema import RunConfig
 from runner.sweep import hardware_fields, reason_of
+from runner.trial import config_hash
 
 RULES_DIR = "rules"
 # What makes an arm unrunnable *here* (not a bad config): a missing device or backend, weights
@@ -179,7 +180,6 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
 def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
     """Every (arm, seed) trial of a claim with its full RunConfig and config hash."""
     from runner.config import load_trainer_option
-    from runner.tasks.train import config_hash
 
     if claim.kind is Kind.by_construction:
         return [PlannedTrial(claim, claim.check, seed, None,

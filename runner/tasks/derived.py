@@ -24,6 +24,7 @@ from runner.trainers.derived import (
     residual_scales,
 )
 from runner.training import train_loop
+from runner.trial import TrainOutcome, config_hash
 
 DTYPE_EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 
@@ -140,7 +141,6 @@ def certificate_monitor(cfg, trainer, splits, pad_id: int) -> CertificateMonitor
 
 
 def run_derived(cfg, loaded, splits, pad_id: int, console: Console):
-    from runner.tasks.train import TrainOutcome, config_hash
 
     tcfg, model = cfg.trainer, loaded.model
 

@@ -26,9 +26,9 @@ from runner.data import is_val, read_jsonl
 from runner.hardware import setup_hardware
 from runner.ledger import git_commit, utc_now
 from runner.models import load_model
+from runner.paths import PROJECT_ROOT
 from runner.schema import DerivedTrainerConfig, RunConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 # Records that cannot be computed from the weights alone, and why (printed and stored).
 DEFERRED = {

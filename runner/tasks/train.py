@@ -28,22 +28,9 @@ from runner.models import LoadedModel, load_model
 from runner.schema import RunConfig
 from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
+from runner.paths import PROJECT_ROOT
 from runner.training import TrainResult, peak_rss_mb, train_loop
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-BENCH_OPTIONS = ("quick", "repeats", "steps", "quality_tokens")
-
-
-def config_hash(cfg: RunConfig) -> str:
-    """Hash of everything that determines a trial's outcome (not where it is written)."""
-    c = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    for key in ("results_dir", "runs_dir", "tracking", "verify_adapter"):
-        c.pop(key, None)
-    c["hardware"].pop("threads", None)
-    for key in BENCH_OPTIONS:  # task=bench only: left out, so existing trials keep their hash
-        c["task"].pop(key, None)
-    return stable_hash(c)
-
+from runner.trial import TrainOutcome, config_hash
 
 def resolve_data_path(path: str | None) -> str | None:
     """A relative data path is looked up in the working directory, then in the project root."""
@@ -117,17 +104,6 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None, rule_hash: str | 
                   f"{m['val_loss_final']:.4f}, {m['tokens_per_second']:.0f} tok/s, "
                   f"trial {path}")
     return row
-
-
-@dataclass
-class TrainOutcome:
-    model: Any  # the trained model with its adapters attached, in evaluation mode
-    result: TrainResult
-    hyperparameters: dict
-    extra_metrics: dict = field(default_factory=dict)
-    derived: dict | None = None
-    certificate: dict | None = None
-    step_table: list[dict] | None = None
 
 
 def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
