@@ -17,7 +17,7 @@ from runner.app import run_job
 from runner.config import to_run_config
 from runner.data import load_splits
 from runner.models import load_model
-from runner.tasks import derived as derived_task
+from runner.derived import run as derived_task
 from runner.tasks.train import resolve_data_path
 from runner.derived.spec import AdapterSpec
 from runner.derived.torch_ops import FactoredAdapters, candidate_linears
