@@ -25,7 +25,7 @@ from runner.derived.array_ops import (
 
 
 @functools.cache
-def _jax_functions(rule):
+def _jax_functions():
     """The jitted JAX functions, built once per process and reading: the model spec is static data of the
     ``JaxParams`` pytree, so each (spec, shapes) pair compiles once and is shared by every run.
 
@@ -72,12 +72,17 @@ def _jax_functions(rule):
         last_logits=jax.jit(last_logits),
         hidden_states=jax.jit(hidden_states),
         frames=jax.jit(frames, static_argnames="width"),
-        update=jax.jit(functools.partial(_update_kinds, rule)),
         grad_norm=jax.jit(grad_norm),
         add=jax.jit(add_grads),
     )
 
 
+
+
+@functools.cache
+def _jax_update(rule):
+    """The jitted update of every adapter under ``rule`` (one compilation per reading)."""
+    return jax.jit(functools.partial(_update_kinds, rule))
 
 
 @dataclass(frozen=True)
@@ -124,16 +129,16 @@ class JaxOps(ArrayOps):
     def __init__(self, model):
         self.jax, self.jnp, self.be = jax, jnp, be
         super().__init__(model)
-        self._fns = None
         self.layout: _JaxLayout | None = None
-
-    def attach(self, specs: dict, init: str, seed: int, rule) -> None:
-        fns = _jax_functions(rule)
+        fns = _jax_functions()
         self._value_and_grad, self._s_grads = fns.value_and_grad, fns.s_grads
         self._example_sums, self._hidden = fns.example_sums, fns.hidden_states
         self._last_logits = fns.last_logits
-        self._frames, self._update = fns.frames, fns.update
+        self._frames = fns.frames
         self.grad_norm, self.add = fns.grad_norm, fns.add
+
+    def attach(self, specs: dict, init: str, seed: int, rule) -> None:
+        self._update = _jax_update(rule)
         super().attach(specs, init, seed, rule)
 
     def array(self, x, dtype="float32"):
