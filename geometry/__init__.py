@@ -11,6 +11,7 @@ from geometry.alignment import (
     procrustes_pinv_map,
     twonn_intrinsic_dimension,
 )
+from geometry.records import DerivedRecords
 from geometry.derivations import (
     FLOAT32_EPS,
     DerivedHyperparameters,
@@ -76,7 +77,7 @@ from geometry.subspaces import (
 )
 
 __all__ = [
-    "FLOAT32_EPS", "Criterion", "Derived", "DerivedHyperparameters", "LayerGeometry", "MassStep",
+    "FLOAT32_EPS", "Criterion", "Derived", "DerivedHyperparameters", "DerivedRecords", "LayerGeometry", "MassStep",
     "FactoredSVD", "NoiseScale", "ProcrustesFit", "StoppingCertificate", "StructuralRank", "analyze_layer",
     "cayley_displacement", "cayley_retract", "cka", "clipping_rule", "critical_batch_size", "derive_hyperparameters",
     "effective_rank", "effective_rank_squared", "epsilon_floor", "factored_svd", "generation_drift",

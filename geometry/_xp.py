@@ -7,9 +7,6 @@ adapter in ``geometry/_mlx.py``, imported only when an mlx array is passed).
 
 from __future__ import annotations
 
-import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import array_api_compat
@@ -92,65 +89,13 @@ def _on_host(x: Array) -> bool:
     return array_api_compat.is_torch_array(x) and x.device.type == "cpu"
 
 
-def one_lapack_thread():
-    """A context in which NumPy's and SciPy's BLAS/LAPACK run on one thread each.
-
-    For work split over matrices by a thread pool: one LAPACK thread per matrix avoids the
-    oversubscription (each call starting as many spinning threads as there are cores, from every
-    worker): beside one other job, the 210-matrix derivation of SmolLM2-135M took 126 s that
-    way. torch's own threads are not affected.
-    """
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1, user_api="blas")
-
-
-def worker_pool(workers: int) -> ThreadPoolExecutor:
-    """A thread pool for work split over independent matrices, whose threads each run torch's
-    operations on one thread of their own (torch, when loaded; other libraries are untouched).
-
-    Why: under OpenMP every thread that starts a parallel region gets a team of its own, so a
-    pool of w threads on a c-thread torch adds w x c threads. Once OpenMP manages more threads
-    than there are cores, libgomp stops spinning its idle threads between regions and puts
-    them to sleep at once (its "throttled" wait), and from then on every operation of the
-    process, the training step's forward and backward included, waits for its threads to wake.
-    On this 2-core CPU the derived trainer's update pool did that: its process then kept 1.7
-    cores busy in the forward/backward instead of 1.9, and the step ran 10% slower. With one
-    thread per worker the pool adds w threads and no team.
-
-    ``torch.set_num_threads`` inside a worker sets that thread's OpenMP count, but also the
-    default of threads started later; the caller's count is restored as that default once the
-    workers have started.
-    """
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return ThreadPoolExecutor(max_workers=workers)
-    caller = torch.get_num_threads()
-    started = threading.Barrier(workers + 1)
-
-    def one_thread() -> None:
-        torch.get_num_threads()  # torch's per-thread set-up first, or it later undoes the next line
-        torch.set_num_threads(1)
-        started.wait()
-
-    pool = ThreadPoolExecutor(max_workers=workers, initializer=one_thread)
-    for _ in range(workers):  # no thread is idle yet, so each submit starts one
-        pool.submit(int)
-    started.wait()
-    torch.set_num_threads(caller)
-    return pool
-
-
 def eigvalsh(g: Array) -> Array:
     """Eigenvalues (ascending) of the symmetric matrix ``g``, in ``g``'s dtype and namespace.
 
-    On a float64 host array (numpy, CPU torch) the solve is ``numpy.linalg.eigvalsh``: LAPACK's
-    ``dsyevd`` (Householder tridiagonalisation, then the tridiagonal eigenvalues), as
-    ``xp.linalg.eigvalsh`` computes them, but faster than torch's CPU eigvalsh, and it releases
-    the GIL, so the matrices of a model share the derivation's threads (SciPy's ``eigh`` holds
-    the GIL: on 40 Gram matrices of 576 x 576, 2 threads took 0.96 s with SciPy against 0.52 s
-    with NumPy, 0.82 and 0.91 s on one thread). Elsewhere (GPU, jax, mlx, array-api-strict) it
-    is the namespace's own ``eigvalsh``.
+    On a float64 host array (numpy, CPU torch) the solve is ``numpy.linalg.eigvalsh`` (LAPACK's
+    ``dsyevd``, as ``xp.linalg.eigvalsh`` computes it), which releases the GIL, so matrices
+    analysed on several threads share the cores (SciPy's ``eigh`` holds it). Elsewhere (GPU,
+    jax, mlx, array-api-strict) it is the namespace's own ``eigvalsh``.
     """
     xp = namespace(g)
     if _on_host(g) and g.dtype == xp.float64:

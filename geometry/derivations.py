@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 from typing import Literal
 
-from geometry._xp import Array, one_lapack_thread, require_matrix, worker_pool
+from geometry._xp import Array, require_matrix
 from geometry.mass import mass_ceiling
 from geometry.noise_scale import NOISE_SCALE_SOURCE, NoiseScale
 from geometry.provenance import Derived, jsonable
+from geometry.records import DerivedRecords
 from geometry.spectra import (
     effective_rank,
     effective_rank_squared,
@@ -355,12 +356,12 @@ def analyze_layer(
 @dataclass(frozen=True)
 class DerivedHyperparameters:
     """Everything the derived trainer needs, with provenance: per-layer geometry, the global
-    sigma_k,min / sigma_max over targeted matrices, and the 15 records keyed 1..15."""
+    sigma_k,min / sigma_max over targeted matrices, and the 15 records by name."""
 
     layers: tuple[LayerGeometry, ...]
     sigma_k_min: float
     sigma_max: float
-    records: dict[int, Derived] = field(default_factory=dict)
+    records: DerivedRecords
 
     def layer(self, name: str) -> LayerGeometry:
         """The geometry of the matrix called ``name``."""
@@ -375,7 +376,7 @@ class DerivedHyperparameters:
             "sigma_k_min": self.sigma_k_min,
             "sigma_max": self.sigma_max,
             "layers": {g.name: jsonable(asdict(g)) for g in self.layers},
-            "derived": {str(i): d.to_dict() for i, d in sorted(self.records.items())},
+            "derived": self.records.to_dict(),
         }
 
     def peft_patterns(self) -> dict:
@@ -397,7 +398,8 @@ def derive_hyperparameters(
     weights: Mapping[str, Array], *, n_train: int, batches_per_epoch: int, dtype_eps: float,
     noise: NoiseScale | None = None, residual_scales: Mapping[str, float] | None = None,
     stopping_window: int = 5, erank_variant: ErankVariant = "roy_vetterli",
-    spectrum: Spectrum = "gram_input", workers: int = 2,
+    spectrum: Spectrum = "gram_input",
+    map_fn: Callable[[Callable, Iterable], Iterator] = map,
 ) -> DerivedHyperparameters:
     """Derive all 15 hyperparameters from a model's weight matrices (out x in, any array API).
 
@@ -407,7 +409,9 @@ def derive_hyperparameters(
     sigma_max = max s_1 over targeted matrices;  3. the 15 records. Batch size (8) and residual
     scaling (15) need gradients/activations: pass ``noise`` / ``residual_scales`` once measured,
     otherwise their records say "deferred". ``spectrum`` picks how singular values are
-    computed (see :func:`analyze_layer`); ``workers`` threads analyse matrices concurrently.
+    computed (see :func:`analyze_layer`). ``map_fn`` maps the per-matrix analysis over the
+    matrices (the builtin ``map``, or a thread pool's ``map``: the matrices are independent);
+    it must keep the input order.
 
     **Invariants**: invariant under a common rescaling of all weights, except the sigma values
     and epsilon (``test_derive_hyperparameters_scale_invariant``).
@@ -416,52 +420,45 @@ def derive_hyperparameters(
         raise ValueError("weights must contain at least one matrix")
     if n_train < 1 or batches_per_epoch < 1 or not dtype_eps > 0:
         raise ValueError("need n_train >= 1, batches_per_epoch >= 1 and dtype_eps > 0")
-    # 1. per-matrix geometry; matrices are independent, so ``workers`` threads share them (the
-    #    array libraries release the GIL inside LAPACK); results keep the input order.
+    # 1. per-matrix geometry, in the input order
     def one(item):
         return analyze_layer(item[0], item[1], n_train=n_train, dtype_eps=dtype_eps,
                              erank_variant=erank_variant, spectrum=spectrum)
 
-    if workers > 1 and len(weights) > 1:
-        with one_lapack_thread(), worker_pool(workers) as pool:
-            layers = tuple(pool.map(one, weights.items()))
-    else:
-        layers = tuple(one(item) for item in weights.items())
+    layers = tuple(map_fn(one, weights.items()))
     # 2. global spectral scale over targeted matrices
     targets = [g for g in layers if g.target] or list(layers)
     sk_min = min(g.sigma_k for g in targets)
     s_max = max(g.sigma_max for g in targets)
     # 3. the records
-    names = tuple(g.name for g in layers)
     per_layer = {"layers": len(layers), "order": "as in weights"}
-    rec: dict[int, Derived] = {
-        1: mass_ceiling(sk_min, s_max, batches_per_epoch),
-        2: epsilon_floor(sk_min, s_max, dtype_eps),
-        3: momentum_rule(),
-        4: Derived("weight_decay", tuple(g.weight_decay for g in layers), "sigma_k / sigma_max per layer",
+    rec = DerivedRecords(
+        mass_ceiling=mass_ceiling(sk_min, s_max, batches_per_epoch),
+        epsilon_floor=epsilon_floor(sk_min, s_max, dtype_eps),
+        momentum=momentum_rule(),
+        weight_decay=Derived("weight_decay", tuple(g.weight_decay for g in layers), "sigma_k / sigma_max per layer",
                    per_layer, "seed README row 4"),
-        5: clipping_rule(),
-        6: warmup_rule(),
-        7: schedule_rule(),
-        8: critical_batch_size(noise) if noise is not None else Derived(
+        clipping=clipping_rule(),
+        warmup=warmup_rule(),
+        schedule=schedule_rule(),
+        batch_size=critical_batch_size(noise) if noise is not None else Derived(
             "batch_size", "deferred", "gradient_noise_scale(two batch sizes) at init", {}, NOISE_SCALE_SOURCE),
-        9: stopping_rule(stopping_window),
-        10: Derived("lora_scale", tuple(g.sigma_k for g in layers), "S in [0, sigma_k] per layer; alpha = r",
+        stopping=stopping_rule(stopping_window),
+        lora_scale=Derived("lora_scale", tuple(g.sigma_k for g in layers), "S in [0, sigma_k] per layer; alpha = r",
                     per_layer, "Weyl (1912); seed README row 10"),
-        11: Derived("lora_rank", tuple(g.rank for g in layers),
+        lora_rank=Derived("lora_rank", tuple(g.rank for g in layers),
                     "max(1, min(tail_dims, floor(knee*tail_dims/q))), <= n_train",
                     {**per_layer, "n_train": n_train}, "seed README row 11"),
-        12: Derived("target_modules", tuple(g.name for g in layers if g.target), "tail_dims > 0 or gap > 0",
+        target_modules=Derived("target_modules", tuple(g.name for g in layers if g.target), "tail_dims > 0 or gap > 0",
                     per_layer, "seed README row 12"),
-        13: Derived("lora_dropout", tuple(g.dropout for g in layers), "(1 - erank/q) * (rank/q)",
+        lora_dropout=Derived("lora_dropout", tuple(g.dropout for g in layers), "(1 - erank/q) * (rank/q)",
                     {**per_layer, "erank_variant": erank_variant}, "seed README row 13; Roy & Vetterli (2007)"),
-        14: Derived("weight_init", tuple(g.init_range for g in layers), "U, V = singular vectors [k, k+r), S = 0",
+        weight_init=Derived("weight_init", tuple(g.init_range for g in layers), "U, V = singular vectors [k, k+r), S = 0",
                     per_layer, "SEED-SPEC row 14"),
-        15: Derived("residual_scaling", tuple(float(residual_scales[n]) for n in sorted(residual_scales))
+        residual_scaling=Derived("residual_scaling", tuple(float(residual_scales[n]) for n in sorted(residual_scales))
                     if residual_scales else "deferred",
                     "sigma_max(x) / sigma_max(f(x)) per block, power iteration on a calibration batch",
                     {"blocks": ",".join(sorted(residual_scales)) if residual_scales else ""},
                     "seed README row 15"),
-    }
-    del names
+    )
     return DerivedHyperparameters(layers=layers, sigma_k_min=sk_min, sigma_max=s_max, records=rec)

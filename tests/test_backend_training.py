@@ -1,5 +1,5 @@
-"""trainer=derived on the MLX and JAX backends (runner/backends/derived_backend.py) against the
-torch derived trainer (runner/tasks/derived.py, runner/trainers/derived.py), and the MLX
+"""trainer=derived on the MLX and JAX backends (runner/derived/, MLX and JAX ops) against
+the torch ops, and the MLX
 array-namespace adapter that lets geometry/ run on mlx arrays (geometry/_mlx.py).
 
 Parity, in float32, on the tiny random models and on SmolLM2-135M (Llama, 30 layers, 210
@@ -41,10 +41,11 @@ from support import ROOT, compose_config
 from runner.config import to_run_config
 from runner.data import batches, load_splits
 from runner.models import load_model
-from runner.tasks import derived as torch_derived
+from runner.derived import setup as derived_setup
+from runner.derived.certificate import calibration_batch, prompts_of
+from runner.derived.trainer import DerivedTrainer
 from runner.tasks.train import resolve_data_path
 
-db = pytest.importorskip("runner.backends.derived_backend")
 
 BACKENDS = ["mlx", "jax"]
 MODELS = ["tiny_llama", "tiny_lfm2"]
@@ -73,7 +74,7 @@ LOSS_ATOL_PER_STEP_SMOL = 5e-5
 STEPS = 10
 # The noise-scale estimate behind row 8 (B_simple; row 8 itself, the batch size, must be equal):
 # it is measured from gradients with respect to S along the frames U, V, and float32 frames are
-# determined only to ~eps32 * s_1^2 / gap per eigenvector (runner.trainers.derived.
+# determined only to ~eps32 * s_1^2 / gap per eigenvector (runner.derived.torch_ops.
 # singular_frames): in SmolLM2's dense tails that is ~1e-3, so each framework's frames, torch's
 # included, differ from the exact ones (and from each other) by a rotation of that size within
 # clusters of nearly equal singular values. The per-example S-gradients then differ by ~1e-3
@@ -130,9 +131,9 @@ def _torch_run(model_name: str, dropout: bool, steps: int = STEPS):
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         if not dropout:
-            specs = torch_derived._adapter_specs
-            mp.setattr(torch_derived, "_adapter_specs", lambda d, s: _no_dropout(specs(d, s)))
-        setup = torch_derived.setup_derived(cfg, loaded, splits, pad, QUIET)
+            _without_dropout(mp)
+        setup = derived_setup.setup(cfg, derived_setup.make_ops("torch", loaded.model), splits,
+                                    pad, QUIET)
     losses = [setup.trainer.step(b).loss for b in _batches(splits, setup.trainer.batch_size,
                                                             cfg.seed, pad, steps)]
     setup.trainer.adapters.remove()
@@ -144,23 +145,17 @@ def _backend_setup(backend: str, model_name: str, dropout: bool):
     """The backend's derived set-up on the fixture's weights, shared by (a) and (b) (only (b)
     steps its trainer; the set-up's derived values do not change when it does)."""
     cfg, loaded, splits, pad = _fixture(model_name)
-    ops = db.make_ops(backend, loaded.model)
+    ops = derived_setup.make_ops(backend, loaded.model)
     with pytest.MonkeyPatch.context() as mp:
         if not dropout:
-            _backend_without_dropout(mp)
-        return db.setup_backend_derived(cfg, ops, splits, pad)
+            _without_dropout(mp)
+        return derived_setup.setup(cfg, ops, splits, pad)
 
 
-def _backend_without_dropout(mp: pytest.MonkeyPatch) -> None:
-    """Make the backend set-up attach its adapters with dropout 0."""
-    attach = db.attach
-
-    def attach_without_dropout(*args, **kwargs):
-        adapters = attach(*args, **kwargs)
-        adapters.specs = _no_dropout(adapters.specs)
-        return adapters
-
-    mp.setattr(db, "attach", attach_without_dropout)
+def _without_dropout(mp: pytest.MonkeyPatch) -> None:
+    """Make the set-up (any backend) attach its adapters with dropout 0."""
+    specs = derived_setup.adapter_specs
+    mp.setattr(derived_setup, "adapter_specs", lambda d, s: _no_dropout(specs(d, s)))
 
 
 def _batches(splits, batch_size: int, seed: int, pad: int, steps: int = STEPS):
@@ -331,9 +326,9 @@ def test_derived_values_match_torch(backend: str, model_name: str) -> None:
                 same(x, y, f"{ga.name}.{field.name}[{i}]")
     same(ref.derived.sigma_k_min, got.derived.sigma_k_min, "sigma_k_min")
     same(ref.derived.sigma_max, got.derived.sigma_max, "sigma_max")
-    assert sorted(ref.derived.records) == sorted(got.derived.records) == list(range(1, 16))
-    for k, rec in ref.derived.records.items():
-        other = got.derived.records[k]
+    for (k, rec), (j, other) in zip(ref.derived.records.items(), got.derived.records.items(),
+                                    strict=True):
+        assert k == j
         assert rec.name == other.name and rec.formula == other.formula, k
         for i, (x, y) in enumerate(zip(_numbers(rec.value), _numbers(other.value), strict=True)):
             same(x, y, f"record {k}[{i}]")
@@ -406,13 +401,11 @@ def _fresh_pair(backend: str, model_name: str):
     model = load_model(cfg.model)  # the torch set-up hooks adapters onto its model
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
-        specs = torch_derived._adapter_specs
-        mp.setattr(torch_derived, "_adapter_specs", lambda d, s: _no_dropout(specs(d, s)))
-        ref = torch_derived.setup_derived(cfg, model, splits, pad, QUIET)
-        _backend_without_dropout(mp)
-        got = db.setup_backend_derived(cfg, db.make_ops(backend, loaded.model), splits, pad)
-    got.trainer.eos_ids = db.eos_ids(model.model)
-    got.trainer.keep_direction = True
+        _without_dropout(mp)
+        ref = derived_setup.setup(cfg, derived_setup.make_ops("torch", model.model), splits,
+                                  pad, QUIET)
+        got = derived_setup.setup(cfg, derived_setup.make_ops(backend, loaded.model), splits, pad)
+    ref.trainer.keep_direction = got.trainer.keep_direction = True
     return ref.trainer, got.trainer
 
 
@@ -423,11 +416,9 @@ def test_certificate_inputs_match_torch(backend: str, model_name: str) -> None:
     CERT_STEPS steps, and the validation curvature along the last update (the predicted-
     improvement criterion), on the backend against the torch trainer."""
     _needs(backend, model_name)
-    from runner.tasks.derived import _calibration_batch, _prompts
-
     cfg, _, splits, pad = _fixture(model_name)
     ref, got = _fresh_pair(backend, model_name)
-    prompts, val = _prompts(splits.val, 4), _calibration_batch(splits.val, pad, 8)
+    prompts, val = prompts_of(splits.val, 4), calibration_batch(splits.val, pad, 8)
     assert math.isnan(got.curvature(val)[0])  # no update yet
     for when in ("base", "trained"):
         if when == "trained":
@@ -478,7 +469,7 @@ def test_backend_run_resumes_bitwise(backend: str, tmp_path) -> None:
     def run(name: str, stop_at: int | None = None):
         cfg, (_, _, splits, pad) = config(name), _fixture("tiny_llama")
         out = io.StringIO()
-        step = db.BackendDerivedTrainer.step
+        step = DerivedTrainer.step
 
         def interrupted(self, batch):
             if self.steps == stop_at:
@@ -487,7 +478,7 @@ def test_backend_run_resumes_bitwise(backend: str, tmp_path) -> None:
 
         with pytest.MonkeyPatch.context() as mp:
             if stop_at is not None:
-                mp.setattr(db.BackendDerivedTrainer, "step", interrupted)
+                mp.setattr(DerivedTrainer, "step", interrupted)
             outcome = run_trainer(cfg, load_model(cfg.model), splits, pad,
                                   Console(file=out, width=200))
         return outcome, out.getvalue()
@@ -619,7 +610,9 @@ def test_backend_run_exports_a_peft_adapter(backend: str, tmp_path) -> None:
     _, _, splits, pad = _fixture("tiny_llama")
     loaded = load_model(cfg.model)
     captured = {}
-    export = db.export_peft
+    from runner.derived import run as derived_run
+
+    export = derived_run.export_peft
 
     def capture(model, trainer, derived):
         captured["usv"] = {n: (np.array(trainer.adapters.U[n]), np.array(trainer.adapters.S[n]),
@@ -629,7 +622,7 @@ def test_backend_run_exports_a_peft_adapter(backend: str, tmp_path) -> None:
         return export(model, trainer, derived)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(db, "export_peft", capture)
+        mp.setattr(derived_run, "export_peft", capture)
         outcome = run_trainer(cfg, loaded, splits, pad, QUIET)
     result = outcome.result
     assert captured["dropout"] > 0  # the derived dropout was applied in training

@@ -17,9 +17,10 @@ from runner.app import run_job
 from runner.config import to_run_config
 from runner.data import load_splits
 from runner.models import load_model
-from runner.tasks import derived as derived_task
+from runner.derived import run as derived_task
 from runner.tasks.train import resolve_data_path
-from runner.trainers.derived import AdapterSpec, FactoredAdapters, candidate_linears
+from runner.derived.spec import AdapterSpec
+from runner.derived.torch_ops import FactoredAdapters, candidate_linears
 from runner.training import evaluate_loss
 
 # One thread: on a shared CPU, torch's thread pool spinning against other processes makes
@@ -161,7 +162,7 @@ def test_batched_noise_probe_matches_per_example_passes(model_name: str) -> None
     """The noise-scale probe's per-example gradients from batched passes (the closed form at
     S = 0) equal autograd's gradients of one pass per example, the estimator's definition."""
     from runner.data import collate
-    from runner.trainers.derived import per_example_s_grads
+    from runner.derived.torch_ops import per_example_s_grads
 
     cfg = to_run_config(compose_config([f"model={model_name}", "data.max_examples=40"]))
     loaded = load_model(cfg.model)
@@ -196,7 +197,7 @@ def test_batched_noise_probe_matches_per_example_passes(model_name: str) -> None
 
 @pytest.mark.parametrize("p", [1e-4, 0.05, 0.23])
 def test_dropout_mask_drops_at_the_realized_rate(p: float) -> None:
-    from runner.trainers.derived import DROPOUT_LEVELS, dropout_threshold, keep_mask
+    from runner.derived.torch_dropout import DROPOUT_LEVELS, dropout_threshold, keep_mask
 
     threshold, realized = dropout_threshold(p)
     assert abs(realized - p) <= 0.5 / DROPOUT_LEVELS
@@ -209,7 +210,7 @@ def test_dropout_mask_drops_at_the_realized_rate(p: float) -> None:
 
 
 def test_masked_input_gradient_is_the_mask() -> None:
-    from runner.trainers.derived import _Masked
+    from runner.derived.torch_dropout import _Masked
 
     x = torch.randn(3, 5, requires_grad=True)
     keep = torch.rand(3, 5) > 0.5
@@ -221,7 +222,7 @@ def test_masked_input_gradient_is_the_mask() -> None:
 
 @pytest.mark.parametrize("p", [1e-4, 0.01, 0.3])
 def test_dropped_positions_are_a_bernoulli_process(p: float) -> None:
-    from runner.trainers.derived import dropped_positions
+    from runner.derived.torch_dropout import dropped_positions
 
     torch.manual_seed(0)
     n, trials = 200_003, 20
@@ -239,7 +240,7 @@ def test_dropped_positions_are_a_bernoulli_process(p: float) -> None:
 
 
 def test_sparse_dropout_projection_matches_the_dense_mask() -> None:
-    from runner.trainers.derived import _DroppedProjection
+    from runner.derived.torch_dropout import _DroppedProjection
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(37, 11, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -17,7 +17,7 @@ from support import ROOT, compose_config
 
 from runner.app import run_job
 from runner.trainers.baseline import BaselineTrainer
-from runner.trainers.derived import DerivedTrainer
+from runner.derived.trainer import DerivedTrainer
 
 AT_STEP = 3
 # One thread: on a shared CPU, torch's thread pool spinning against other processes makes
@@ -67,9 +67,9 @@ def _derived_nan_loss(snapshots: list):
     original_fb, original_step, calls = (DerivedTrainer._forward_backward, DerivedTrainer.step,
                                          [0])
 
-    def forward_backward(self, batch):
-        loss = original_fb(self, batch)
-        return loss * math.nan if calls[0] == AT_STEP and self._in_step else loss
+    def forward_backward(self, batch, **kwargs):
+        loss, grads = original_fb(self, batch, **kwargs)
+        return (loss * math.nan if calls[0] == AT_STEP and self._in_step else loss), grads
 
     def step(self, batch):
         calls[0] += 1

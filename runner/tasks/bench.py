@@ -369,7 +369,7 @@ def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None,
     once, so that peak memories compare passes of the same size; ``certificate=False`` turns its
     stopping certificate off.
     """
-    from runner.trainers.derived import candidate_linears
+    from runner.derived import candidate_linears
 
     overrides: dict = {}
     if arm.trainer == "derived":
@@ -387,7 +387,7 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
     trainer_cfg = _trainer_config(arm, loaded.model, rows_per_pass)
     quiet = Console(file=io.StringIO())
     if arm.trainer == "derived":
-        from runner.tasks.derived import setup_derived
+        from runner.derived import setup_derived
 
         setup = setup_derived(replace(cfg, trainer=trainer_cfg), loaded, splits, pad_id, quiet)
         ranks = [s.rank for s in setup.trainer.adapters.specs.values()]
@@ -400,7 +400,7 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
 
     patterns, adapters = None, None
     if arm.derived_shape:  # the shapes come from the derivation (not timed: not this arm's cost)
-        from runner.tasks.derived import derive_for_model
+        from runner.derived import derive_for_model
 
         dcfg, n_train = load_trainer_option("derived"), len(splits.train)
         derived = derive_for_model(loaded.model, n_train, math.ceil(n_train / dcfg.micro_batch),

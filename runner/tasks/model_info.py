@@ -3,7 +3,7 @@
     python -m runner task=model_info model=smollm2_135m [task.top=20]
 
 Loads the model, derives every hyperparameter from the weights of its decoder-block Linears
-exactly as the derived trainer does (`runner.tasks.derived.derive_for_model`), prints two tables
+exactly as the derived trainer does (`runner.derived.derive_for_model`), prints two tables
 (one row per matrix; one row per derivation with its provenance) and writes the same as JSON to
 `<runs_dir>/model_info/<model id>-<sha12>.json`. Nothing is trained: records 8 (batch size) and
 15 (residual scaling) need gradients / activations and are reported as deferred.
@@ -49,7 +49,7 @@ def model_info_task(cfg: RunConfig) -> dict:
     # 2. Load the model and derive from every decoder-block Linear (timed: derivation only).
     hw = setup_hardware(cfg.hardware, backends=("torch",), task="model_info")
     loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.device)
-    from runner.tasks.derived import derive_for_model
+    from runner.derived import derive_for_model
 
     started = time.perf_counter()
     derived = derive_for_model(loaded.model, n_train, batches_per_epoch, hw.dtype, tcfg.erank_variant)

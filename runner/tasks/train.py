@@ -30,6 +30,7 @@ from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.paths import PROJECT_ROOT
 from runner.training import TrainResult, peak_rss_mb, train_loop
+from runner.derived import run_derived
 from runner.trial import TrainOutcome, config_hash
 
 def resolve_data_path(path: str | None) -> str | None:
@@ -116,14 +117,10 @@ def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
             raise HardwareUnavailable(
                 f"trainer={cfg.trainer.name} runs on torch only; hardware={cfg.hardware.name} "
                 f"(backend {backend}) runs trainer=derived only")
-        from runner.backends.derived_backend import run_backend_derived
-
-        return run_backend_derived(cfg, loaded, splits, pad_id, console)
+        return run_derived(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "adamw_grid":
         return run_lr_grid(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "derived":
-        from runner.tasks.derived import run_derived
-
         return run_derived(cfg, loaded, splits, pad_id, console)
     return run_baseline(cfg, cfg.trainer, loaded.model, splits, pad_id, console)
 

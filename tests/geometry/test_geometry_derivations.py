@@ -132,12 +132,20 @@ def test_analyze_layer_gram_matches_exact(rng):
 def test_derive_hyperparameters_bundle(rng):
     weights = small_model(rng)
     hp = g.derive_hyperparameters(weights, n_train=500, batches_per_epoch=100, dtype_eps=EPS32)
-    assert sorted(hp.records) == list(range(1, 16))
+    assert [n for n, _ in hp.records.items()] == list(range(1, 16))
     assert len(hp.layers) == len(weights)
     assert hp.sigma_k_min == min(x.sigma_k for x in hp.layers if x.target)
-    assert hp.records[1].value == pytest.approx(hp.sigma_k_min / (hp.sigma_max * 10))
-    assert hp.records[8].value == "deferred" and hp.records[15].value == "deferred"
+    assert hp.records.mass_ceiling.value == pytest.approx(hp.sigma_k_min / (hp.sigma_max * 10))
+    assert hp.records.batch_size.value == "deferred" and hp.records.residual_scaling.value == "deferred"
     json.dumps(hp.to_dict(), allow_nan=False)  # ledger-ready: strict JSON
+    # the ledger's form (committed trials read it): records keyed "1".."15" with their names
+    ledger = hp.to_dict()["derived"]
+    assert list(ledger) == [str(i) for i in range(1, 16)]
+    assert [r["name"] for r in ledger.values()] == [
+        "learning_rate", "adam_epsilon", "momentum", "weight_decay", "gradient_clipping",
+        "warmup", "lr_schedule", "batch_size", "early_stopping", "lora_scale", "lora_rank",
+        "target_modules", "lora_dropout", "weight_init", "residual_scaling"]
+    assert ledger["1"] == hp.records.mass_ceiling.to_dict()
     peft = hp.peft_patterns()
     assert peft["target_modules"] == [x.name for x in hp.layers if x.target]
     assert peft["rank_pattern"] == peft["alpha_pattern"]
@@ -148,7 +156,7 @@ def test_derive_hyperparameters_with_measurements(rng):
     ns = g.gradient_noise_scale(2.0, 1.2, 4, 32, n_train=500)
     hp = g.derive_hyperparameters(small_model(rng, 1), n_train=500, batches_per_epoch=10, dtype_eps=EPS32,
                                   noise=ns, residual_scales={"model.layers.0": 0.5})
-    assert hp.records[8].value == ns.b_crit and hp.records[15].value == (0.5,)
+    assert hp.records.batch_size.value == ns.b_crit and hp.records.residual_scaling.value == (0.5,)
 
 
 @given(st.sampled_from([0.5, 2.0, 8.0]))
@@ -158,7 +166,7 @@ def test_derive_hyperparameters_scale_invariant(c):
     b = g.derive_hyperparameters({k: c * w for k, w in weights.items()}, n_train=50, batches_per_epoch=10,
                                  dtype_eps=EPS32)
     assert a.peft_patterns() == b.peft_patterns()
-    assert b.records[1].value == pytest.approx(a.records[1].value, rel=1e-9)
+    assert b.records.mass_ceiling.value == pytest.approx(a.records.mass_ceiling.value, rel=1e-9)
 
 
 def test_derive_hyperparameters_guards():
@@ -198,4 +206,4 @@ def test_derived_values_stable_under_q4_noise():
         assert abs(lb.tail_dims - la.tail_dims) <= max(2, 0.02 * la.q)
         assert lb.target == la.target
         assert abs(lb.dropout - la.dropout) <= 0.01
-    assert abs(b.records[1].value / a.records[1].value - 1) <= 0.1
+    assert abs(b.records.mass_ceiling.value / a.records.mass_ceiling.value - 1) <= 0.1

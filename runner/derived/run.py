@@ -1,0 +1,54 @@
+"""One derived run on any backend: set up -> train (checkpoints, certificate) -> export."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from runner.checkpoint import Checkpoint
+from runner.derived.certificate import certificate_monitor
+from runner.derived.export import export_peft
+from runner.derived.setup import _value, setup_derived
+from runner.training import train_loop
+from runner.trial import TrainOutcome, config_hash
+
+
+def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutcome:
+    tcfg, backend = cfg.trainer, _value(cfg.hardware.backend)
+
+    # 1-5. Derive, calibrate, attach, measure.
+    setup = setup_derived(cfg, loaded, splits, pad_id, console)
+    trainer, derived, noise = setup.trainer, setup.derived, setup.noise
+    records = derived.records
+
+    # 6. Train with MASS steps; stop on the certificate or the token budget.
+    monitor = certificate_monitor(cfg, trainer, splits, pad_id) if tcfg.certificate else None
+    checkpoint = Checkpoint.for_run(cfg.runs_dir, config_hash(cfg),
+                                    stateful={"certificate": monitor} if monitor else None)
+    model = loaded.model if backend == "torch" else None
+    result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
+                        console=console, on_eval=monitor.on_eval if monitor else None,
+                        checkpoint=checkpoint)
+
+    # 7. Export as plain PEFT LoRA (B = c U diag(S), A = V^T, alpha = r).
+    trainer.eval_mode()
+    ranks = trainer.adapter_effective_ranks()
+    peft_model = export_peft(loaded.model, trainer, derived)
+    history = monitor.history if monitor else []
+    hyperparameters = {"init": _value(tcfg.init), "batch_size": trainer.batch_size,
+                       "micro_batch": tcfg.micro_batch,
+                       "mass_ceiling": records.mass_ceiling.value,
+                       "epsilon_floor": records.epsilon_floor.value}
+    if backend != "torch":
+        hyperparameters["backend"] = backend
+    return TrainOutcome(
+        model=peft_model, result=result, hyperparameters=hyperparameters,
+        extra_metrics={"derive_seconds": setup.derive_seconds,
+                       "setup_seconds": setup.setup_seconds, "batch_size": trainer.batch_size,
+                       "noise_b_simple": noise.b_simple,
+                       "max_orth_error": max((s.get("orth_error", 0.0)
+                                              for s in result.step_logs), default=0.0),
+                       "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1)},
+        derived=derived.to_dict(),
+        certificate=history[-1] if history else None,
+        step_table=result.step_logs,
+    )

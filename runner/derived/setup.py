@@ -1,0 +1,117 @@
+"""Set up a derived run on any backend: derive -> calibrate -> attach -> measure -> trainer."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import geometry
+from runner.derived.certificate import calibration_batch
+from runner.derived.ops import make_ops
+from runner.derived.spec import (
+    DTYPE_EPS,
+    adapter_specs,
+    noise_scale_from_grads,
+    target_blocks,
+    with_measured_records,
+)
+from runner.derived.step import reading
+from runner.derived.trainer import DerivedTrainer
+from runner.derived.torch_ops import TorchOps
+from runner.errors import ConfigError
+
+
+@dataclass
+class DerivedSetup:
+    """Everything the set-up derived, ready to train."""
+
+    trainer: DerivedTrainer
+    derived: geometry.DerivedHyperparameters
+    noise: geometry.NoiseScale
+    derive_seconds: float  # rows 1-7 and 9-14 from the weights
+    setup_seconds: float  # all 15 rows: the weights, the residual scales and the noise scale
+
+
+def _value(x) -> str:
+    return getattr(x, "value", x)
+
+
+def derive(ops, n_train: int, batches_per_epoch: int, dtype: str,
+           erank_variant: str) -> geometry.DerivedHyperparameters:
+    """Rows 1-7 and 9-14 from the weight matrices of every decoder-block Linear."""
+    with ops.derivation_map() as map_fn:
+        return geometry.derive_hyperparameters(
+            ops.candidate_weights(), n_train=n_train, batches_per_epoch=batches_per_epoch,
+            dtype_eps=DTYPE_EPS[dtype], erank_variant=erank_variant, map_fn=map_fn)
+
+
+def derive_for_model(model, n_train: int, batches_per_epoch: int, dtype: str,
+                     erank_variant: str) -> geometry.DerivedHyperparameters:
+    """:func:`derive` on a torch model."""
+    return derive(TorchOps(model), n_train, batches_per_epoch, dtype, erank_variant)
+
+
+def measure_noise_scale(ops, examples, pad_id: int, n_train: int, n_probe: int,
+                        micro_batch: int, seed: int) -> geometry.NoiseScale:
+    """Row 8 from per-example gradients of the first ``n_probe`` training examples. At S = 0
+    the gradients with respect to U and V vanish, so each example's gradient is its gradient
+    with respect to S."""
+    n_probe = min(n_probe, len(examples))
+    if n_probe < 2:
+        raise ValueError(f"the noise-scale probe needs >= 2 training examples (got {n_probe})")
+    grads = ops.example_s_grads(list(examples[:n_probe]), pad_id, micro_batch, seed)
+    return noise_scale_from_grads(grads, n_train)
+
+
+def setup_derived(cfg, loaded, splits, pad_id: int, console) -> DerivedSetup:
+    """Derive every hyperparameter and attach the adapters on ``cfg.hardware.backend``; no
+    training step is taken."""
+    backend = _value(cfg.hardware.backend)
+    if backend != "torch" and _value(cfg.hardware.dtype) != "float32":
+        raise ConfigError(f"hardware.dtype={_value(cfg.hardware.dtype)}: the {backend} derived "
+                          "trainer runs in float32 only")
+    return setup(cfg, make_ops(backend, loaded.model), splits, pad_id, console)
+
+
+def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
+    tcfg, n_train = cfg.trainer, len(splits.train)
+    rule = reading()
+    ops.prepare(splits)
+
+    # 1. Derive rows 1-7 and 9-14 from the weights (timed: it must cost < one training step).
+    started = time.perf_counter()
+    derived = derive(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
+                     _value(cfg.hardware.dtype), tcfg.erank_variant)
+    derive_seconds = time.perf_counter() - started
+
+    # 2. Residual scales (row 15) on a calibration batch of the base model.
+    blocks = target_blocks(derived)
+    calib = calibration_batch(splits.train, pad_id, tcfg.micro_batch)
+    scales = {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
+
+    # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0).
+    ops.attach(adapter_specs(derived, scales), _value(tcfg.init), cfg.seed, rule)
+
+    # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
+    #    the batches per epoch that batch size gives (row 1).
+    noise = measure_noise_scale(ops, splits.train, pad_id, n_train, tcfg.noise_examples,
+                                tcfg.micro_batch, cfg.seed)
+    derived = with_measured_records(derived, n_train, noise, scales, blocks)
+    records = derived.records
+
+    # 5. The trainer: MASS steps between the derived floor and ceiling.
+    trainer = DerivedTrainer(ops, rule, derived, noise.b_crit, tcfg.micro_batch,
+                             ceiling=float(records.mass_ceiling.value),
+                             floor=float(records.epsilon_floor.value))
+    # (JAX compiles the step's functions here: set-up time, not training time)
+    ops.warm_up(trainer, calibration_batch(splits.train, pad_id,
+                                           min(trainer.batch_size, tcfg.micro_batch)))
+    setup_seconds = time.perf_counter() - started
+    if console is not None:
+        ranks = [s.rank for s in ops.adapters.specs.values()]
+        console.print(f"derived ({ops.name}): {len(ranks)} target matrices, ranks {min(ranks)}-"
+                      f"{max(ranks)}, batch {trainer.batch_size} (B_simple {noise.b_simple:.1f}),"
+                      f" MASS ceiling {records.mass_ceiling.value:.3g}, derived in "
+                      f"{derive_seconds:.2f}s")
+    return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds)

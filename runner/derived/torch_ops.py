@@ -1,0 +1,443 @@
+"""The torch side of the derived trainer: U diag(S) V^T adapters applied to the model's Linears
+by forward hooks (addmm, sparse dropout), their frames, and the operations the shared trainer
+(runner.derived.trainer) and set-up (runner.derived.setup) call."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import weakref
+
+import torch
+from torch import nn
+
+import geometry
+from geometry._xp import host_eigh
+from runner.data import collate
+from runner.derived.certificate import ngram_repetition
+from runner.derived.spec import AdapterSpec
+from runner.derived.torch_dropout import dropout_projection
+from runner.runtime import one_lapack_thread, worker_pool
+from runner.training import example_losses
+
+
+def candidate_linears(model) -> dict[str, nn.Linear]:
+    """Every Linear inside the decoder blocks (embeddings and lm_head are not adapted)."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in name
+    }
+
+
+class FactoredAdapters(nn.Module):
+    """U diag(S) V^T adapters applied to their Linears by forward hooks (no module surgery)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], specs: dict[str, AdapterSpec],
+                 init: str, seed: int):
+        super().__init__()
+        self.specs = specs
+        self.keys = {name: name.replace(".", "__") for name in specs}
+        self.U, self.S, self.V = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        gen = torch.Generator().manual_seed(seed)
+        frames = self._frames(linears, specs, init, gen)
+        for name, spec in specs.items():
+            u, v = frames[name]
+            key = self.keys[name]
+            self.U[key] = nn.Parameter(u)
+            self.V[key] = nn.Parameter(v)
+            self.S[key] = nn.Parameter(torch.zeros(spec.rank, dtype=u.dtype))
+        self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
+        # name -> {"a": x V, "e": dL/dy U}, filled while `capture` is not None (noise probe)
+        self.capture: dict[str, dict[str, torch.Tensor]] | None = None
+
+    @staticmethod
+    def _frames(linears, specs, init: str, gen: torch.Generator) -> dict[str, tuple]:
+        """Every adapter's initial (U, V). The singular-vector inits are independent per matrix
+        (one Gram eigendecomposition each), so they run on as many threads as torch uses (LAPACK
+        releases the GIL); a random init draws from one generator, in order."""
+        def one(name):
+            return initial_frames(linears[name].weight.detach(), specs[name], init, gen)
+
+        threads = torch.get_num_threads()
+        if init == "random" or threads < 2 or len(specs) < 2:
+            return {name: one(name) for name in specs}
+        with one_lapack_thread(), worker_pool(threads) as pool:
+            return dict(zip(specs, pool.map(one, specs), strict=True))
+
+    def _hook(self, name: str):
+        key, spec = self.keys[name], self.specs[name]
+
+        def hook(module, args, output):
+            # out = y + c (x V) diag(S) U^T: (..., in) @ (in, r), scaled by an r-vector, then
+            # added to y inside one GEMM (addmm). Every scalar (c and the dropout rescale)
+            # rides on the r-vector, so no (..., out)-sized tensor is multiplied.
+            p = spec.dropout if self.training else 0.0
+            a, rescale = dropout_projection(args[0], self.V[key], p)
+            coef = self.S[key] * (spec.scale * rescale)
+            u = self.U[key]
+            flat = torch.addmm(output.reshape(-1, output.shape[-1]),
+                               (a * coef).reshape(-1, a.shape[-1]), u.T)
+            out = flat.view(output.shape)
+            if self.capture is not None and out.requires_grad:
+                slot = self.capture[name] = {"a": (a * rescale).detach()}
+                ud = u.detach()
+                out.register_hook(lambda g: slot.__setitem__("e", (g @ ud).detach()))
+            return out
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def triples(self):
+        for name, key in self.keys.items():
+            yield name, self.U[key], self.S[key], self.V[key]
+
+
+
+
+def initial_frames(w: torch.Tensor, spec: AdapterSpec, init: str, gen: torch.Generator):
+    """Orthonormal U (out x r), V (in x r): W's singular vectors k..k+r-1 (row 14), or ablations."""
+    r = spec.rank
+    if init == "random":
+        u = torch.linalg.qr(torch.randn(w.shape[0], r, generator=gen, dtype=torch.float64))[0]
+        v = torch.linalg.qr(torch.randn(w.shape[1], r, generator=gen, dtype=torch.float64))[0]
+        return u.to(w.dtype), v.to(w.dtype)
+    start = 0 if init == "top" else spec.first_index
+    start = min(start, min(w.shape) - r)
+    u, v = singular_frames(w.float(), start, r)
+    return u.contiguous().to(w.dtype), v.contiguous().to(w.dtype)
+
+
+def singular_frames(w: torch.Tensor, start: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left/right singular vectors start..start+r-1 (descending order) of w, orthonormal.
+
+    From the eigenvectors of the smaller Gram matrix (a q x q symmetric eigenproblem, several
+    times cheaper than a full SVD of the m x n matrix): for W^T W = V diag(s^2) V^T the left
+    vectors are W V / s. The frames only initialise the adapter, so float32 suffices: an
+    eigenvector's error is about eps * s_1^2 / gap, which mixes it only with its spectral
+    neighbours (directions of nearly the same singular value, an equally valid start). The
+    division by s loses accuracy near the noise floor, and float32 eigenvectors are orthogonal
+    only to about q * eps, so both sides are re-orthonormalised by QR (signs kept: R's diagonal
+    made positive), which leaves them orthonormal to float32 rounding.
+    """
+    m, n = w.shape
+    tall = m >= n
+    gram = w.T @ w if tall else w @ w.T  # (q, q)
+    lam, small_side = _gram_eigenpairs(gram, start, r)  # (r,), (q, r): descending
+    s = lam.clamp(min=0).sqrt()
+    other = (w @ small_side if tall else w.T @ small_side) / s.clamp(min=torch.finfo(w.dtype).tiny)
+    small_side, other = _orthonormal(small_side), _orthonormal(other)
+    return (other, small_side) if tall else (small_side, other)
+
+
+def _orthonormal(x: torch.Tensor) -> torch.Tensor:
+    """The Q factor of x = QR with R's diagonal made positive (same column span and signs)."""
+    q, rr = torch.linalg.qr(x)
+    d = torch.diagonal(rr)
+    return q * torch.sign(d).where(d != 0, torch.ones_like(d))
+
+
+def _gram_eigenpairs(gram: torch.Tensor, start: int, r: int):
+    """Eigenvalues start..start+r-1 of the symmetric ``gram`` counted from the largest, and
+    their eigenvectors, in descending order. On the CPU only those r eigenvectors are computed
+    (LAPACK's ``ssyevr``, MRRR, through SciPy: cheaper than a full ``eigh``); on other devices
+    it is torch's full ``eigh``, sliced.
+    """
+    q = gram.shape[0]
+    if gram.device.type == "cpu":
+        lam, vecs = host_eigh(gram.detach().numpy(), subset=(q - start - r, q - 1 - start))
+        return (torch.from_numpy(lam[::-1].copy()).to(gram.dtype),
+                torch.from_numpy(vecs[:, ::-1].copy()).to(gram.dtype))
+    lam, vecs = torch.linalg.eigh(gram)  # ascending
+    idx = torch.arange(q - 1 - start, q - 1 - start - r, -1)
+    return lam[idx], vecs[:, idx]
+
+
+def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tensor:
+    """Per-example gradients (float64, one row per example) of each example's mean answer-token
+    loss with respect to every adapter parameter, from one forward/backward of the batch.
+
+    Valid at S = 0 (the adapters' initialisation, when the probe runs), where dL/dU and dL/dV
+    vanish (both carry a factor S) and the only gradient is
+        dL_i/dS_j = c * sum_t (x_t V)_j (delta_t U)_j,   delta_t = dL_i/dy_t,
+    with x the adapter's (dropped-out) input and y its output. The examples do not interact
+    (attention is per row), so the summed loss sum_i L_i gives each example's delta in one
+    backward. ``test_batched_noise_probe_matches_per_example_passes`` checks it against one
+    backward per example.
+    """
+    if any(bool((s != 0).any()) for _, _, s, _ in adapters.triples()):
+        raise ValueError("per-example gradients by this formula need S = 0 (initialisation)")
+    adapters.capture = {}
+    try:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        labels = nn.functional.pad(batch.labels[:, 1:], (0, 1), value=-100)  # (b, T): t -> t+1
+        ce = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+            ignore_index=-100, reduction="none").view(labels.shape)  # (b, T)
+        counted = (labels != -100).sum(dim=1).clamp(min=1)
+        (ce.sum(dim=1) / counted).sum().backward()
+        rows = [adapters.specs[name].scale
+                * torch.einsum("btr,btr->br", slot["a"].double(), slot["e"].double())
+                for name, slot in ((n, adapters.capture[n]) for n in adapters.specs)]
+    finally:
+        adapters.capture = None
+        for p in adapters.parameters():
+            p.grad = None
+    return torch.cat(rows, dim=1)
+
+
+@torch.no_grad()
+def generation_stats(model, prompts: list[torch.Tensor], new_tokens: int, pad_id: int):
+    """Mean next-token entropy and 4-gram repetition rate of greedy continuations."""
+    entropies, reps = [], []
+    for prompt in prompts:
+        out = model.generate(prompt.unsqueeze(0), max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=pad_id)
+        for logits in out.logits:  # (1, V) raw logits per generated token
+            probs = torch.softmax(logits[0].double(), -1)
+            entropies.append(float(torch.special.entr(probs).sum()))  # 0 log 0 = 0
+        reps.append(ngram_repetition(out.sequences[0, prompt.shape[0]:].tolist()))
+    return sum(entropies) / len(entropies), sum(reps) / len(reps)
+
+
+class TorchOps:
+    """The derived trainer's operations on a torch model (its adapters: :class:`FactoredAdapters`)."""
+
+    name = "torch"
+    mass_on_host = True  # MASS reads the loss and gradient norm as Python floats
+
+    def __init__(self, model):
+        self.model = model
+        self.adapters: FactoredAdapters | None = None
+        self._pool = None
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def prepare(self, splits) -> None:
+        """(Nothing to size in advance: torch runs every batch shape eagerly.)"""
+
+    def candidate_weights(self) -> dict[str, torch.Tensor]:
+        return {name: lin.weight.detach() for name, lin in candidate_linears(self.model).items()}
+
+    @contextlib.contextmanager
+    def derivation_map(self):
+        """Two threads share the matrices (LAPACK releases the GIL), one BLAS thread each."""
+        with one_lapack_thread(), worker_pool(2) as pool:
+            yield pool.map
+
+    @torch.no_grad()
+    def residual_scales(self, blocks: list[str], calib) -> dict[str, geometry.Derived]:
+        """sigma_max(x) / sigma_max(f(x)) per decoder block on a calibration batch (row 15)."""
+        captured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        modules = dict(self.model.named_modules())
+
+        def capture(name):
+            def hook(module, args, kwargs, output):
+                x = args[0] if args else kwargs["hidden_states"]
+                y = output[0] if isinstance(output, tuple) else output
+                captured[name] = (x.detach(), y.detach())
+            return hook
+
+        handles = [modules[b].register_forward_hook(capture(b), with_kwargs=True) for b in blocks]
+        try:
+            self.model(input_ids=calib.input_ids, attention_mask=calib.attention_mask)
+        finally:
+            for h in handles:
+                h.remove()
+        mask = calib.attention_mask.bool()
+        scales = {}
+        for name in blocks:
+            x, y = captured[name]
+            x2, f2 = x[mask].double(), (y - x)[mask].double()  # (tokens, d): the residual branch
+            scales[name] = geometry.residual_scale(x2, f2)
+        return scales
+
+    def attach(self, specs: dict[str, AdapterSpec], init: str, seed: int, rule=None) -> None:
+        """Hook U diag(S) V^T adapters (S = 0) onto the frozen model: backward then computes
+        gradients only for U, S, V."""
+        self.model.requires_grad_(False)
+        torch.manual_seed(seed)
+        self.adapters = FactoredAdapters(candidate_linears(self.model), specs, init, seed)
+        self.model.train()
+        threads = torch.get_num_threads()
+        # (one torch thread per worker: see runner.runtime.worker_pool for why)
+        self._pool = worker_pool(threads) if threads > 1 else None
+        if self._pool is not None:  # its idle threads end with these ops
+            weakref.finalize(self, self._pool.shutdown, wait=False)
+
+    def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
+        """Per-example S gradients (n, sum r), float64, of the probe ``examples``; examples of
+        similar length share a pass (less padding; the estimator does not depend on order)."""
+        del seed  # dropout draws from torch's generator, seeded by attach
+        probe = sorted(examples, key=lambda ex: len(ex.input_ids))
+        return torch.cat([per_example_s_grads(self.model, self.adapters,
+                                              collate(probe[i:i + micro_batch], pad_id=pad_id))
+                          for i in range(0, len(probe), micro_batch)])
+
+    def warm_up(self, trainer, batch) -> None:
+        """(Nothing to compile.)"""
+
+    # -- training ----------------------------------------------------------------------------
+
+    def params(self) -> list[torch.Tensor]:
+        return list(self.adapters.parameters())
+
+    def train_mode(self) -> None:
+        self.model.train()
+        self.adapters.train()
+
+    def eval_mode(self) -> None:
+        self.model.eval()
+        self.adapters.eval()
+
+    def forward_backward(self, batch, micro_batch: int, batch_size: int, *, step: int,
+                         train: bool = True):
+        """(Mean loss over the batch's answer tokens, float64; the gradients of every adapter
+        parameter), accumulated over micro-batches. Dropout follows the modules' mode."""
+        del batch_size, step, train
+        params = self.params()
+        for p in params:
+            p.grad = None
+        loss = self._loss_backward(batch, micro_batch)
+        return loss, [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+    @staticmethod
+    def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+        """Per-tensor norms in one fused call, combined in float64."""
+        return torch.stack(torch._foreach_norm(grads)).double().norm()
+
+    def update(self, grads, eta: float, rule, *, keep_direction: bool):
+        """One step on every adapter, in place: (direction by name, largest orthogonality
+        error, largest c max(S) / sigma_k). The adapters are independent: they update on as
+        many threads as torch uses. The direction is always returned (it is a by-product)."""
+        del grads, keep_direction  # the gradients are the parameters' .grad
+        triples = list(self.adapters.triples())
+        if self._pool is None:
+            updates = [self._update(t, eta, rule) for t in triples]
+        else:
+            updates = list(self._pool.map(lambda t: self._update(t, eta, rule), triples))
+        direction = {name: d for (name, *_), (d, _, _) in zip(triples, updates, strict=True)}
+        orth = max((o for _, o, _ in updates), default=0.0)
+        s_ratio = max((r for _, _, r in updates), default=0.0)
+        return direction, orth, s_ratio
+
+    @torch.no_grad()  # (grad mode is per thread: the pool's threads need it said here)
+    def _update(self, triple, eta: float, rule):
+        """One adapter's step: (U, S, V) change in place; returns (direction, orthogonality
+        error, c max(S) / sigma_k)."""
+        name, u, s, v = triple
+        spec = self.adapters.specs[name]
+        # Along -grad for time eta = along grad for time -eta (A is linear in the direction),
+        # which saves negating the gradients. The frames move in place by the displacement,
+        # which is kept as the step's direction.
+        du, dv = (geometry.cayley_displacement(x, x.grad, -eta, series=True)
+                  if x.grad is not None else torch.zeros_like(x) for x in (u, v))
+        upper, decay = rule.bounds(spec)
+        grad_s = s.grad if s.grad is not None else torch.zeros_like(s)
+        new_s = rule.s_step(s, grad_s, eta, upper, decay)
+        direction = (du, new_s - s, dv)
+        u.add_(du), v.add_(dv), s.copy_(new_s)
+        orth = max(geometry.orthogonality_error(u), geometry.orthogonality_error(v))
+        return direction, orth, spec.scale * float(s.max()) / spec.sigma_k
+
+    def example_losses(self, examples, batch_size: int, pad_id: int):
+        return example_losses(self.model, examples, batch_size, pad_id)
+
+    def generation_stats(self, prompts, new_tokens: int, pad_id: int):
+        return generation_stats(self.model, prompts, new_tokens, pad_id)
+
+    # -- the certificate's curvature probe ---------------------------------------------------
+
+    def _val_grads(self, val_batch, micro_batch: int) -> list[torch.Tensor]:
+        """Gradients of the validation batch's loss, in ``adapters.triples()`` order (U, S, V
+        of each); .grad is left cleared."""
+        params = [p for _, u, s, v in self.adapters.triples() for p in (u, s, v)]
+        for p in self.params():
+            p.grad = None
+        self._loss_backward(val_batch, micro_batch)
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                 for p in params]
+        for p in self.params():
+            p.grad = None
+        return grads
+
+    def curvature_grads(self, val_batch, direction, micro_batch: int, batch_size: int):
+        """The validation gradients at x, x + d and x - d; the weights are restored from a
+        copy (W + d - 2d + d is not W in floats)."""
+        del batch_size
+        d = self._flat(direction)
+        params = [p for _, u, s, v in self.adapters.triples() for p in (u, s, v)]
+        start = [p.detach().clone() for p in params]
+        g0 = self._val_grads(val_batch, micro_batch)
+        with torch.no_grad():
+            for p, dp in zip(params, d, strict=True):
+                p.add_(dp)
+        g_plus = self._val_grads(val_batch, micro_batch)
+        with torch.no_grad():
+            for p, dp in zip(params, d, strict=True):
+                p.sub_(2 * dp)
+        g_minus = self._val_grads(val_batch, micro_batch)
+        with torch.no_grad():
+            for p, p0 in zip(params, start, strict=True):
+                p.copy_(p0)
+        return g0, g_plus, g_minus
+
+    def _flat(self, direction) -> list[torch.Tensor]:
+        if isinstance(direction, dict):
+            return [delta for name in self.adapters.keys for delta in direction[name]]
+        return direction
+
+    def sub(self, a: list, b: list) -> list:
+        return [x - y for x, y in zip(a, b, strict=True)]
+
+    def dot(self, a, b) -> float:
+        """sum over every tensor of a * b, each summed in float64."""
+        return sum(float((x * y).double().sum())
+                   for x, y in zip(self._flat(a), self._flat(b), strict=True))
+
+    # -- checkpoints and export --------------------------------------------------------------
+
+    def save_adapters(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.adapters.state_dict().items()}
+
+    def load_adapters(self, state: dict) -> None:
+        self.adapters.load_state_dict(state)
+
+    @staticmethod
+    def save_direction(direction):
+        return direction
+
+    @staticmethod
+    def load_direction(direction):
+        return direction
+
+    def host_usv(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return {name: (u.detach(), s.detach(), v.detach())
+                for name, u, s, v in self.adapters.triples()}
+
+    def detach(self) -> None:
+        """Remove the hooks: the base model is itself again."""
+        self.adapters.remove()
+
+    def _loss_backward(self, batch, micro_batch: int) -> torch.Tensor:
+        """Mean loss over the batch's answer tokens; gradients accumulated over micro-batches."""
+        total = max(int(batch.n_tokens), 1)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for i in range(0, batch.input_ids.shape[0], micro_batch):
+            ids = batch.input_ids[i:i + micro_batch]
+            labels = batch.labels[i:i + micro_batch]
+            mask = batch.attention_mask[i:i + micro_batch]
+            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
+            # Position t predicts token t+1: shift the labels (a small copy), not the logits.
+            shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
+                ignore_index=-100, reduction="sum",
+            ) / total
+            loss.backward()
+            loss_sum += loss.detach().double()
+        return loss_sum
