@@ -145,6 +145,8 @@ def test_checks_and_smoke_runs_have_their_own_tables_outside_the_totals() -> Non
     readme = readme_block(_mixed_entries(), [])
     assert "Totals (claims on real models): 1 VALIDATED, 1 DISPROVEN." in readme
     assert "### Implementation checks" in readme and "### Smoke runs" in readme
+    tables = [e["table"] for e in json.loads(claims_json(_mixed_entries()))]
+    assert tables == ["claims", "claims", "checks", "smoke"]
 
 
 def test_each_verdict_names_its_deciding_test_and_effect_unit() -> None:

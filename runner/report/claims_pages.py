@@ -134,12 +134,16 @@ def _core(claim: Claim) -> dict:
     return {k: v for k, v in claim.rule().items() if k not in ("trials", "budget")}
 
 
+def _table_of(e: Entry) -> str:
+    return "checks" if e.is_check else "smoke" if e.smoke else "claims"
+
+
 def split_entries(entries: list[Entry]) -> tuple[list[Entry], list[Entry], list[Entry]]:
     """(claims on real models, implementation checks, smoke runs)."""
-    checks = [e for e in entries if e.is_check]
-    smoke = [e for e in entries if not e.is_check and e.smoke]
-    claims = [e for e in entries if not e.is_check and not e.smoke]
-    return claims, checks, smoke
+    tables: dict[str, list[Entry]] = {"claims": [], "checks": [], "smoke": []}
+    for e in entries:
+        tables[_table_of(e)].append(e)
+    return tables["claims"], tables["checks"], tables["smoke"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,8 +441,10 @@ def claims_page(entries: list[Entry], rows: list[dict]) -> str:
 
 
 def claims_json(entries: list[Entry]) -> str:
-    """The verdicts, machine-readable; floats rounded to 6 significant digits (byte-stable)."""
-    out = [{"claim": e.claim.as_dict(), "superseded": e.superseded,
+    """The verdicts, machine-readable; floats rounded to 6 significant digits (byte-stable).
+    `table` says where the pages show the entry: `claims` (counted in the Totals), `checks`
+    or `smoke`."""
+    out = [{"claim": e.claim.as_dict(), "superseded": e.superseded, "table": _table_of(e),
             "verdict": e.verdict.as_dict() if e.verdict else None} for e in entries]
     out = round_floats(json.loads(json.dumps(out, default=str)))
     return json.dumps(out, indent=2, sort_keys=True) + "\n"
