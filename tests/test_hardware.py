@@ -228,7 +228,7 @@ def _two_hardware_ledger(tmp_path: Path, mlx_value: float | None) -> tuple[Path,
 
 
 def test_claims_page_shows_verdicts_per_hardware_where_they_differ(tmp_path: Path) -> None:
-    from runner.claims.docs import build_claims
+    from runner.report import build_claims
 
     results, claim_dir = _two_hardware_ledger(tmp_path, mlx_value=0.2)
     docs, readme = tmp_path / "docs", tmp_path / "README.md"
@@ -247,7 +247,7 @@ def test_claims_page_shows_verdicts_per_hardware_where_they_differ(tmp_path: Pat
 
 
 def test_single_hardware_claims_page_has_no_hardware_columns(tmp_path: Path) -> None:
-    from runner.claims.docs import build_claims
+    from runner.report import build_claims
 
     results, claim_dir = _two_hardware_ledger(tmp_path, mlx_value=None)
     docs, readme = tmp_path / "docs", tmp_path / "README.md"

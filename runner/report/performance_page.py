@@ -1,18 +1,17 @@
 """docs/performance.md from the bench rows (`<results_dir>/bench/*.json`, written by task=bench).
 
-Called by `make results` (runner.report.build_all). The page depends only on the rows: for
-each configuration (model, hardware, threads, batch, sequence length, quick) the latest run's
-tables and figures, then one line per run. Figures go to `docs/performance/` (PNGs without
-metadata); figures of runs the page no longer shows are removed. A file is only rewritten when
-its bytes change, so a second build changes nothing.
+The page depends only on the rows: for each configuration (model, hardware, threads, batch,
+sequence length, quick) the latest run's tables and figures, then one line per run. Figures go
+to `docs/performance/`; figures of runs the page no longer shows are removed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from runner import figures
-from runner.ledger import read_rows
+from runner.report import figures
+from runner.report.format import num, table, write_all
+from runner.report.ledger import read_bench_rows
 
 PAGE = "performance.md"
 FIG_DIR = "performance"
@@ -48,11 +47,6 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
 """
 
 
-def read_bench_rows(results_dir: str | Path) -> list[dict]:
-    """Every bench row, sorted by run id."""
-    return read_rows(Path(results_dir) / "bench", "bench row")
-
-
 def build_performance(results_dir: Path, docs_dir: Path) -> list[Path]:
     """Write docs/performance.md and its figures; return the files changed (or removed)."""
     rows = read_bench_rows(results_dir)
@@ -61,7 +55,7 @@ def build_performance(results_dir: Path, docs_dir: Path) -> list[Path]:
     for row in latest:
         for name, png in _figures(row).items():
             outputs[docs_dir / FIG_DIR / name] = png
-    changed = [p for p, data in outputs.items() if _write_if_changed(p, data)]
+    changed = write_all(outputs)
     for stale in sorted((docs_dir / FIG_DIR).glob("*.png")):
         if stale not in outputs:
             stale.unlink()
@@ -87,15 +81,15 @@ def performance_page(rows: list[dict], latest: list[dict]) -> str:
               "measured matmul GFLOP/s. Runs on the same machine that differ in *peak* ran on a "
               "machine whose speed changed, and a ratio is only as steady as the machine was "
               "between its two trainers' turns.",
-              "", _table(["run", "model", "hardware", "threads", "batch x seq", "quick",
+              "", table(["run", "model", "hardware", "threads", "batch x seq", "quick",
                           "tok_s_ratio", "vs same shape", "mem_ratio", "derive_steps", "mfu",
                           "peak"],
                          [[r["run_id"], r["model_id"], r["hardware"], r["threads"],
                            _shape(r), "yes" if r["settings"]["quick"] else "no",
-                           _num(r["summary"]["tok_s_ratio"], 3), _num(_vs_same_shape(r), 3),
-                           *(_num(r["summary"][k], 3) for k in ("mem_ratio", "derive_steps")),
-                           _num(r["summary"]["mfu"], 4),
-                           _num(r["peak_matmul"]["flops_per_second"] / 1e9, 1)] for r in rows]),
+                           num(r["summary"]["tok_s_ratio"], 3), num(_vs_same_shape(r), 3),
+                           *(num(r["summary"][k], 3) for k in ("mem_ratio", "derive_steps")),
+                           num(r["summary"]["mfu"], 4),
+                           num(r["peak_matmul"]["flops_per_second"] / 1e9, 1)] for r in rows]),
               ""]
     return "\n".join(parts)
 
@@ -125,12 +119,12 @@ def _section(row: dict) -> list[str]:
             f"`bench: tok_s_ratio={summary['tok_s_ratio']:.3g} "
             f"mem_ratio={summary['mem_ratio']:.3g} derive_steps={summary['derive_steps']:.3g} "
             f"mfu={summary['mfu']:.3g}`", ""]
-    throughput = _table(
+    throughput = table(
         ["trainer", "adapters", "tok/s (median)", "min-max", "ratio", "peak MB", "ratio", "MFU"],
-        [[t["arm"], t["adapters"], _num(t["tok_s_median"], 0),
+        [[t["arm"], t["adapters"], num(t["tok_s_median"], 0),
           f"{t['tok_s_min']:,.0f}-{t['tok_s_max']:,.0f}",
-          _num(t["tok_s_median"] / base["tok_s_median"], 3), _num(t["peak_mb"], 0),
-          _num(t["peak_mb"] / base["peak_mb"], 3), _num(t["mfu"], 4)]
+          num(t["tok_s_median"] / base["tok_s_median"], 3), num(t["peak_mb"], 0),
+          num(t["peak_mb"] / base["peak_mb"], 3), num(t["mfu"], 4)]
          for t in row["throughput"]])
     derive = (f"Derivation: all 15 hyperparameters in {derived['setup_seconds']:.3f} s "
               f"(from the weights alone {derived['derive_seconds']:.3f} s) against one baseline "
@@ -143,12 +137,12 @@ def _section(row: dict) -> list[str]:
     if derived.get("steps_peak_mb") is not None:
         derive += (f" The derived trainer's peak memory is {derived['setup_peak_mb']:,.0f} MB "
                    f"during its set-up and {derived['steps_peak_mb']:,.0f} MB during its steps.")
-    quality = _table(
+    quality = table(
         ["trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
          "s incl. tuning", "stop"],
-        [[q["arm"], _num(q["tokens"], 0), _num(q["val_loss_initial"], 4),
-          _num(q["val_loss_final"], 4), _num(q["train_seconds"], 2),
-          _num(q["tuning_tokens"], 0), _num(q["tuning_seconds"], 2), q["stop_reason"]]
+        [[q["arm"], num(q["tokens"], 0), num(q["val_loss_initial"], 4),
+          num(q["val_loss_final"], 4), num(q["train_seconds"], 2),
+          num(q["tuning_tokens"], 0), num(q["tuning_seconds"], 2), q["stop_reason"]]
          for q in row["quality"]])
     return [*head, "### Throughput and memory", "", throughput, "",
             f"![throughput]({FIG_DIR}/{run}-throughput.png)", "", derive, "",
@@ -161,15 +155,15 @@ def _time_spent(row: dict) -> list[str]:
     """Where the bench's own wall time went, per phase and trainer (rows that record it)."""
     if "wall_seconds" not in row["throughput"][0]:
         return []
-    phases = [[f"throughput {t['arm']}", _num(t["wall_seconds"], 1), _num(t["load_seconds"], 1),
-               _num(t["setup_seconds"], 1), "–"] for t in row["throughput"]]
-    phases += [[f"quality {q['arm']}", _num(q["wall_seconds"], 1), "–", _num(q["tuning_seconds"], 1),
-                _num(q["eval_seconds"], 1)] for q in row["quality"]]
+    phases = [[f"throughput {t['arm']}", num(t["wall_seconds"], 1), num(t["load_seconds"], 1),
+               num(t["setup_seconds"], 1), "–"] for t in row["throughput"]]
+    phases += [[f"quality {q['arm']}", num(q["wall_seconds"], 1), "–", num(q["tuning_seconds"], 1),
+                num(q["eval_seconds"], 1)] for q in row["quality"]]
     return ["### Where the bench's time went", "",
             f"`make bench` took {row['wall_seconds'] / 60:.1f} min in all. Per phase (seconds; "
             "throughput phases: loading and set-up; quality phases: training including tuning, "
             "and evaluation):", "",
-            _table(["phase", "wall s", "load s", "set-up / train s", "eval s"], phases), ""]
+            table(["phase", "wall s", "load s", "set-up / train s", "eval s"], phases), ""]
 
 
 def _figures(row: dict) -> dict[str, bytes]:
@@ -178,8 +172,11 @@ def _figures(row: dict) -> dict[str, bytes]:
     curves = {q["arm"]: figures.Curve([p["tokens"] for p in q["curve"]],
                                       [p["val_loss"] for p in q["curve"]])
               for q in row["quality"]}
-    return {f"{run}-throughput.png": figures.throughput_bars(tok_s, f"{model}: training tokens/s"),
-            f"{run}-val_loss.png": figures.loss_vs_tokens(curves, f"{model}: validation loss")}
+    colours = figures.arm_colours([*tok_s, *curves])
+    return {f"{run}-throughput.png": figures.throughput_bars(tok_s, f"{model}: training tokens/s",
+                                                             colours),
+            f"{run}-val_loss.png": figures.loss_vs_tokens(curves, f"{model}: validation loss",
+                                                          colours)}
 
 
 def _latest_per_configuration(rows: list[dict]) -> list[dict]:
@@ -193,25 +190,3 @@ def _latest_per_configuration(rows: list[dict]) -> list[dict]:
 
 def _shape(row: dict) -> str:
     return f"{row['settings']['batch_size']} x {row['settings']['seq_len']}"
-
-
-def _num(value, digits: int) -> str:
-    if value is None:
-        return "–"
-    return f"{value:,.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _write_if_changed(path: Path, data: str | bytes) -> bool:
-    old = path.read_bytes() if path.exists() else None
-    new = data.encode() if isinstance(data, str) else data
-    if old == new:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(new)
-    return True
