@@ -477,3 +477,38 @@ def test_readings_backend_parity(conv):
 
     tel = rd.adapter_step_telemetry(conv(u), conv(u + 0.1), conv(v), conv(v), conv(s), -1.0, 1.0, 0.1)
     assert float(tel.frame_motion_u) == pytest.approx(0.1 * math.sqrt(18), rel=1e-12)
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("jax", marks=pytest.mark.skipif(not HAS_JAX, reason="jax not installed")),
+    pytest.param("mlx", marks=pytest.mark.skipif(not HAS_MLX, reason="mlx not installed")),
+])
+def test_nb_lora_gradient_matches_torch(backend):
+    """The map differentiates in jax and mlx autodiff too, to the torch gradient."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    a0, b0, s0 = 0.3 * rng.standard_normal((3, 6)), 0.3 * rng.standard_normal((3, 5)), rng.uniform(0.2, 1.8, 3)
+    weight = rng.standard_normal((5, 6))  # a fixed linear read-out of dW: loss = <weight, dW>
+
+    def loss_of(a, b, s, w):
+        return (w * rd.nb_lora_delta(rd.nb_lora_factors(a, b, s, 2.0))).sum()
+
+    ref = [torch.tensor(x, requires_grad=True) for x in (a0, b0, s0)]
+    loss_of(*ref, torch.tensor(weight)).backward()
+    if backend == "jax":
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+        import jax.numpy as jnp
+
+        grads = jax.grad(lambda a, b, s: loss_of(a, b, s, jnp.asarray(weight)), argnums=(0, 1, 2))(
+            *(jnp.asarray(x) for x in (a0, b0, s0)))
+    else:
+        import mlx.core as mx
+
+        with mx.stream(mx.cpu):  # float64 runs on MLX's CPU stream only
+            grads = mx.grad(lambda a, b, s: loss_of(a, b, s, mx.array(weight, dtype=mx.float64)),
+                            argnums=(0, 1, 2))(*(mx.array(x, dtype=mx.float64) for x in (a0, b0, s0)))
+    for got, want in zip(grads, ref, strict=True):
+        # tolerance: the same float64 chain rule in another library
+        np.testing.assert_allclose(np.asarray(got), want.grad.numpy(), rtol=1e-10, atol=1e-12)
