@@ -37,6 +37,20 @@ def _float64_works(device) -> bool:
         return False
 
 
+@mx.custom_function
+def _inv(a):
+    """A^{-1} on the CPU stream, differentiable: MLX's ``Inverse`` primitive has no VJP, so it is
+    given the standard one, dA = -A^{-T} dY A^{-T} (Giles 2008, "Collected matrix derivative
+    results", section 2.2.3), for maps that autodiff through an inverse (NB-LoRA's Cayley map)."""
+    return mx.linalg.inv(a, stream=mx.cpu)
+
+
+@_inv.vjp
+def _inv_vjp(primals, cotangent, output):
+    yt = mx.swapaxes(output, -1, -2)
+    return -mx.matmul(mx.matmul(yt, cotangent, stream=mx.cpu), yt, stream=mx.cpu)
+
+
 class EighResult(NamedTuple):
     eigenvalues: mx.array
     eigenvectors: mx.array
@@ -80,7 +94,7 @@ class _Linalg:
 
     @staticmethod
     def inv(a):
-        return mx.linalg.inv(a, stream=mx.cpu)
+        return _inv(a)
 
     @staticmethod
     def pinv(a):

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import scipy.linalg
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from matrices import planted_weight
@@ -130,6 +130,8 @@ def test_knee_bounds(s):
 
 @given(spectra, st.sampled_from([0.5, 2.0, 8.0]))
 def test_knee_scale_invariant(s, c):
+    # powers of two rescale exactly unless a value underflows into the subnormals (or to 0)
+    assume(np.all((s == 0) | (c * s >= np.finfo(np.float64).tiny)))
     assert g.spectral_knee(c * desc(s)) == g.spectral_knee(desc(s))
 
 

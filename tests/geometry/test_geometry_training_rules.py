@@ -134,7 +134,9 @@ def test_two_window_needs_two_windows_and_detects_trend():
 
 @given(st.lists(st.floats(0, 10), min_size=4, max_size=50))
 def test_ci_half_width_shrinks(xs):
-    assert g.validation_ci_half_width(xs * 4) <= g.validation_ci_half_width(xs) * (1 + 1e-9)
+    # tolerance: the plain sum of <= 200 values <= 10 rounds the mean by <= 200 * 10 * eps, so
+    # equal values can show a spread of that size (1e-12 above it)
+    assert g.validation_ci_half_width(xs * 4) <= g.validation_ci_half_width(xs) * (1 + 1e-9) + 1e-12
 
 
 @given(st.floats(-10, 10), st.floats(1e-3, 10), st.floats(1e-2, 1e2))
