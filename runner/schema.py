@@ -231,6 +231,7 @@ TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {
     "sgd": LoraBaselineConfig,
     "prodigy": LoraBaselineConfig,
     "schedulefree": LoraBaselineConfig,
+    "muon": LoraBaselineConfig,
     "derived": DerivedTrainerConfig,
 }
 

@@ -138,7 +138,7 @@ def test_lr_grid_resumes_bitwise(tmp_path: Path) -> None:
     assert first > second  # point 1 read back at its end, point 2 continued mid-run
 
 
-@pytest.mark.parametrize("trainer", ["sgd", "adamw", "prodigy", "schedulefree"])
+@pytest.mark.parametrize("trainer", ["sgd", "adamw", "prodigy", "schedulefree", "muon"])
 def test_baseline_state_round_trips(trainer: str, tmp_path: Path) -> None:
     """Every baseline optimizer's state survives a checkpoint (torch.load weights_only): a
     restored trainer takes the same next step as the original, bitwise."""

@@ -45,6 +45,9 @@ def build_optimizer(params, cfg: LoraBaselineConfig) -> torch.optim.Optimizer:
 
         return AdamWScheduleFree(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":  # LoRA's factors are matrices, which is all Muon accepts
+        return torch.optim.Muon(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.momentum, adjust_lr_fn="match_rms_adamw")
     raise ValueError(f"trainer.optimizer: unknown optimizer '{cfg.optimizer}'")
 
 
