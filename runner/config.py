@@ -10,11 +10,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from runner.errors import ConfigError
+from runner.models import check_model_config
 from runner.paths import CONF_DIR
 from runner.schema import (
     TRAINER_SCHEMAS,
     BudgetConfig,
-    ModelSource,
     RunConfig,
     TrainerConfig,
 )
@@ -79,12 +79,7 @@ def _check_values(cfg: RunConfig) -> None:
         ("claim_overrides.budget", set(cfg.claim_overrides.budget) <= budget_keys,
          f"keys must be among {', '.join(sorted(budget_keys))}"),
     ]
-    if cfg.model.source is ModelSource.pretrained and not cfg.model.path:
-        raise ConfigError(
-            f"model.path: missing required value: {cfg.model.id} is not embedded; pass "
-            "model.path=/path/to/weights (a directory with config.json and *.safetensors, "
-            "a .gguf file, or a hub id when online)"
-        )
+    check_model_config(cfg.model)
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {why}")

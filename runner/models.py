@@ -7,7 +7,13 @@ transformers loads with `use_safetensors=True`:
 - gguf_package:  a GGUF inside an installed PyPI package (the embedded SmolLM2-135M), dequantized
                  once by transformers + gguf and cached as safetensors;
 - pretrained:    `model.path` is a local directory, a .gguf file (converted and cached like the
-                 above), or a hub id (only when that machine can reach the hub).
+                 above), or a hub id (only when that machine can reach the hub). `model=hf`
+                 (architecture auto) takes any causal LM transformers loads, read from
+                 config.json's model_type; the named configs (lfm2_350m, ...) check it.
+
+A local directory is checked before anything is loaded (config.json parses and names a
+model_type, every safetensors file is complete, pickle weights are refused by file name so they
+are never unpickled), and the loaded weights are checked for missing tensors and NaN/inf.
 
 The cache lives in $MODELCYPHER_CACHE (default ~/.cache/modelcypher). Each cached directory is
 written to a temporary name and renamed into place, so an interrupted conversion leaves nothing
@@ -31,6 +37,12 @@ from runner.schema import Architecture, ModelConfig, ModelSource
 
 META_FILE = "modelcypher.json"  # written into every cached model dir: provenance + weights sha256
 SUPPORTED_MODEL_TYPES = {"llama": Architecture.llama, "lfm2": Architecture.lfm2}
+GENERIC_ID = "hf"  # conf/model/hf.yaml: the trial records the model's own name instead
+# Pickle-based weight files: loading them can run arbitrary code, so they are refused by name.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# Where the named pretrained configs' weights come from, quoted when model.path is missing.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+HUB_IDS = {"lfm2_350m": "LiquidAI/LFM2-350M", "lfm2_1_2b": "LiquidAI/LFM2-1.2B"}
 
 
 @dataclass
@@ -96,17 +108,18 @@ def _packaged_gguf(cfg: ModelConfig) -> Path:
 def _pretrained_dir(cfg: ModelConfig) -> Path:
     path = Path(os.path.expanduser(cfg.path or ""))
     if path.is_file() and path.suffix == ".gguf":
-        return _cached_gguf(cfg.id, path)
+        return _cached_gguf(model_id_of(cfg), path)
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise ModelError(f"model.path={cfg.path}: pickle weights are not loaded (unpickling can "
+                         "run code); convert them to safetensors")
     if path.is_dir():
-        if not (path / "config.json").is_file() or not list(path.glob("*.safetensors")):
-            raise ModelError(
-                f"model.path={cfg.path}: needs config.json and *.safetensors weights "
-                "(other weight formats are not loaded)"
-            )
+        check_weights_dir(path, f"model.path={cfg.path}")
         return path
     if path.exists() or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") != 1:
         raise ModelError(f"model.path={cfg.path}: no such directory or .gguf file")
-    return _hub_snapshot(cfg)
+    snapshot = _hub_snapshot(cfg)
+    check_weights_dir(snapshot, f"model.path={cfg.path} (hub snapshot {snapshot})")
+    return snapshot
 
 
 def _hub_snapshot(cfg: ModelConfig) -> Path:
@@ -117,6 +130,10 @@ def _hub_snapshot(cfg: ModelConfig) -> Path:
         return Path(snapshot_download(cfg.path, allow_patterns=patterns, local_files_only=True))
     except Exception:
         pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        raise ModelError(f"model.path={cfg.path}: hub id not in the local cache and "
+                         "HF_HUB_OFFLINE is set; download the weights on a connected machine "
+                         "and pass model.path=/local/dir")
     try:
         return Path(snapshot_download(cfg.path, allow_patterns=patterns))
     except Exception as err:
@@ -125,6 +142,103 @@ def _hub_snapshot(cfg: ModelConfig) -> Path:
             f"({type(err).__name__}); download the weights on a connected machine and pass "
             "model.path=/local/dir"
         ) from None
+
+
+def check_weights_dir(path: Path, where: str) -> None:
+    """Raise ModelError naming the first problem of a Hugging Face model directory: reads
+    config.json and the safetensors headers only, so nothing is unpickled or loaded."""
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelError(f"{where}: no config.json (a model directory holds config.json and "
+                         "*.safetensors weights)")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{where}: config.json is not valid JSON ({err})") from None
+    except AttributeError:
+        raise ModelError(f"{where}: config.json is not a JSON object") from None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{where}: config.json names no model_type")
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelError(f"{where}: only pickle weights ({', '.join(pickles)}); they are not "
+                             "loaded because unpickling can run code: convert them to safetensors")
+        raise ModelError(f"{where}: no *.safetensors weights")
+    for shard in shards:
+        _check_safetensors_file(shard, where)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wanted = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, AttributeError, TypeError):
+            raise ModelError(f"{where}: {index.name} is not a valid shard index") from None
+        absent = sorted(wanted - {f.name for f in shards})
+        if absent:
+            raise ModelError(f"{where}: shard {absent[0]} listed in {index.name} is missing")
+
+
+def _check_safetensors_file(shard: Path, where: str) -> None:
+    """A safetensors file is an 8-byte little-endian header length N, N bytes of JSON naming
+    each tensor's byte range, then the data: its size must be 8 + N + the last range's end."""
+    size = shard.stat().st_size
+    with open(shard, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if not 0 < n <= size - 8:
+                raise ValueError
+            header = json.loads(fh.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"),
+                      default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ModelError(f"{where}: {shard.name} is not a valid safetensors file "
+                             f"(unreadable header)") from None
+    if size != 8 + n + end:
+        raise ModelError(f"{where}: {shard.name} is truncated or corrupt ({size} bytes, its "
+                         f"header describes {8 + n + end})")
+
+
+def model_id_of(cfg: ModelConfig) -> str:
+    """The id a trial records: the config's, or for model=hf the model's own name (the hub id,
+    the .gguf file's stem, or the directory's name; a hub cache snapshot gives its repo id)."""
+    if cfg.id != GENERIC_ID or not cfg.path:
+        return cfg.id
+    path = Path(os.path.expanduser(cfg.path))
+    if not path.exists():
+        return cfg.path  # a hub id
+    if path.is_file():
+        return path.stem
+    path = path.resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        return path.parent.parent.name.removeprefix("models--").replace("--", "/")
+    return path.name
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Config-time checks of the model group (before any work), each one line."""
+    from runner.errors import ConfigError
+
+    if cfg.source is ModelSource.pretrained and not cfg.path:
+        if cfg.id == GENERIC_ID:
+            raise ConfigError("model.path: missing required value: model=hf loads any Hugging "
+                              "Face causal LM from model.path=/path/to/model (a directory with "
+                              "config.json and *.safetensors, a .gguf file, or a hub id when "
+                              "online)")
+        hub = HUB_IDS.get(cfg.id)
+        name = hub.split("/")[-1] if hub else "weights"
+        online = f"or model.path={hub} when online" if hub else "or a hub id when online"
+        raise ConfigError(f"model.path: missing required value: {cfg.id} is not embedded; pass "
+                          f"model.path=/path/to/{name} (a directory with config.json and "
+                          f"*.safetensors, a .gguf file, {online})")
+    if cfg.source is not ModelSource.pretrained and cfg.path:
+        kind = "random weights" if cfg.source is ModelSource.tiny else "embedded weights"
+        raise ConfigError(f"model.path: model={cfg.id} does not load from a path (it uses its "
+                          f"{kind}); to train your own model use model=hf model.path={cfg.path}")
+    if cfg.source is not ModelSource.pretrained and cfg.architecture is Architecture.auto:
+        raise ConfigError(f"model.architecture: auto needs source=pretrained (model={cfg.id} "
+                          f"has source={cfg.source.value})")
 
 
 def _atomic_model_dir(final: Path, write) -> Path:
@@ -244,42 +358,165 @@ def quiet_transformers() -> None:
 def load_model(cfg: ModelConfig, *, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load weights (and tokenizer) for a model config; raise ModelError with one clear line."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
     weights_dir = resolve_weights_dir(cfg)
-    hf_config = AutoConfig.from_pretrained(weights_dir, trust_remote_code=cfg.trust_remote_code)
-    model_type = hf_config.model_type
-    if SUPPORTED_MODEL_TYPES.get(model_type) is not cfg.architecture:
-        raise ModelError(
-            f"model {cfg.id}: weights are model_type '{model_type}' but "
-            f"model.architecture={cfg.architecture.value} (supported: llama, lfm2)"
-        )
-    model = AutoModelForCausalLM.from_pretrained(
-        weights_dir,
-        dtype=getattr(torch, dtype),
-        use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code,
-    ).to(device)
-    model.eval()
+    where = f"model.path={cfg.path}" if cfg.path else f"model {cfg.id}"
+    model_type = _check_model_type(cfg, weights_dir, where)
+    model = _from_pretrained(cfg, weights_dir, getattr(torch, dtype), where)
+    check_adaptable(model, model_type)
+    check_finite(model, where)
+    tokenizer = load_tokenizer(cfg, weights_dir)
+    model.to(device).eval()
     return LoadedModel(
         model=model,
-        tokenizer=load_tokenizer(cfg, weights_dir),
-        model_id=cfg.id,
+        tokenizer=tokenizer,
+        model_id=model_id_of(cfg),
         sha256=weights_sha256(weights_dir),
         weights_dir=weights_dir,
         model_type=model_type,
     )
 
 
+def _check_model_type(cfg: ModelConfig, weights_dir: Path, where: str) -> str:
+    """The config's model_type, if transformers can build a causal LM of it (and, for a named
+    config, if it is the architecture that config expects)."""
+    from transformers import AutoConfig, __version__
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    raw = json.loads((weights_dir / "config.json").read_text())
+    model_type = raw.get("model_type")
+    remote = "auto_map" in raw and cfg.trust_remote_code
+    if model_type not in CONFIG_MAPPING_NAMES and not remote:
+        hint = (" (config.json has auto_map: its code is run only with "
+                "model.trust_remote_code=true)" if "auto_map" in raw else "")
+        raise ModelError(f"{where}: model_type '{model_type}' is unknown to transformers "
+                         f"{__version__}{hint}")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ModelError(f"{where}: model_type '{model_type}' is not a causal LM "
+                         "(transformers has no AutoModelForCausalLM class for it)")
+    if (cfg.architecture is not Architecture.auto
+            and SUPPORTED_MODEL_TYPES.get(model_type) is not cfg.architecture):
+        raise ModelError(f"{where}: weights are model_type '{model_type}' but model={cfg.id} "
+                         f"expects {cfg.architecture.value}; use model=hf for any architecture")
+    try:
+        AutoConfig.from_pretrained(weights_dir, trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{where}: config.json is not a valid {model_type} config "
+                         f"({_first_line(err)})") from None
+    return model_type
+
+
+def _from_pretrained(cfg: ModelConfig, weights_dir: Path, dtype, where: str):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            weights_dir, dtype=dtype, use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code, output_loading_info=True)
+    except Exception as err:
+        raise ModelError(f"{where}: cannot load the weights ({_first_line(err)})") from None
+    # A tensor absent from the files would silently keep its random initialisation.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise ModelError(f"{where}: the weights lack {len(missing)} tensor(s) the "
+                         f"{type(model).__name__} needs, e.g. {missing[0]}")
+    return model
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def check_finite(model, where: str) -> None:
+    """Refuse weights holding NaN or inf: every loss computed from them would be meaningless."""
+    import torch
+
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise ModelError(f"{where}: weight {name} holds NaN or inf values")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which modules the adapters can target: found from the model's structure, not its names
+
+
+def decoder_blocks(model) -> str | None:
+    """Name of the model's stack of decoder blocks: of its nn.ModuleLists, the one holding the
+    most parameters (an inner list, e.g. of experts, holds fewer than the list around it)."""
+    from torch import nn
+
+    best, best_size = None, -1
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = name, size
+    return best
+
+
+def block_linears(model) -> dict:
+    """Every nn.Linear inside the decoder blocks, in named_modules order (embeddings and
+    lm_head are outside the blocks, so they are never adapted)."""
+    from torch import nn
+
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        return {}
+    prefix = f"{blocks}."
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.startswith(prefix)}
+
+
+def check_adaptable(model, model_type: str) -> None:
+    """One line naming the model type when the adapters have nothing to target."""
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        raise ModelError(f"model_type '{model_type}' cannot be adapted: no stack of decoder "
+                         "blocks (nn.ModuleList) found")
+    if not block_linears(model):
+        raise ModelError(f"model_type '{model_type}' cannot be adapted: no nn.Linear inside its "
+                         f"decoder blocks ({blocks})")
+
+
+def check_backend_architecture(model_type: str, hardware: str, backend: str) -> None:
+    """The array backends (JAX, MLX) implement a fixed set of architectures."""
+    from runner.backends._spec import SUPPORTED_ARCHS
+    from runner.errors import HardwareUnavailable
+
+    if model_type not in SUPPORTED_ARCHS:
+        raise HardwareUnavailable(
+            f"hardware={hardware}: the {backend} backend implements model_type "
+            f"{', '.join(SUPPORTED_ARCHS)}, not '{model_type}'; train it on a torch hardware "
+            "(cpu, cuda, mps)")
+
+
 def load_tokenizer(cfg: ModelConfig, weights_dir: Path):
     if cfg.tokenizer == "bytes":
         from runner.tokenizers import ByteTokenizer
 
-        return ByteTokenizer()
+        tokenizer = ByteTokenizer()
+        vocab = json.loads((weights_dir / "config.json").read_text()).get("vocab_size")
+        if isinstance(vocab, int) and vocab < tokenizer.vocab_size:
+            raise ModelError(f"model.tokenizer=bytes needs vocab_size >= {tokenizer.vocab_size}; "
+                             f"the model has {vocab}")
+        return tokenizer
+    if cfg.tokenizer != "auto":
+        raise ModelError(f"model.tokenizer={cfg.tokenizer}: must be 'auto' (the model's own) or "
+                         "'bytes'")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(weights_dir, trust_remote_code=cfg.trust_remote_code)
+    where = f"model.path={cfg.path}" if cfg.path else f"model {cfg.id}"
+    if not any((weights_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise ModelError(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass "
+                         "model.tokenizer=bytes for the byte-level tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(weights_dir,
+                                                  trust_remote_code=cfg.trust_remote_code)
+    except Exception as err:
+        raise ModelError(f"{where}: cannot load the tokenizer ({_first_line(err)})") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -28,6 +28,7 @@ class ModelSource(str, Enum):
 class Architecture(str, Enum):
     llama = "llama"
     lfm2 = "lfm2"
+    auto = "auto"  # model=hf: whatever config.json's model_type names
 
 
 class Backend(str, Enum):

@@ -22,9 +22,12 @@ class AdapterSpec:
 
 
 def block_of(name: str) -> str:
-    """`model.layers.3.self_attn.q_proj` -> `model.layers.3`."""
-    head, _, rest = name.partition(".layers.")
-    return f"{head}.layers.{rest.split('.', 1)[0]}"
+    """The decoder block a module sits in: its name up to the first index into a ModuleList
+    (`model.layers.3.self_attn.q_proj` -> `model.layers.3`, `transformer.h.0.mlp.fc` ->
+    `transformer.h.0`); an index inside the block (experts) comes later, so it stays inside."""
+    parts = name.split(".")
+    index = next(i for i, part in enumerate(parts) if part.isdigit())
+    return ".".join(parts[: index + 1])
 
 
 def target_blocks(derived: geometry.DerivedHyperparameters) -> list[str]:

@@ -17,16 +17,15 @@ from runner.data import collate
 from runner.derived.certificate import ngram_repetition
 from runner.derived.spec import AdapterSpec
 from runner.derived.torch_dropout import dropout_projection
+from runner.models import block_linears
 from runner.runtime import one_lapack_thread, worker_pool
 from runner.training import example_losses
 
 
 def candidate_linears(model) -> dict[str, nn.Linear]:
-    """Every Linear inside the decoder blocks (embeddings and lm_head are not adapted)."""
-    return {
-        name: module for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and ".layers." in name
-    }
+    """Every Linear inside the decoder blocks (embeddings and lm_head are not adapted); the
+    blocks are found from the model's structure, whatever the architecture names them."""
+    return block_linears(model)
 
 
 class FactoredAdapters(nn.Module):

@@ -24,7 +24,7 @@ from runner.ledger import (
     utc_now,
     write_trial,
 )
-from runner.models import LoadedModel, load_model
+from runner.models import LoadedModel, check_backend_architecture, load_model
 from runner.schema import RunConfig
 from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
@@ -117,6 +117,7 @@ def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
             raise HardwareUnavailable(
                 f"trainer={cfg.trainer.name} runs on torch only; hardware={cfg.hardware.name} "
                 f"(backend {backend}) runs trainer=derived only")
+        check_backend_architecture(loaded.model_type, cfg.hardware.name, backend)
         return run_derived(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "adamw_grid":
         return run_lr_grid(cfg, loaded, splits, pad_id, console)
