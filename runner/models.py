@@ -364,7 +364,7 @@ def load_model(cfg: ModelConfig, *, dtype: str = "float32", device: str = "cpu")
     where = f"model.path={cfg.path}" if cfg.path else f"model {cfg.id}"
     model_type = _check_model_type(cfg, weights_dir, where)
     model = _from_pretrained(cfg, weights_dir, getattr(torch, dtype), where)
-    check_adaptable(model, model_type)
+    check_adaptable(model, model_type, where)
     check_finite(model, where)
     tokenizer = load_tokenizer(cfg, weights_dir)
     model.to(device).eval()
@@ -470,15 +470,15 @@ def block_linears(model) -> dict:
             if isinstance(module, nn.Linear) and name.startswith(prefix)}
 
 
-def check_adaptable(model, model_type: str) -> None:
+def check_adaptable(model, model_type: str, where: str) -> None:
     """One line naming the model type when the adapters have nothing to target."""
     blocks = decoder_blocks(model)
     if blocks is None:
-        raise ModelError(f"model_type '{model_type}' cannot be adapted: no stack of decoder "
-                         "blocks (nn.ModuleList) found")
+        raise ModelError(f"{where}: model_type '{model_type}' cannot be adapted: no stack of "
+                         "decoder blocks (nn.ModuleList) found")
     if not block_linears(model):
-        raise ModelError(f"model_type '{model_type}' cannot be adapted: no nn.Linear inside its "
-                         f"decoder blocks ({blocks})")
+        raise ModelError(f"{where}: model_type '{model_type}' cannot be adapted: no nn.Linear "
+                         f"inside its decoder blocks ({blocks})")
 
 
 def check_backend_architecture(model_type: str, hardware: str, backend: str) -> None:
