@@ -22,7 +22,10 @@ EXPERIMENTS = sorted(
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment: str) -> None:
-    cfg = to_run_config(compose_config([f"+experiment={experiment}"]))
+    overrides = [f"+experiment={experiment}"]
+    if compose_config(overrides).model.source == "pretrained":  # weights not embedded
+        overrides.append("model.path=/some/where")
+    cfg = to_run_config(compose_config(overrides))
     assert isinstance(cfg, RunConfig)
     assert cfg.experiment == experiment.split("/")[-1]
 
@@ -31,7 +34,7 @@ def test_every_experiment_composes(experiment: str) -> None:
 def test_every_group_option_composes(group: str) -> None:
     for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
         overrides = [f"{group}={path.stem}"]
-        if group == "model" and path.stem.startswith("lfm2_"):
+        if group == "model" and (path.stem.startswith("lfm2_") or path.stem == "hf"):
             overrides.append("model.path=/some/where")
         if group == "task" and path.stem == "claims":
             overrides.append("claims=[derived_beats_sgd]")
