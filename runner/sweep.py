@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware, usable_cores
 from runner.ledger import git_commit, new_run_id, package_versions, utc_now, write_trial
+from runner.models import model_id_of
 from runner.schema import RunConfig
 from runner.trial import config_hash
 
@@ -49,7 +50,7 @@ def skip_train(cfg: RunConfig, err: HardwareUnavailable) -> dict:
         "run_id": new_run_id(cfg.experiment, cfg.trainer.name, cfg.seed, chash),
         "experiment": cfg.experiment, "claim_id": None, "rule_hash": None,
         "arm": cfg.trainer.name, "seed": cfg.seed, **hardware_fields(cfg),
-        "model_id": cfg.model.id, "data_id": cfg.data.id, "config_hash": chash,
+        "model_id": model_id_of(cfg.model), "data_id": cfg.data.id, "config_hash": chash,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
         "git_commit": git_commit(), "packages": package_versions(),
         "started_at": now, "ended_at": now, "metrics": {}, "curves": {}, "derived": None,

@@ -49,6 +49,7 @@ from runner.ledger import (
     utc_now,
     write_trial,
 )
+from runner.models import model_id_of
 from runner.schema import RunConfig
 from runner.sweep import hardware_fields, reason_of
 from runner.trial import config_hash
@@ -286,8 +287,8 @@ def _base_row(trial: PlannedTrial, cfg: RunConfig, arm_label: str) -> dict:
         "experiment": cfg.experiment, "claim_id": trial.claim.id,
         "rule_hash": trial.claim.rule_hash, "claim_arm": trial.arm, "arm": arm_label,
         "seed": trial.seed, **hardware_fields(cfg),
-        "model_id": cfg.model.id if trial.cfg else None, "data_id": cfg.data.id if trial.cfg
-        else None, "config_hash": trial.config_hash,
+        "model_id": model_id_of(cfg.model) if trial.cfg else None,
+        "data_id": cfg.data.id if trial.cfg else None, "config_hash": trial.config_hash,
         "config": OmegaConf.to_container(OmegaConf.structured(run_cfg), enum_to_str=True)
         if trial.cfg else {"check": trial.claim.check, "seed": trial.seed},
         "git_commit": git_commit(), "packages": package_versions(),
