@@ -253,6 +253,15 @@ def _break_unknown_type(d: Path) -> Path:
     return d
 
 
+def _break_remote_code(d: Path) -> Path:
+    config = json.loads((d / "config.json").read_text())
+    auto_map = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (d / "config.json").write_text(json.dumps({**config, "model_type": "custom_lm",
+                                               "auto_map": auto_map}))
+    (d / "modeling_custom.py").write_text(f"open({str(d.parent / 'ran')!r}, 'w')\n")
+    return d
+
+
 def _break_missing_tensor(d: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
@@ -276,6 +285,7 @@ BROKEN = {  # how a directory breaks -> what the one line must say
     "nan": (_break_nan, "weight model.layers.1.mlp.up_proj.weight holds NaN or inf"),
     "pickle_only": (_break_pickle, "only pickle weights (pytorch_model.bin)"),
     "unknown_type": (_break_unknown_type, "model_type 'no_such_model' is unknown to transformers"),
+    "remote_code": (_break_remote_code, "its code is run only with model.trust_remote_code=true"),
     "missing_tensor": (_break_missing_tensor, "model.layers.0.self_attn.q_proj.weight"),
     "no_tokenizer": (_break_tokenizer, "no tokenizer files"),
 }
@@ -290,6 +300,7 @@ def test_broken_dir_fails_with_one_line_and_writes_nothing(kind: str, tmp_path: 
     line = _fail_cli(path, isolated, capsys, *extra)
     assert expected in line, line
     assert not (tmp_path / "unpickled").exists()  # the pickle was never loaded
+    assert not (tmp_path / "ran").exists()  # nor the directory's own code run
 
 
 def test_model_without_linear_blocks_is_named(tmp_path: Path, isolated, capsys) -> None:
