@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from runner.errors import ModelError
+from runner.errors import ConfigError, HardwareUnavailable, ModelError
 from runner.schema import Architecture, ModelConfig, ModelSource
+from runner.tokenizers import ByteTokenizer
 
 META_FILE = "modelcypher.json"  # written into every cached model dir: provenance + weights sha256
 SUPPORTED_MODEL_TYPES = {"llama": Architecture.llama, "lfm2": Architecture.lfm2}
@@ -218,8 +219,6 @@ def model_id_of(cfg: ModelConfig) -> str:
 
 def check_model_config(cfg: ModelConfig) -> None:
     """Config-time checks of the model group (before any work), each one line."""
-    from runner.errors import ConfigError
-
     if cfg.source is ModelSource.pretrained and not cfg.path:
         if cfg.id == GENERIC_ID:
             raise ConfigError("model.path: missing required value: model=hf loads any Hugging "
@@ -481,22 +480,18 @@ def check_adaptable(model, model_type: str, where: str) -> None:
                          f"inside its decoder blocks ({blocks})")
 
 
-def check_backend_architecture(model_type: str, hardware: str, backend: str) -> None:
+def check_backend_architecture(model_type: str, hardware: str, backend: str,
+                               implemented: tuple[str, ...]) -> None:
     """The array backends (JAX, MLX) implement a fixed set of architectures."""
-    from runner.backends._spec import SUPPORTED_ARCHS
-    from runner.errors import HardwareUnavailable
-
-    if model_type not in SUPPORTED_ARCHS:
+    if model_type not in implemented:
         raise HardwareUnavailable(
             f"hardware={hardware}: the {backend} backend implements model_type "
-            f"{', '.join(SUPPORTED_ARCHS)}, not '{model_type}'; train it on a torch hardware "
+            f"{', '.join(implemented)}, not '{model_type}'; train it on a torch hardware "
             "(cpu, cuda, mps)")
 
 
 def load_tokenizer(cfg: ModelConfig, weights_dir: Path):
     if cfg.tokenizer == "bytes":
-        from runner.tokenizers import ByteTokenizer
-
         tokenizer = ByteTokenizer()
         vocab = json.loads((weights_dir / "config.json").read_text()).get("vocab_size")
         if isinstance(vocab, int) and vocab < tokenizer.vocab_size:

@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from runner.backends._spec import SUPPORTED_ARCHS
 from runner.checkpoint import Checkpoint, remove_checkpoints
 from runner.data import DataError, load_splits
 from runner.errors import HardwareUnavailable
@@ -117,7 +118,8 @@ def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
             raise HardwareUnavailable(
                 f"trainer={cfg.trainer.name} runs on torch only; hardware={cfg.hardware.name} "
                 f"(backend {backend}) runs trainer=derived only")
-        check_backend_architecture(loaded.model_type, cfg.hardware.name, backend)
+        check_backend_architecture(loaded.model_type, cfg.hardware.name, backend,
+                                   SUPPORTED_ARCHS)
         return run_derived(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "adamw_grid":
         return run_lr_grid(cfg, loaded, splits, pad_id, console)
