@@ -7,7 +7,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from runner.app import CONF_DIR
+from runner.paths import CONF_DIR
 from runner.schema import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,5 +17,5 @@ register_configs()
 
 def compose_config(overrides: list[str]):
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(config_name="config", overrides=overrides)
