@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
@@ -27,7 +27,9 @@ from runner.ledger import (
     write_once,
 )
 from runner.schema import ModelSource, RunConfig
-from runner.training import TrainResult
+
+if TYPE_CHECKING:  # the row needs the result's fields, not the training module's torch import
+    from runner.training import TrainResult
 
 # What a trial's config hash covers: the keys of RunConfig that determine its outcome. A new
 # top-level key (an output folder, a tracking or provenance option) stays out until it is named
