@@ -544,3 +544,92 @@ def test_claim_overrides_are_validated_like_a_claim_file(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"with claim_overrides: trials: must be >= 3"):
         run_claims(cfg, ["derived_beats_sgd"])
     assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every empirical kind reaches every verdict (a rule that cannot fail is not a claim)
+
+
+def _paired_outcomes(tmp_path: Path) -> dict:
+    c = claim(tmp_path)
+    noise = [0.01, -0.01, 0.005, 0.0, -0.004]
+    return {w: decide(c, paired_rows(c, [b + shift + e for b, e in zip(BASE, noise,
+                                                                        strict=True)], BASE))
+            for w, shift in (("VALIDATED", -0.10), ("DISPROVEN", 0.10), ("INCONCLUSIVE", -0.02))}
+
+
+def _correlation_outcomes(tmp_path: Path) -> dict:
+    c = load_claim(write_claim(tmp_path, CORR))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(60)
+    cases = {"VALIDATED": (-0.95, 60), "DISPROVEN": (0.0, 60), "INCONCLUSIVE": (-0.7, 8)}
+    out = {}
+    for word, (r, n) in cases.items():
+        y = r * x[:n] + np.sqrt(1 - r**2) * rng.standard_normal(n)
+        out[word] = decide(c, [layer_row(c, x[:n], y)])
+    return out
+
+
+def _invariant_outcomes(tmp_path: Path) -> dict:
+    c = load_claim(write_claim(tmp_path, INVARIANT))
+    ok = [steps_row(c, s, [0.5, 0.9]) for s in range(2)]
+    return {"VALIDATED": decide(c, ok), "INCONCLUSIVE": decide(c, ok[:1]),
+            "DISPROVEN": decide(c, [ok[0], steps_row(c, 1, [1.5])])}
+
+
+def _counterexample_outcomes(tmp_path: Path) -> dict:
+    c = load_claim(write_claim(tmp_path, {**COUNTER, "min_effect": 0.5}))
+    good = [row(c, "derived", s, 2.0) for s in range(3)]  # initial 3.0: improved by 1.0
+    return {"VALIDATED": decide(c, good), "INCONCLUSIVE": decide(c, good[:2]),
+            "DISPROVEN": decide(c, [*good[:2], row(c, "derived", 2, 2.8)])}  # by 0.2 < 0.5
+
+
+@pytest.mark.parametrize("outcomes", [_paired_outcomes, _correlation_outcomes,
+                                      _invariant_outcomes, _counterexample_outcomes])
+def test_every_empirical_kind_reaches_every_verdict(tmp_path: Path, outcomes) -> None:
+    verdicts = outcomes(tmp_path)
+    assert {w: v.verdict.value for w, v in verdicts.items()} == {
+        "VALIDATED": "VALIDATED", "DISPROVEN": "DISPROVEN", "INCONCLUSIVE": "INCONCLUSIVE"}
+    for v in verdicts.values():
+        assert not v.is_check and v.deciding_test
+
+
+def test_implementation_checks_are_marked_and_kept_apart() -> None:
+    checks = {c.id for c in load_claims() if c.is_check}
+    assert checks == {"mass_within_weyl_bound", "procrustes_cka_in_sample"}
+    c = load_claim("mass_within_weyl_bound", CLAIM_DIR)
+    ok = [{"run_id": f"w{s}", "experiment": "unit", "claim_id": c.id, "rule_hash": c.rule_hash,
+           "claim_arm": "derived", "seed": s, "status": "ok",
+           "curves": {"steps": [{"adapter_norm_ratio": 0.4}]}} for s in c.seeds]
+    v = decide(c, ok)
+    assert v.verdict is VerdictWord.VALIDATED and v.is_check and v.as_dict()["is_check"]
+
+
+def test_registered_rules_keep_their_hash_and_take_the_current_wording() -> None:
+    from runner.claims.schema import claim_from_record
+
+    rules = Path(__file__).resolve().parent.parent / "results" / "rules"
+    for path in sorted(rules.glob("*.json")):
+        record = json.loads(path.read_text())
+        c = claim_from_record(record, str(path))  # raises if the rule no longer hashes
+        assert c.rule_hash == record["rule_hash"]
+        assert "SEED-SPEC" not in c.source and "seed/000" not in c.source
+        assert c.is_check == (c.id in ("mass_within_weyl_bound", "procrustes_cka_in_sample"))
+
+
+def test_smoke_runs_on_random_init_models_are_labelled(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    rows = paired_rows(c, a, BASE)
+    for r in rows:
+        r["config"] = {"model": {"id": "tiny_llama", "source": "tiny"}}
+    assert decide(c, rows).smoke
+    for r in rows:
+        r["config"] = {"model": {"id": "smollm2_135m", "source": "gguf_package"}}
+    assert not decide(c, rows).smoke
+
+
+def test_no_claim_cites_what_a_reader_cannot_open() -> None:
+    for path in sorted(CLAIM_DIR.glob("*.yaml")):
+        text = path.read_text()
+        assert "SEED-SPEC" not in text and "seed/000" not in text, path.name

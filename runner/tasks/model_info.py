@@ -28,6 +28,7 @@ from runner.ledger import git_commit, utc_now
 from runner.models import load_model
 from runner.paths import PROJECT_ROOT
 from runner.schema import DerivedTrainerConfig, RunConfig
+from runner.tasks.derived import derive_for_model
 
 
 # Records that cannot be computed from the weights alone, and why (printed and stored).
@@ -49,8 +50,6 @@ def model_info_task(cfg: RunConfig) -> dict:
     # 2. Load the model and derive from every decoder-block Linear (timed: derivation only).
     hw = setup_hardware(cfg.hardware, backends=("torch",), task="model_info")
     loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.device)
-    from runner.tasks.derived import derive_for_model
-
     started = time.perf_counter()
     derived = derive_for_model(loaded.model, n_train, batches_per_epoch, hw.dtype, tcfg.erank_variant)
     derive_seconds = time.perf_counter() - started
