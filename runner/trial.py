@@ -140,7 +140,7 @@ class Provenance:
 # Keys written only when set, so the rows of each kind keep the shape they always had.
 OPTIONAL_KEYS = ("skip_reason", "detail", "shared_from", "git_diff_sha256", "git_patch",
                  "model_sha256", "model_type", "data_sha256", "data_sizes", "adapter_path",
-                 "hyperparameters", "diverged_at")
+                 "hyperparameters")
 
 
 @dataclass
