@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from runner.claims.schema import StatTest, min_reachable_n, smallest_p
+from runner.claims.schema import StatTest, min_reachable_n
 
 POWER = 0.8  # the power the trials-needed estimate aims for (the common convention)
 BOOTSTRAP_RESAMPLES = 9999

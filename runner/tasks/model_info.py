@@ -30,7 +30,6 @@ from runner.paths import PROJECT_ROOT
 from runner.schema import DerivedTrainerConfig, RunConfig
 from runner.tasks.derived import derive_for_model
 
-
 # Records that cannot be computed from the weights alone, and why (printed and stored).
 DEFERRED = {
     8: "deferred: needs per-batch gradients (the derived trainer measures the noise scale at init)",

@@ -25,6 +25,7 @@ from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.training import TrainResult, peak_rss_mb, train_loop
 from runner.trial import ClaimTag, Provenance, TrainOutcome, TrialRow, config_hash
 
+
 def resolve_data_path(path: str | None) -> str | None:
     """A relative data path is looked up in the working directory, then in the project root."""
     if path is None or Path(path).is_absolute() or Path(path).exists():
