@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import itertools
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -22,7 +21,6 @@ from runner.errors import ConfigError, HardwareUnavailable, UserError
 from runner.hardware import in_sweep
 from runner.paths import CONF_DIR
 from runner.schema import TaskName, register_configs
-
 
 register_configs()
 

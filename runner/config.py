@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,7 +17,6 @@ from runner.schema import (
     RunConfig,
     TrainerConfig,
 )
-
 
 # Why a key is rejected on the derived trainer: these knobs are what it derives.
 DERIVED_KNOBS = {

@@ -28,6 +28,7 @@ from typing import Any
 
 from runner.errors import ModelError
 from runner.schema import Architecture, ModelConfig, ModelSource
+from runner.tokenizers import ByteTokenizer
 
 META_FILE = "modelcypher.json"  # written into every cached model dir: provenance + weights sha256
 SUPPORTED_MODEL_TYPES = {"llama": Architecture.llama, "lfm2": Architecture.lfm2}
@@ -274,8 +275,6 @@ def load_model(cfg: ModelConfig, *, dtype: str = "float32", device: str = "cpu")
 
 def load_tokenizer(cfg: ModelConfig, weights_dir: Path):
     if cfg.tokenizer == "bytes":
-        from runner.tokenizers import ByteTokenizer
-
         return ByteTokenizer()
     from transformers import AutoTokenizer
 

@@ -218,22 +218,48 @@ class RunConfig:
     results_dir: str = "results"  # the ledger root
     runs_dir: str = "runs"  # adapters and checkpoints (not committed)
     verify_adapter: bool = True  # reload the saved adapter with PEFT and compare logits
+    # task=claims refuses a git tree whose tracked files differ from HEAD; true records the
+    # diff's sha256 on every trial and stores the patch under <results_dir>/patches/.
+    allow_dirty: bool = False
     # task=claims: the claims to test (ids of conf/claim/*.yaml), and what this experiment
     # changes in every one of them (trials, budget); the changed rule gets its own hash.
     claims: list[str] = field(default_factory=list)
     claim_overrides: ClaimOverrides = field(default_factory=lambda: ClaimOverrides())
 
 
+# ---------------------------------------------------------------------------------------------
+# The trainer registry: the one list of trainers. The schema (this file), the dispatcher
+# (runner.tasks.train.run_trainer), the claims and the bench read it; each name has its
+# option file conf/trainer/<name>.yaml (tests/test_config.py checks both lists agree).
+
+
+class TrainerFamily(str, Enum):
+    baseline = "baseline"  # PEFT LoRA + one optimizer (runner.trainers.baseline)
+    lr_grid = "lr_grid"  # the baseline trained once per learning rate of `lr_grid`; best kept
+    derived = "derived"  # every hyperparameter derived from the weights (runner.derived)
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    name: str
+    schema: type[TrainerConfig]
+    family: TrainerFamily
+    backends: tuple[str, ...] = (Backend.torch.value,)  # PEFT and the optimizers are torch code
+
+
+TRAINERS: dict[str, TrainerSpec] = {spec.name: spec for spec in (
+    TrainerSpec("adamw", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("adamw_grid", LoraBaselineConfig, TrainerFamily.lr_grid),
+    TrainerSpec("sgd", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("prodigy", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("schedulefree", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("muon", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("derived", DerivedTrainerConfig, TrainerFamily.derived,
+                tuple(b.value for b in Backend)),
+)}
+
 # Trainer options are typed by their own schema; the name picks it.
-TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {
-    "adamw": LoraBaselineConfig,
-    "adamw_grid": LoraBaselineConfig,
-    "sgd": LoraBaselineConfig,
-    "prodigy": LoraBaselineConfig,
-    "schedulefree": LoraBaselineConfig,
-    "muon": LoraBaselineConfig,
-    "derived": DerivedTrainerConfig,
-}
+TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {n: t.schema for n, t in TRAINERS.items()}
 
 _GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,

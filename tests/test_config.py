@@ -94,3 +94,15 @@ def test_cli_help_and_cfg_job() -> None:
     assert help_out.returncode == 0 and "experiment: " in help_out.stdout
     cfg_out = _run_cli("--cfg", "job", "+experiment=quickstart")
     assert cfg_out.returncode == 0 and "experiment: quickstart" in cfg_out.stdout
+
+
+def test_one_trainer_registry_for_yaml_schema_dispatcher_and_bench() -> None:
+    import yaml
+
+    from runner.paths import TRAINER_DIR
+    from runner.schema import TRAINER_SCHEMAS, TRAINERS
+    from runner.tasks.bench import ARMS
+
+    names = {yaml.safe_load(p.read_text())["name"] for p in TRAINER_DIR.glob("*.yaml")}
+    assert names == set(TRAINERS) == set(TRAINER_SCHEMAS)
+    assert {arm.trainer for arm in ARMS} <= set(TRAINERS)

@@ -17,8 +17,8 @@ from runner.derived.spec import (
     with_measured_records,
 )
 from runner.derived.step import reading
-from runner.derived.trainer import DerivedTrainer
 from runner.derived.torch_ops import TorchOps
+from runner.derived.trainer import DerivedTrainer
 from runner.errors import ConfigError
 
 
