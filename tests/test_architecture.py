@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("runner", "geometry")
 # Modules that may import project modules lazily: those that load an optional dependency
 # (mlx, jax) only when a backend is picked, and the task table of the entry point.
-LAZY_IMPORTERS = {"runner.app", "runner.hardware", "runner.tasks.train"}
+LAZY_IMPORTERS = {"runner.app", "runner.hardware"}
 LAZY_PREFIXES = ("runner.backends",)
 OPTIONAL_MODULES = ("geometry._mlx", "geometry._jax")  # import mlx / jax at module level
 
