@@ -181,6 +181,11 @@ class TaskConfig:
     top: int = 0  # model_info, lora_svd: rows to print (0 = all)
     adapter: str | None = None  # lora_svd: a PEFT adapter directory (adapter_config.json + weights)
     trials: int = 5  # validate_derived: seeded derived runs searched for a counterexample
+    # claims: this job trains only the trials whose config hash falls in shard `shard` of
+    # `shards` (by hash, so a trial shared by several claims stays in one job); run one job per
+    # shard side by side, then once more (or `make results`) to decide on the complete ledger.
+    shard: int = 0
+    shards: int = 1
     # bench: timed repetitions per trainer, optimizer steps per repetition, and the equal token
     # budget of the quality-per-compute runs; quick (make bench QUICK=1) caps all three.
     quick: bool = False

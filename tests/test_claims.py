@@ -489,6 +489,27 @@ def test_run_claims_resumes_and_writes_each_trial_once(tmp_path: Path, capsys) -
     assert (tmp_path / "results" / "rules").is_dir()
 
 
+def test_shards_split_the_trials_by_config_and_together_cover_them(tmp_path: Path) -> None:
+    """Two jobs with task.shards=2 train disjoint halves (by config hash), each trial once."""
+    from runner.tasks.claims import run_claims
+
+    spec = {**COUNTER, "trials": 3, "arms": [{"name": "fast", "trainer": "adamw",
+                                              "overrides": {"lr": 1.0e-3}}],
+            "budget": {"max_tokens": 200, "max_steps": 1}}
+    write_claim(tmp_path, spec)
+    trials = tmp_path / "results" / "trials"
+    for shard in (0, 1):
+        cfg = _run_cfg(tmp_path, ["task.shards=2", f"task.shard={shard}"])
+        run_claims(cfg, ["n"], claim_dir=tmp_path)
+        rows = [json.loads(p.read_text()) for p in trials.glob("*.json")]
+        if shard == 0:
+            assert all(int(r["config_hash"], 16) % 2 == 0 for r in rows)
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="task.shard=2"):
+        run_claims(_run_cfg(tmp_path, ["task.shards=2", "task.shard=2"]), ["n"],
+                   claim_dir=tmp_path)
+
+
 def test_unavailable_arm_writes_a_skipped_row(tmp_path: Path, monkeypatch) -> None:
     import runner.tasks.claims as claims_task
     from runner.tasks.claims import run_claims

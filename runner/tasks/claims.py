@@ -48,7 +48,7 @@ from runner.claims import (
 )
 from runner.claims.schema import claim_from_record
 from runner.config import load_trainer_option
-from runner.errors import HardwareUnavailable, ModelError, UserError
+from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserError
 from runner.hardware import in_sweep, resolved, setup_hardware
 from runner.ledger import read_trials, stable_hash, utc_now, write_trial
 from runner.schema import RunConfig
@@ -151,6 +151,9 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
     ledger lacks is then written as SKIPPED with it."""
     # 1. The code state (a dirty tree is refused unless allowed), the claims with the setting
     #    of this experiment, and every trial's config, before anything runs.
+    if not 0 <= cfg.task.shard < cfg.task.shards:
+        raise ConfigError(f"task.shard={cfg.task.shard}: must be in 0..task.shards-1 "
+                          f"(task.shards={cfg.task.shards})")
     ov = cfg.claim_overrides
     claims = [in_setting(with_overrides(load_claim(cid, claim_dir), ov.trials,
                                         dict(ov.budget)), cfg)
@@ -163,8 +166,10 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
     registered = {claim.id: _registered_at(register_rule(cfg.results_dir, claim, provenance))
                   for claim in claims}
 
-    # 3. Trials.
+    # 3. Trials (this job's shard of them).
     for trial in plans:
+        if int(trial.config_hash, 16) % cfg.task.shards != cfg.task.shard:
+            continue
         status = run_trial(trial, cfg, registered[trial.claim.id], unavailable, provenance)
         print(f"claim {trial.claim.id} arm {trial.arm} seed {trial.seed}: {status}", flush=True)
 
