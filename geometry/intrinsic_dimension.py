@@ -63,27 +63,37 @@ def neighbour_distances(points: Array, k: int) -> NeighbourDistances:
     **Invariants**: rows ascending and positive (``test_neighbour_distances_sorted_positive``);
     a repeated point is kept once (``test_duplicates_dropped``).
     """
-    require_matrix(points, "points")
     if k < 1:
         raise ValueError(f"k must be >= 1 (got {k})")
+    d2 = _distinct_squared_distances(points)
+    n, m = points.shape[0], d2.shape[0]
+    if m < k + 1:
+        raise ValueError(f"need at least k + 1 = {k + 1} distinct points (got {m} of {n})")
+    xp = namespace(d2)
+    self_pairs = xp.eye(m, dtype=d2.dtype, device=device(d2)) > 0
+    d2 = xp.where(self_pairs, xp.full_like(d2, math.inf), d2)
+    r = xp.sqrt(xp.sort(d2, axis=1)[:, :k])
+    return NeighbourDistances(r=r, n_duplicates=n - m)
+
+
+def count_distinct(points: Array) -> int:
+    """How many points remain once coinciding points are kept once (module docstring)."""
+    return _distinct_squared_distances(points).shape[0]
+
+
+def _distinct_squared_distances(points: Array) -> Array:
+    """(m x m) squared distances among the distinct points (the first copy of each)."""
+    require_matrix(points, "points")
     xp = namespace(points)
     x = to_work(points)
     x = x - xp.mean(x, axis=0)[None, :]
     sq = xp.sum(x * x, axis=1)
     d2 = xp.clip(sq[:, None] + sq[None, :] - 2.0 * (x @ x.mT), min=0.0)
-    n = x.shape[0]
-    idx = xp.arange(n, device=device(x))
+    idx = xp.arange(x.shape[0], device=device(x))
     same = d2 <= DUPLICATE_RTOL * (sq[:, None] + sq[None, :])
     keep = ~xp.any(same & (idx[None, :] < idx[:, None]), axis=1)  # no earlier copy
     kept = xp.nonzero(keep)[0]
-    d2 = xp.take(xp.take(d2, kept, axis=0), kept, axis=1)
-    m = d2.shape[0]
-    if m < k + 1:
-        raise ValueError(f"need at least k + 1 = {k + 1} distinct points (got {m} of {n})")
-    self_pairs = xp.eye(m, dtype=d2.dtype, device=device(x)) > 0
-    d2 = xp.where(self_pairs, xp.full_like(d2, math.inf), d2)
-    r = xp.sqrt(xp.sort(d2, axis=1)[:, :k])
-    return NeighbourDistances(r=r, n_duplicates=n - m)
+    return xp.take(xp.take(d2, kept, axis=0), kept, axis=1)
 
 
 def twonn_log_ratios(dist: NeighbourDistances) -> Array:

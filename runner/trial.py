@@ -12,6 +12,7 @@ from runner.schema import RunConfig
 from runner.training import TrainResult
 
 BENCH_OPTIONS = ("quick", "repeats", "steps", "quality_tokens")
+PROFILE_OPTIONS = ("points", "pooling", "resamples")  # task=dimension_profile hashes them itself
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -20,7 +21,7 @@ def config_hash(cfg: RunConfig) -> str:
     for key in ("results_dir", "runs_dir", "tracking", "verify_adapter"):
         c.pop(key, None)
     c["hardware"].pop("threads", None)
-    for key in BENCH_OPTIONS:  # task=bench only: left out, so existing trials keep their hash
+    for key in BENCH_OPTIONS + PROFILE_OPTIONS:  # left out, so existing trials keep their hash
         c["task"].pop(key, None)
     return stable_hash(c)
 

@@ -142,3 +142,9 @@ def test_array_api_strict():
     assert strict == gid.twonn_estimate(pts, draws)
     assert gid.levina_bickel_dimension(xps.asarray(pts)) == pytest.approx(
         gid.levina_bickel_dimension(pts), rel=1e-12)
+
+
+def test_count_distinct():
+    pts = subspace_cloud(5, 2, n=40)
+    assert gid.count_distinct(np.concatenate([pts, pts[:7], np.repeat(pts[:1], 3, axis=0)])) == 40
+    assert gid.count_distinct(np.ones((6, 3))) == 1
