@@ -41,6 +41,7 @@ TASKS = {
     TaskName.validate_derived: "runner.tasks.claims:validate_derived_task",
     TaskName.claims: "runner.tasks.claims:claims_task",
     TaskName.bench: "runner.tasks.bench:bench_task",
+    TaskName.dimension_profile: "runner.tasks.dimension_profile:dimension_profile_task",
 }
 
 

@@ -49,12 +49,18 @@ class TaskName(str, Enum):
     claims = "claims"
     validate_derived = "validate_derived"
     bench = "bench"
+    dimension_profile = "dimension_profile"
 
 
 class AdapterInit(str, Enum):
     tail = "tail"  # W's singular vectors just past its structural rank (SEED-SPEC row 14)
     top = "top"  # W's leading singular vectors (PiSSA-like ablation)
     random = "random"  # random orthonormal frames (ablation)
+
+
+class Pooling(str, Enum):
+    all_tokens = "all_tokens"  # token states sampled from every position but the first
+    last_token = "last_token"  # one state per example: its last token
 
 
 class Schedule(str, Enum):
@@ -192,6 +198,10 @@ class TaskConfig:
     repeats: int = 3
     steps: int = 3
     quality_tokens: int = 4000
+    # dimension_profile: token states per layer, how they are pooled, bootstrap resamples.
+    points: int = 1000
+    pooling: Pooling = Pooling.all_tokens
+    resamples: int = 1000
 
 
 @dataclass

@@ -53,7 +53,11 @@ TRAIN_METRICS = (
 GRID_METRICS = ("grid", "best_lr", "tuning_tokens", "tuning_seconds", "grid_points")
 DERIVED_METRICS = ("derive_seconds", "setup_seconds")
 CHECK_METRICS = ("value", "expected", "abs_error", "tolerance")
-RECORDED_METRICS = TRAIN_METRICS + GRID_METRICS + DERIVED_METRICS + CHECK_METRICS
+# task=dimension_profile (runner/tasks/dimension_profile.py): its options and the profile.
+PROFILE_METRICS = ("id_profile", "semantic_highway", "points", "pooling", "resamples",
+                   "confidence", "levina_bickel_k")
+RECORDED_METRICS = (TRAIN_METRICS + GRID_METRICS + DERIVED_METRICS + CHECK_METRICS
+                    + PROFILE_METRICS)
 # The other parts of a row a claim may address (curves.steps, derived.layers, certificate...).
 ROW_SECTIONS = ("metrics", "curves", "derived", "certificate", "hyperparameters", "data_sizes")
 
@@ -242,6 +246,19 @@ class TrialRow:
             arm="check", seed=seed, config_hash=chash, config={"check": check, "seed": seed},
             hardware=hardware_fields(cfg), provenance=provenance, started_at=started,
             ended_at=utc_now(), **claim.as_row(), metrics=metrics, detail=detail)
+
+    @classmethod
+    def measured(cls, cfg: RunConfig, hw: HardwareInfo, provenance: Provenance, *, arm: str,
+                 chash: str, started: str, loaded: Any, claim: ClaimTag,
+                 metrics: dict) -> TrialRow:
+        """The row of an analysis task's measurement of a model (nothing trained), e.g.
+        task=dimension_profile's intrinsic-dimension profile."""
+        return cls(
+            run_id=new_run_id(cfg.experiment, arm, cfg.seed, chash), experiment=cfg.experiment,
+            arm=arm, seed=cfg.seed, config_hash=chash, config=plain(cfg), hardware=hw.as_row(),
+            provenance=provenance, started_at=started, ended_at=utc_now(), **claim.as_row(),
+            model_id=loaded.model_id, model_sha256=loaded.sha256, model_type=loaded.model_type,
+            data_id=cfg.data.id, metrics=metrics)
 
     @staticmethod
     def shared(source: dict, claim: ClaimTag, seed: int, chash: str) -> dict:
