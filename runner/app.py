@@ -68,7 +68,7 @@ def run_job(cfg: DictConfig) -> object:
 
 def check_output_dirs(run_cfg) -> None:
     """Fail before any work if the ledger or the run folder cannot be a writable directory."""
-    for key in ("results_dir", "runs_dir"):
+    for key in ("runs_dir", "results_dir"):  # the ad-hoc ledger lies under runs_dir
         path = Path(getattr(run_cfg, key))
         existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
         if not existing.is_dir():

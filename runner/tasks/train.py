@@ -18,20 +18,12 @@ from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
 from runner.models import LoadedModel, load_model
-from runner.paths import PROJECT_ROOT
+from runner.paths import resolve_data_path
 from runner.schema import TRAINERS, RunConfig, TrainerFamily
 from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.training import TrainResult, peak_rss_mb, train_loop
-from runner.trial import ClaimTag, Provenance, TrainOutcome, TrialRow, config_hash
-
-
-def resolve_data_path(path: str | None) -> str | None:
-    """A relative data path is looked up in the working directory, then in the project root."""
-    if path is None or Path(path).is_absolute() or Path(path).exists():
-        return path
-    candidate = PROJECT_ROOT / path
-    return str(candidate) if candidate.exists() else path
+from runner.trial import ClaimTag, Provenance, TrainOutcome, TrialRow, config_hash, data_id
 
 
 def check_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
@@ -66,9 +58,12 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
     )
     if not splits.train or not splits.val:
         raise DataError(f"{cfg.data.path}: too few examples for a train/validation split")
-    console.print(f"model {loaded.model_id} sha256 {loaded.sha256[:12]}  data {cfg.data.id} "
-                  f"train {len(splits.train)} val {len(splits.val)} "
+    console.print(f"model {loaded.model_id} sha256 {loaded.sha256[:12]}  data {data_id(cfg.data)} "
+                  f"sha256 {splits.sha256[:12]} train {len(splits.train)} val {len(splits.val)} "
                   f"retention {len(splits.retention)}")
+    cut = splits.truncation_line(cfg.data.path, cfg.data.max_seq_len)
+    if cut:
+        console.print(f"[yellow]{cut}[/]")
 
     # 2. Train with the configured trainer (a grid trains once per learning rate).
     pad_id = loaded.tokenizer.pad_token_id
