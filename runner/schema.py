@@ -57,6 +57,12 @@ class AdapterInit(str, Enum):
     random = "random"  # random orthonormal frames (ablation)
 
 
+class TrackingBackend(str, Enum):
+    none = "none"  # the ledger is the record
+    wandb = "wandb"  # Weights & Biases, offline (runner.tracking)
+    csv = "csv"  # CSV files under <runs_dir>/csv/
+
+
 class Schedule(str, Enum):
     constant = "constant"
     linear = "linear"
@@ -196,7 +202,7 @@ class TaskConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # "none" or "wandb"
+    backend: TrackingBackend = TrackingBackend.none
     project: str = "modelcypher"
     mode: str = "offline"
 
