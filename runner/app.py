@@ -3,8 +3,13 @@
 1. `main` first composes the config for every job the command line describes (each point of a
    `-m` sweep too) and converts it to the typed `RunConfig`. A typo, a wrong type or a missing
    value stops here with one line naming the key -- before any model is loaded.
-2. Hydra then runs the job(s) as usual (`--help`, `--cfg job`, multirun and launchers work as
-   Hydra users expect); `run_job` converts the config once and dispatches to the task.
+   An output folder that cannot be one (`results_dir=<a file>`) fails here too.
+2. Hydra then runs the job(s) as usual (`--cfg job`, multirun and launchers work as Hydra users
+   expect); `run_job` converts the config once and dispatches to the task.
+
+`--help` is ours (`app_help`): the options of each config group a user picks, the claim ids
+(conf/claim/ holds rules for task=claims, not a group: `claim=<id>` is refused with the command
+that tests it) and the composed config; `--hydra-help` is Hydra's.
 """
 
 from __future__ import annotations
