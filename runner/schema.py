@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # ---------------------------------------------------------------------------------------------
 # Enums: every mode is an Enum so a typo in YAML fails at composition time.
@@ -61,6 +61,12 @@ class AdapterInit(str, Enum):
 class Pooling(str, Enum):
     all_tokens = "all_tokens"  # token states sampled from every position but the first
     last_token = "last_token"  # one state per example: its last token
+
+
+class TrackingBackend(str, Enum):
+    none = "none"  # the ledger is the record
+    wandb = "wandb"  # Weights & Biases, offline (runner.tracking)
+    csv = "csv"  # CSV files under <runs_dir>/csv/
 
 
 class Schedule(str, Enum):
@@ -206,7 +212,7 @@ class TaskConfig:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # "none" or "wandb"
+    backend: TrackingBackend = TrackingBackend.none
     project: str = "modelcypher"
     mode: str = "offline"
 
@@ -219,6 +225,17 @@ class ClaimOverrides:
     budget: dict[str, int] = field(default_factory=dict)
 
 
+ADHOC_EXPERIMENT = "adhoc"
+COMMITTED_LEDGER = "results"
+
+
+def ledger_root(experiment: str, runs_dir: str) -> str:
+    """The default `results_dir`: the committed ledger, or beside the runs for ad-hoc runs."""
+    if experiment == ADHOC_EXPERIMENT:
+        return f"{runs_dir.rstrip('/')}/ledger"
+    return COMMITTED_LEDGER
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
@@ -228,9 +245,11 @@ class RunConfig:
     task: TaskConfig = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    experiment: str = "adhoc"
+    experiment: str = ADHOC_EXPERIMENT
     seed: int = 0
-    results_dir: str = "results"  # the ledger root
+    # The ledger root: `results` (committed) for a named experiment; an ad-hoc run (no
+    # +experiment) writes to <runs_dir>/ledger so it never touches the committed ledger.
+    results_dir: str = "${ledger_root:${experiment},${runs_dir}}"
     runs_dir: str = "runs"  # adapters and checkpoints (not committed)
     verify_adapter: bool = True  # reload the saved adapter with PEFT and compare logits
     # task=claims refuses a git tree whose tracked files differ from HEAD; true records the
@@ -286,7 +305,9 @@ _GROUP_SCHEMAS: dict[str, type] = {
 
 
 def register_configs() -> None:
-    """Register every schema with Hydra's ConfigStore (idempotent)."""
+    """Register every schema with Hydra's ConfigStore, and the resolver the default
+    `results_dir` uses (idempotent)."""
+    OmegaConf.register_new_resolver("ledger_root", ledger_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, schema in _GROUP_SCHEMAS.items():

@@ -26,7 +26,8 @@ from runner.ledger import (
     utc_now,
     write_once,
 )
-from runner.schema import ModelSource, RunConfig
+from runner.paths import DATA_DIR, resolve_data_path
+from runner.schema import DataConfig, ModelSource, RunConfig
 
 if TYPE_CHECKING:  # the row needs the result's fields, not the training module's torch import
     from runner.training import TrainResult
@@ -86,6 +87,25 @@ def config_hash(cfg: RunConfig) -> str:
 def random_init(model_config: dict | None) -> bool:
     """Whether a model config (a row's `config.model`) builds random weights: a smoke run."""
     return str((model_config or {}).get("source")) == ModelSource.tiny.value
+
+
+def data_id(data: DataConfig) -> str:
+    """The data id a trial records: the data option's id while it reads the option's own file;
+    the file's name (stem) when `data.path` names another file, so own data is never recorded
+    under the option's id (its sha256 is recorded beside it). A data option of the user's own
+    (an id no file under conf/data declares) keeps its id."""
+    declared = {}
+    for option in sorted(DATA_DIR.glob("*.yaml")):
+        spec = OmegaConf.load(option)
+        declared.setdefault(spec.get("id"), spec.get("path"))
+    own = declared.get(data.id)
+    if own is None or _same_file(data.path, own):
+        return data.id
+    return Path(data.path).stem
+
+
+def _same_file(a: str, b: str) -> bool:
+    return Path(resolve_data_path(a)).resolve() == Path(resolve_data_path(b)).resolve()
 
 
 @dataclass
@@ -212,9 +232,11 @@ class TrialRow:
             started_at=started, ended_at=utc_now(), status="diverged" if diverged else "ok",
             **(claim or ClaimTag()).as_row(),
             model_id=loaded.model_id, model_sha256=loaded.sha256, model_type=loaded.model_type,
-            data_id=cfg.data.id, data_sha256=splits.sha256,
+            data_id=data_id(cfg.data), data_sha256=splits.sha256,
             data_sizes={"train": len(splits.train), "val": len(splits.val),
-                        "retention": len(splits.retention)},
+                        "retention": len(splits.retention),
+                        "truncated_records": splits.truncated_records,
+                        "truncated_share": splits.truncated_share},
             metrics={**metrics, **outcome.extra_metrics}, curves=curves,
             derived=outcome.derived, hyperparameters=outcome.hyperparameters,
             certificate=outcome.certificate, stop_reason=result.stop_reason,
@@ -233,7 +255,7 @@ class TrialRow:
             config={"check": check, "seed": cfg.seed} if check else plain(cfg),
             hardware=hardware_fields(cfg), provenance=provenance, started_at=now, ended_at=now,
             status="skipped", skip_reason=reason, **(claim or ClaimTag()).as_row(),
-            model_id=None if check else cfg.model.id, data_id=None if check else cfg.data.id,
+            model_id=None if check else cfg.model.id, data_id=None if check else data_id(cfg.data),
             hyperparameters=None if check else plain(cfg.trainer))
 
     @classmethod

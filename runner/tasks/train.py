@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from runner import progress, tracking
 from runner.checkpoint import Checkpoint, remove_checkpoints
 from runner.data import DataError, batches, load_splits
 from runner.derived import run_derived
@@ -18,20 +19,19 @@ from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
 from runner.models import LoadedModel, load_model
-from runner.paths import PROJECT_ROOT
+from runner.paths import resolve_data_path
 from runner.schema import TRAINERS, RunConfig, TrainerFamily
-from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.training import TrainResult, peak_rss_mb, train_loop
-from runner.trial import ClaimTag, Provenance, TrainOutcome, TrialRow, config_hash
-
-
-def resolve_data_path(path: str | None) -> str | None:
-    """A relative data path is looked up in the working directory, then in the project root."""
-    if path is None or Path(path).is_absolute() or Path(path).exists():
-        return path
-    candidate = PROJECT_ROOT / path
-    return str(candidate) if candidate.exists() else path
+from runner.trial import (
+    ClaimTag,
+    Provenance,
+    TrainOutcome,
+    TrialRow,
+    config_hash,
+    data_id,
+    plain,
+)
 
 
 def check_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
@@ -49,7 +49,7 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
     """Run one trial; `claim` tags it when a claim's decision rule asked for it (the arm's
     name in the claim, which two arms with one trainer tell apart). `provenance`: the code
     state the calling job read when it started (read here otherwise)."""
-    console = Console(stderr=True)
+    console = progress.console()
     started = utc_now()
     provenance = provenance or Provenance.read(cfg.results_dir)
     wall_start = time.perf_counter()
@@ -58,39 +58,48 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
     hw = setup_hardware(cfg.hardware)
     cfg = resolved(cfg, hw)  # mlx device auto -> the device that runs (in the config hash)
     data_path, retention_path = check_data_paths(cfg)
-    loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
-    splits = load_splits(
-        data_path, loaded.tokenizer,
-        max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
-        retention_path=retention_path, max_examples=cfg.data.max_examples,
-    )
+    with progress.phase(console, f"loading model {cfg.model.id}"):
+        loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
+    with progress.phase(console, f"reading data {cfg.data.path}"):
+        splits = load_splits(
+            data_path, loaded.tokenizer,
+            max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
+            retention_path=retention_path, max_examples=cfg.data.max_examples,
+        )
     if not splits.train or not splits.val:
         raise DataError(f"{cfg.data.path}: too few examples for a train/validation split")
-    console.print(f"model {loaded.model_id} sha256 {loaded.sha256[:12]}  data {cfg.data.id} "
-                  f"train {len(splits.train)} val {len(splits.val)} "
+    console.print(f"model {loaded.model_id} sha256 {loaded.sha256[:12]}  data {data_id(cfg.data)} "
+                  f"sha256 {splits.sha256[:12]} train {len(splits.train)} val {len(splits.val)} "
                   f"retention {len(splits.retention)}")
+    cut = splits.truncation_line(cfg.data.path, cfg.data.max_seq_len)
+    if cut:
+        console.print(f"[yellow]{cut}[/]")
 
-    # 2. Train with the configured trainer (a grid trains once per learning rate).
-    pad_id = loaded.tokenizer.pad_token_id
-    outcome = run_trainer(cfg, loaded, splits, pad_id, console)
-    model, result = outcome.model, outcome.result
-
-    # 3. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
+    # 2. Train with the configured trainer (a grid trains once per learning rate), reporting
+    #    every step to the tracker when one is configured.
     chash = config_hash(cfg)
     run_id = new_run_id(cfg.experiment, cfg.trainer.name, cfg.seed, chash)
-    adapter_dir = Path(cfg.runs_dir) / run_id / "adapter"
-    model.save_pretrained(adapter_dir)
-    reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
-                   if cfg.verify_adapter else None)
+    pad_id = loaded.tokenizer.pad_token_id
+    with tracking.trial_run(cfg, run_id, plain(cfg), [cfg.experiment, cfg.trainer.name]) as run:
+        outcome = run_trainer(cfg, loaded, splits, pad_id, console)
+        model, result = outcome.model, outcome.result
 
-    # 4. One trial row in the ledger.
-    metrics = train_metrics(result, time.perf_counter() - wall_start, reload_diff)
-    row = TrialRow.trained(cfg, hw, provenance, run_id=run_id, chash=chash, started=started,
-                           loaded=loaded, splits=splits, outcome=outcome, metrics=metrics,
-                           adapter_dir=adapter_dir, claim=claim).as_dict()
-    path = write_trial(cfg.results_dir, row)
-    remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
-    mirror_trial(cfg, row)
+        # 3. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
+        adapter_dir = Path(cfg.runs_dir) / run_id / "adapter"
+        with progress.phase(console, f"saving the adapter to {adapter_dir}"):
+            model.save_pretrained(adapter_dir)
+            reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
+                           if cfg.verify_adapter else None)
+
+        # 4. One trial row in the ledger.
+        metrics = train_metrics(result, time.perf_counter() - wall_start, reload_diff)
+        row = TrialRow.trained(cfg, hw, provenance, run_id=run_id, chash=chash, started=started,
+                               loaded=loaded, splits=splits, outcome=outcome, metrics=metrics,
+                               adapter_dir=adapter_dir, claim=claim).as_dict()
+        path = write_trial(cfg.results_dir, row)
+        remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
+        if run is not None:
+            run.finish(tracking.trial_summary(row))
     m = row["metrics"]
     console.print(f"[bold]done[/] {result.stop_reason}: val {m['val_loss_initial']:.4f} -> "
                   f"{m['val_loss_final']:.4f}, {m['tokens_per_second']:.0f} tok/s, "
