@@ -11,7 +11,6 @@ from geometry.alignment import (
     procrustes_pinv_map,
     twonn_intrinsic_dimension,
 )
-from geometry.records import DerivedRecords
 from geometry.derivations import (
     FLOAT32_EPS,
     DerivedHyperparameters,
@@ -36,6 +35,7 @@ from geometry.derivations import (
 from geometry.mass import MassStep, mass_ceiling, mass_step_size
 from geometry.noise_scale import NoiseScale, gradient_noise_scale, per_sample_noise_scale
 from geometry.provenance import Derived
+from geometry.records import DerivedRecords
 from geometry.spectra import (
     StructuralRank,
     effective_rank,

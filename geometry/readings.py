@@ -237,13 +237,21 @@ def nb_lora_factors(a_free: Array, b_free: Array, s_raw: Array, bound) -> NbLora
     if r > n_in + b_free.shape[1]:
         raise ValueError(f"need r <= n_in + n_out (got r={r}, {n_in} + {b_free.shape[1]})")
     xp = namespace(a_free, b_free, s_raw)
-    stacked = xp.concat([a_free.mT, b_free.mT], axis=0)  # (n_in + n_out, r)
-    x, y = stacked[:r, :], stacked[r:, :]
-    eye = xp.eye(r, dtype=stacked.dtype, device=device(stacked))
-    z = (x - x.mT) + y.mT @ y
+    y, z = nb_lora_generator(a_free, b_free)
+    eye = xp.eye(r, dtype=z.dtype, device=device(z))
     inv = xp.linalg.inv(eye + z)
     q = xp.concat([(eye - z) @ inv, -2.0 * (y @ inv)], axis=0)
     return NbLoraFactors(a=q[:n_in, :].mT, b=q[n_in:, :].mT, s=xp.clip(s_raw, 0.0, bound))
+
+
+def nb_lora_generator(a_free: Array, b_free: Array) -> tuple[Array, Array]:
+    """(Y, Z) of the NB-LoRA map: Q~ = [A~^T; B~^T], X = its first r rows, Y = the rest
+    ((n_in + n_out - r) x r), Z = (X - X^T) + Y^T Y (r x r); see :func:`nb_lora_factors`."""
+    r = a_free.shape[0]
+    xp = namespace(a_free, b_free)
+    stacked = xp.concat([a_free.mT, b_free.mT], axis=0)  # (n_in + n_out, r)
+    x, y = stacked[:r, :], stacked[r:, :]
+    return y, (x - x.mT) + y.mT @ y
 
 
 def nb_lora_delta(f: NbLoraFactors) -> Array:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from geometry.provenance import jsonable
+
 STOPPING_SOURCE = "seed README row 9 (four geometric criteria); SEED-SPEC row 9"
 
 #: Convention: z multiplier of the standard error in the two-window tests ("within its standard
@@ -35,8 +37,6 @@ class StoppingCertificate:
     satisfied: bool
 
     def to_dict(self) -> dict:
-        from geometry.provenance import jsonable
-
         return {
             "criteria": [
                 {"name": c.name, "value": jsonable(c.value), "threshold": jsonable(c.threshold), "passed": c.passed}

@@ -3,14 +3,20 @@
 1. `main` first composes the config for every job the command line describes (each point of a
    `-m` sweep too) and converts it to the typed `RunConfig`. A typo, a wrong type or a missing
    value stops here with one line naming the key -- before any model is loaded.
-2. Hydra then runs the job(s) as usual (`--help`, `--cfg job`, multirun and launchers work as
-   Hydra users expect); `run_job` converts the config once and dispatches to the task.
+   An output folder that cannot be one (`results_dir=<a file>`) fails here too.
+2. Hydra then runs the job(s) as usual (`--cfg job`, multirun and launchers work as Hydra users
+   expect); `run_job` converts the config once and dispatches to the task.
+
+`--help` is ours (`app_help`): the options of each config group a user picks, the claim ids
+(conf/claim/ holds rules for task=claims, not a group: `claim=<id>` is refused with the command
+that tests it) and the composed config; `--hydra-help` is Hydra's.
 """
 
 from __future__ import annotations
 
 import importlib
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +28,6 @@ from runner.errors import ConfigError, HardwareUnavailable, UserError
 from runner.hardware import in_sweep
 from runner.paths import CONF_DIR
 from runner.schema import TaskName, register_configs
-
 
 register_configs()
 
@@ -43,12 +48,14 @@ TASKS = {
     TaskName.validate_derived: "runner.tasks.claims:validate_derived_task",
     TaskName.claims: "runner.tasks.claims:claims_task",
     TaskName.bench: "runner.tasks.bench:bench_task",
+    TaskName.dimension_profile: "runner.tasks.dimension_profile:dimension_profile_task",
 }
 
 
 def run_job(cfg: DictConfig) -> object:
     """Convert the composed config once and run its task."""
     run_cfg = to_run_config(cfg)
+    check_output_dirs(run_cfg)
     target = TASKS.get(run_cfg.task.name)
     if target is None:
         raise UserError(f"task={run_cfg.task.name.value}: not implemented")
@@ -65,8 +72,24 @@ def run_job(cfg: DictConfig) -> object:
         raise
 
 
+def check_output_dirs(run_cfg) -> None:
+    """Fail before any work if the ledger or the run folder cannot be a writable directory."""
+    for key in ("runs_dir", "results_dir"):  # the ad-hoc ledger lies under runs_dir
+        path = Path(getattr(run_cfg, key))
+        existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
+        if not existing.is_dir():
+            what = "" if existing == path else f" ({existing} is a file)"
+            raise ConfigError(f"{key}={path}: not a directory{what}; give a folder for the "
+                              + ("ledger" if key == "results_dir" else "adapters and checkpoints"))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}={path}: {existing} is not writable")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--help", "-h") for a in args):
+        print(app_help([a for a in args if a not in ("--help", "-h", "-m", "--multirun")]))
+        return
     if _is_plain_job(args):
         try:
             precheck(args)
@@ -94,6 +117,7 @@ def precheck(args: list[str]) -> None:
 
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    _refuse_claim_group(job_overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(job_overrides)
     except Exception as err:  # Hydra's grammar errors
@@ -114,7 +138,60 @@ def precheck(args: list[str]) -> None:
                 cfg = compose(config_name="config", overrides=list(combo))
             except Exception as err:
                 raise ConfigError(config_error_line(err)) from None
-            to_run_config(cfg)
+            check_output_dirs(to_run_config(cfg))
     GlobalHydra.instance().clear()
+
+
+def _refuse_claim_group(overrides: list[str]) -> None:
+    """conf/claim/ holds pre-registered rules that task=claims reads, not a config group."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key == "claim":
+            ids = value.strip("[]") or "<id>"
+            raise ConfigError(f"claim={value}: claims are not a config group; test claims with "
+                              f"task=claims claims=[{ids}] (ids: {', '.join(claim_ids())})")
+
+
+def claim_ids() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "claim").glob("*.yaml"))
+
+
+# Hydra lists every folder under conf/ as a group, and the schemas stored for type checks
+# (base_*) as options; the help lists what a user may choose, with conf/claim/ (rules that
+# task=claims reads, not a group) under its own heading.
+NOT_GROUPS = ("claim", "hydra")
+HYDRA_GROUPS = ("hydra/launcher",)
+
+
+def app_help(overrides: list[str]) -> str:
+    """`python -m runner --help [overrides]`: the config groups, the claims and the config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            loader = GlobalHydra.instance().config_loader()
+            names = [g for g in loader.list_groups("") if g not in NOT_GROUPS]
+            groups = []
+            for group in sorted(names) + list(HYDRA_GROUPS):
+                options = [o for o in loader.get_group_options(group) if not o.startswith("base_")]
+                prefix = "+" if group == "experiment" else ""  # no default: added, not replaced
+                groups.append(f"  {prefix}{group}: {', '.join(sorted(options))}")
+            try:
+                config = OmegaConf.to_yaml(compose(config_name="config", overrides=overrides))
+            except Exception as err:  # a bad override: say which, as a job would
+                config = f"(cannot compose: {config_error_line(err)})\n"
+    finally:
+        GlobalHydra.instance().clear()
+    return "\n".join([
+        "ModelCypher: python -m runner [+experiment=NAME] [group=option ...] [key=value ...]",
+        "", "== Config groups (group=option) ==", *groups,
+        "", "== Claims (pre-registered rules; task=claims claims=[id,...]) ==",
+        "  " + ", ".join(claim_ids()),
+        "", "== Config (override any key: foo.bar=value) ==", config.rstrip(),
+        "", "Hydra's own options: python -m runner --hydra-help",
+    ])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -18,7 +17,6 @@ from runner.schema import (
     RunConfig,
     TrainerConfig,
 )
-
 
 # Why a key is rejected on the derived trainer: these knobs are what it derives.
 DERIVED_KNOBS = {
@@ -72,7 +70,6 @@ def _check_values(cfg: RunConfig) -> None:
         ("claims", cfg.task.name.value != "claims" or bool(cfg.claims),
          "task=claims needs at least one claim id (conf/claim/<id>.yaml)"),
         ("task.trials", cfg.task.trials >= 1, "must be >= 1"),
-        ("tracking.backend", cfg.tracking.backend in ("none", "wandb"), "must be 'none' or 'wandb'"),
         ("tracking.mode", cfg.tracking.mode in ("offline", "disabled"),
          "must be 'offline' or 'disabled' (nothing leaves the machine; `wandb sync` uploads)"),
         ("claim_overrides.trials", (cfg.claim_overrides.trials or 1) >= 1, "must be >= 1"),

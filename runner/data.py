@@ -11,6 +11,12 @@ record are ignored:
   with the tokenizer's chat template; loss only on the assistant turns' content and the
   template's end-of-turn EOS token (not on role headers, nor on text after that EOS).
 
+A record longer than ``max_seq_len`` tokens is cut to its first ``max_seq_len`` tokens, and the
+cut is reported (`DatasetSplits.truncated_records`, one line at load, recorded on the trial).
+A cut record keeps no EOS: the EOS marks where a text really ends, and an EOS placed at the cut
+would teach the model to stop mid-sentence; its loss simply stops at the cut. A record whose
+prompt alone fills the window has nothing left to train on and is refused.
+
 Labels are aligned with ``input_ids`` (the model shifts them, as transformers does) and are
 -100 where masked. ``labels[0]`` is always -100: nothing predicts the first token, so the count
 of unmasked labels is exactly the number of loss terms (``Batch.n_tokens``).
@@ -31,7 +37,7 @@ import hashlib
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,7 @@ class DataError(UserError, ValueError):
 class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]  # IGNORE_INDEX (-100) where masked
+    truncated: bool = field(default=False, compare=False)  # cut to max_seq_len (no EOS kept)
 
     @property
     def n_tokens(self) -> int:
@@ -66,6 +73,27 @@ class DatasetSplits:
     retention: tuple[Example, ...]
     sha256: str  # of the raw bytes of the data file
     retention_sha256: str | None = None  # of the raw bytes of the retention file, if any
+
+    @property
+    def truncated_records(self) -> int:
+        """Records of the data file (train and validation) cut to max_seq_len."""
+        return sum(e.truncated for e in self.train + self.val)
+
+    @property
+    def truncated_share(self) -> float:
+        return self.truncated_records / max(len(self.train) + len(self.val), 1)
+
+    def truncation_line(self, path: str | Path, max_seq_len: int) -> str | None:
+        """One line reporting the records cut to max_seq_len, or None when none was."""
+        cut_retention = sum(e.truncated for e in self.retention)
+        if not self.truncated_records and not cut_retention:
+            return None
+        line = (f"{path}: {self.truncated_records} of {len(self.train) + len(self.val)} records "
+                f"({self.truncated_share:.1%}) are longer than max_seq_len={max_seq_len} tokens "
+                "and were cut (no EOS at the cut; loss stops there)")
+        if cut_retention:
+            line += f"; retention: {cut_retention} of {len(self.retention)} cut"
+        return line
 
 
 @dataclass(frozen=True)
@@ -273,12 +301,13 @@ def encode_record(record: dict, tokenizer, *, max_seq_len: int, where: str = "<r
                 mask = [j <= last for j in range(len(seg))]
             ids += seg
             train += mask
+    truncated = len(ids) > max_seq_len
     ids, train = ids[:max_seq_len], train[:max_seq_len]
     labels = [t if keep and j > 0 else IGNORE_INDEX for j, (t, keep) in enumerate(zip(ids, train, strict=False))]
     if all(x == IGNORE_INDEX for x in labels):
         raise DataError(f"{where}: every label is masked after truncation to max_seq_len="
                         f"{max_seq_len} ({len(ids)} tokens, none to train on)")
-    return Example(input_ids=tuple(ids), labels=tuple(labels))
+    return Example(input_ids=tuple(ids), labels=tuple(labels), truncated=truncated)
 
 
 # ---------------------------------------------------------------------------------------------

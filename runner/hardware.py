@@ -17,8 +17,14 @@ SKIPPED trial rows instead (`in_sweep`), so the other jobs of the sweep go on.
 
 from __future__ import annotations
 
+import functools
 import os
+import platform
+import re
+import subprocess
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 from runner.errors import HardwareUnavailable
 from runner.schema import Backend, HardwareConfig, RunConfig
@@ -149,3 +155,49 @@ def in_sweep() -> bool:
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except Exception:  # no Hydra context (library use, tests)
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU and BLAS a trial ran on (the ledger records them beside the device)
+
+
+@functools.cache
+def cpu_facts() -> dict[str, Any]:
+    """{"cpu_model", "cpu_cores", "blas"}: what a reviewer needs to compare timings and
+    floating-point results across machines (BLAS kernels differ in summation order)."""
+    return {"cpu_model": cpu_model(), "cpu_cores": os.cpu_count() or 0, "blas": blas_info()}
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name: /proc/cpuinfo on Linux, sysctl on macOS, else platform."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                             text=True, timeout=5, check=True).stdout.strip()
+        if out:
+            return out
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def blas_info() -> dict[str, str]:
+    """The BLAS behind torch (`torch.__config__.show()`) and numpy (`np.show_config`)."""
+    import numpy as np
+    import torch
+
+    out = {}
+    match = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    if match:
+        out["torch"] = match.group(1)
+    try:
+        deps = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        out["numpy"] = " ".join(str(deps.get(k)) for k in ("name", "version") if deps.get(k))
+    except (KeyError, TypeError, ValueError):
+        pass
+    return out

@@ -43,20 +43,46 @@ def new_run_id(experiment: str, arm: str, seed: int, config_hash: str) -> str:
     return f"{stamp}-{experiment}-{arm}-s{seed}-{config_hash[:8]}-{uuid.uuid4().hex[:6]}"
 
 
-def git_commit(repo: Path | None = None) -> str:
+def _git(repo: Path, *args: str) -> bytes:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=30,
+                          check=True).stdout
+
+
+def git_state(repo: Path | None = None) -> tuple[str, bytes]:
+    """(HEAD commit, binary diff of tracked files against HEAD); ("unknown", b"") outside git.
+
+    Untracked files are not part of the state: only what git tracks can change a run.
+    """
     repo = repo or Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout.strip()
-        return out + ("-dirty" if dirty else "")
+        head = _git(repo, "rev-parse", "HEAD").decode().strip()
+        return head, _git(repo, "diff", "HEAD", "--binary")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return "unknown", b""
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """HEAD, with "-dirty" when tracked files differ from it."""
+    head, diff = git_state(repo)
+    return head + ("-dirty" if diff else "") if head != "unknown" else head
+
+
+def write_once(path: Path, data: bytes) -> Path:
+    """Write `path` atomically (temp file + hard link); an existing file is left as it is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(tmp)
+    return path
 
 
 def package_versions() -> dict[str, str]:

@@ -8,3 +8,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 CLAIM_DIR = CONF_DIR / "claim"
 TRAINER_DIR = CONF_DIR / "trainer"
+DATA_DIR = CONF_DIR / "data"
+
+
+def resolve_data_path(path: str | None) -> str | None:
+    """A relative data path is looked up in the working directory, then in the project root."""
+    if path is None or Path(path).is_absolute() or Path(path).exists():
+        return path
+    candidate = PROJECT_ROOT / path
+    return str(candidate) if candidate.exists() else path

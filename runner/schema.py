@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 # ---------------------------------------------------------------------------------------------
 # Enums: every mode is an Enum so a typo in YAML fails at composition time.
@@ -50,12 +50,24 @@ class TaskName(str, Enum):
     claims = "claims"
     validate_derived = "validate_derived"
     bench = "bench"
+    dimension_profile = "dimension_profile"
 
 
 class AdapterInit(str, Enum):
     tail = "tail"  # W's singular vectors just past its structural rank (SEED-SPEC row 14)
     top = "top"  # W's leading singular vectors (PiSSA-like ablation)
     random = "random"  # random orthonormal frames (ablation)
+
+
+class Pooling(str, Enum):
+    all_tokens = "all_tokens"  # token states sampled from every position but the first
+    last_token = "last_token"  # one state per example: its last token
+
+
+class TrackingBackend(str, Enum):
+    none = "none"  # the ledger is the record
+    wandb = "wandb"  # Weights & Biases, offline (runner.tracking)
+    csv = "csv"  # CSV files under <runs_dir>/csv/
 
 
 class Schedule(str, Enum):
@@ -182,17 +194,26 @@ class TaskConfig:
     top: int = 0  # model_info, lora_svd: rows to print (0 = all)
     adapter: str | None = None  # lora_svd: a PEFT adapter directory (adapter_config.json + weights)
     trials: int = 5  # validate_derived: seeded derived runs searched for a counterexample
+    # claims: this job trains only the trials whose config hash falls in shard `shard` of
+    # `shards` (by hash, so a trial shared by several claims stays in one job); run one job per
+    # shard side by side, then once more (or `make results`) to decide on the complete ledger.
+    shard: int = 0
+    shards: int = 1
     # bench: timed repetitions per trainer, optimizer steps per repetition, and the equal token
     # budget of the quality-per-compute runs; quick (make bench QUICK=1) caps all three.
     quick: bool = False
     repeats: int = 3
     steps: int = 3
     quality_tokens: int = 4000
+    # dimension_profile: token states per layer, how they are pooled, bootstrap resamples.
+    points: int = 1000
+    pooling: Pooling = Pooling.all_tokens
+    resamples: int = 1000
 
 
 @dataclass
 class TrackingConfig:
-    backend: str = "none"  # "none" or "wandb"
+    backend: TrackingBackend = TrackingBackend.none
     project: str = "modelcypher"
     mode: str = "offline"
 
@@ -205,6 +226,17 @@ class ClaimOverrides:
     budget: dict[str, int] = field(default_factory=dict)
 
 
+ADHOC_EXPERIMENT = "adhoc"
+COMMITTED_LEDGER = "results"
+
+
+def ledger_root(experiment: str, runs_dir: str) -> str:
+    """The default `results_dir`: the committed ledger, or beside the runs for ad-hoc runs."""
+    if experiment == ADHOC_EXPERIMENT:
+        return f"{runs_dir.rstrip('/')}/ledger"
+    return COMMITTED_LEDGER
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = MISSING
@@ -214,27 +246,55 @@ class RunConfig:
     task: TaskConfig = MISSING
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
-    experiment: str = "adhoc"
+    experiment: str = ADHOC_EXPERIMENT
     seed: int = 0
-    results_dir: str = "results"  # the ledger root
+    # The ledger root: `results` (committed) for a named experiment; an ad-hoc run (no
+    # +experiment) writes to <runs_dir>/ledger so it never touches the committed ledger.
+    results_dir: str = "${ledger_root:${experiment},${runs_dir}}"
     runs_dir: str = "runs"  # adapters and checkpoints (not committed)
     verify_adapter: bool = True  # reload the saved adapter with PEFT and compare logits
+    # task=claims refuses a git tree whose tracked files differ from HEAD; true records the
+    # diff's sha256 on every trial and stores the patch under <results_dir>/patches/.
+    allow_dirty: bool = False
     # task=claims: the claims to test (ids of conf/claim/*.yaml), and what this experiment
     # changes in every one of them (trials, budget); the changed rule gets its own hash.
     claims: list[str] = field(default_factory=list)
     claim_overrides: ClaimOverrides = field(default_factory=lambda: ClaimOverrides())
 
 
+# ---------------------------------------------------------------------------------------------
+# The trainer registry: the one list of trainers. The schema (this file), the dispatcher
+# (runner.tasks.train.run_trainer), the claims and the bench read it; each name has its
+# option file conf/trainer/<name>.yaml (tests/test_config.py checks both lists agree).
+
+
+class TrainerFamily(str, Enum):
+    baseline = "baseline"  # PEFT LoRA + one optimizer (runner.trainers.baseline)
+    lr_grid = "lr_grid"  # the baseline trained once per learning rate of `lr_grid`; best kept
+    derived = "derived"  # every hyperparameter derived from the weights (runner.derived)
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    name: str
+    schema: type[TrainerConfig]
+    family: TrainerFamily
+    backends: tuple[str, ...] = (Backend.torch.value,)  # PEFT and the optimizers are torch code
+
+
+TRAINERS: dict[str, TrainerSpec] = {spec.name: spec for spec in (
+    TrainerSpec("adamw", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("adamw_grid", LoraBaselineConfig, TrainerFamily.lr_grid),
+    TrainerSpec("sgd", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("prodigy", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("schedulefree", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("muon", LoraBaselineConfig, TrainerFamily.baseline),
+    TrainerSpec("derived", DerivedTrainerConfig, TrainerFamily.derived,
+                tuple(b.value for b in Backend)),
+)}
+
 # Trainer options are typed by their own schema; the name picks it.
-TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {
-    "adamw": LoraBaselineConfig,
-    "adamw_grid": LoraBaselineConfig,
-    "sgd": LoraBaselineConfig,
-    "prodigy": LoraBaselineConfig,
-    "schedulefree": LoraBaselineConfig,
-    "muon": LoraBaselineConfig,
-    "derived": DerivedTrainerConfig,
-}
+TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {n: t.schema for n, t in TRAINERS.items()}
 
 _GROUP_SCHEMAS: dict[str, type] = {
     "model": ModelConfig,
@@ -246,7 +306,9 @@ _GROUP_SCHEMAS: dict[str, type] = {
 
 
 def register_configs() -> None:
-    """Register every schema with Hydra's ConfigStore (idempotent)."""
+    """Register every schema with Hydra's ConfigStore, and the resolver the default
+    `results_dir` uses (idempotent)."""
+    OmegaConf.register_new_resolver("ledger_root", ledger_root, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     for group, schema in _GROUP_SCHEMAS.items():

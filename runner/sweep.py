@@ -12,14 +12,13 @@ Outside a sweep the same error ends the run with one line on stderr and exit cod
 
 from __future__ import annotations
 
-from omegaconf import OmegaConf
-
 from runner.errors import HardwareUnavailable
-from runner.hardware import resolved, setup_hardware, usable_cores
-from runner.ledger import git_commit, new_run_id, package_versions, utc_now, write_trial
-from runner.models import model_id_of
+from runner.hardware import resolved, setup_hardware
+from runner.ledger import write_trial
 from runner.schema import RunConfig
-from runner.trial import config_hash
+from runner.trial import Provenance, TrialRow, config_hash, hardware_fields
+
+__all__ = ["hardware_fields", "reason_of", "skip_train"]
 
 
 def reason_of(err: BaseException) -> str:
@@ -28,35 +27,14 @@ def reason_of(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def hardware_fields(cfg: RunConfig) -> dict:
-    """The hardware columns of a row for a trial that did not reach `setup_hardware`."""
-    hw = cfg.hardware
-    return {"hardware": hw.name, "backend": getattr(hw.backend, "value", hw.backend),
-            "device": hw.device, "dtype": getattr(hw.dtype, "value", hw.dtype),
-            "threads": hw.threads or usable_cores()}
-
-
 def skip_train(cfg: RunConfig, err: HardwareUnavailable) -> dict:
     """Write the SKIPPED row of a task=train job and return it."""
-    from runner.config import trainer_options
-
     try:  # hardware that is present (a trainer its backend cannot run): record the device
         cfg = resolved(cfg, setup_hardware(cfg.hardware))
     except HardwareUnavailable:
         pass
-    chash = config_hash(cfg)
-    now = utc_now()
-    row = {
-        "run_id": new_run_id(cfg.experiment, cfg.trainer.name, cfg.seed, chash),
-        "experiment": cfg.experiment, "claim_id": None, "rule_hash": None,
-        "arm": cfg.trainer.name, "seed": cfg.seed, **hardware_fields(cfg),
-        "model_id": model_id_of(cfg.model), "data_id": cfg.data.id, "config_hash": chash,
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
-        "git_commit": git_commit(), "packages": package_versions(),
-        "started_at": now, "ended_at": now, "metrics": {}, "curves": {}, "derived": None,
-        "hyperparameters": trainer_options(cfg.trainer), "stop_reason": None,
-        "certificate": None, "status": "skipped", "skip_reason": reason_of(err),
-    }
+    row = TrialRow.skipped(cfg, reason_of(err), Provenance.read(cfg.results_dir),
+                           chash=config_hash(cfg)).as_dict()
     path = write_trial(cfg.results_dir, row)
     print(f"skipped ({row['skip_reason']}): trial {path}", flush=True)
     return row

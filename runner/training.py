@@ -2,7 +2,9 @@
 
 A trainer supplies `step(batch) -> StepLog` and `state_dict()` / `load_state_dict()`; this loop
 owns everything around it: batching by (seed, epoch), the token budget, periodic evaluation,
-divergence detection, checkpoints and resume (runner/checkpoint.py) and the progress bar.
+divergence detection, checkpoints and resume (runner/checkpoint.py), the progress bar (tokens of
+the budget, and examples of each evaluation, with an ETA), plain progress lines where no bar is
+seen (runner/progress.py), and the per-step report to the tracker (runner/tracking.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,18 @@ from typing import Any, Protocol
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
+from runner import tracking
 from runner.checkpoint import Checkpoint
 from runner.data import Example, batches
+from runner.progress import Heartbeat, LoggedConsole, eta, format_seconds
 from runner.schema import BudgetConfig
 
 
@@ -118,35 +128,93 @@ class _Evaluator:
         self.retention = splits.retention[: budget.eval_examples]
         self.seconds = 0.0  # time spent evaluating, excluded from training throughput
         self.per_example: list[float] = []  # mean loss per validation example, last evaluation
+        self.shown = lambda done, total: None  # progress display: examples done of total
 
     def __call__(self, step: int, tokens: int) -> EvalPoint:
         started = time.perf_counter()
-        bs = self.budget.eval_batch_size
         set_eval_mode(self.trainer)
-        sums, counts = self.losses(self.val, bs, self.pad_id)
+        total = len(self.val) + len(self.retention)
+        sums, counts = self._losses(self.val, 0, total)
         val = sum(sums) / max(sum(counts), 1)
         self.per_example = [s / max(c, 1) for s, c in zip(sums, counts, strict=True)]
         ret = None
         if self.retention:
-            sums, counts = self.losses(self.retention, bs, self.pad_id)
+            sums, counts = self._losses(self.retention, len(self.val), total)
             ret = sum(sums) / max(sum(counts), 1)
         set_train_mode(self.trainer)
         self.seconds += time.perf_counter() - started
+        tracking.log_step({"val_loss": val, "retention_loss": ret, "tokens": tokens}, step)
         return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret)
+
+    def _losses(self, examples, done: int, total: int) -> tuple[list[float], list[int]]:
+        """The losses of `examples` one evaluation batch at a time, to show progress: the same
+        batches (in order, unshuffled) as one call over all of them, so the same sums."""
+        bs = self.budget.eval_batch_size
+        sums: list[float] = []
+        counts: list[int] = []
+        for start in range(0, len(examples), bs):
+            self.shown(done + start, total)
+            s, c = self.losses(examples[start : start + bs], bs, self.pad_id)
+            sums += s
+            counts += c
+        self.shown(done + len(examples), total)
+        return sums, counts
 
 
 def _progress(console: Console) -> Progress:
+    """Two bars: training (tokens of the budget) and the evaluation under way (examples)."""
     return Progress(
-        TextColumn("[bold]train[/]"),
+        TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
-        TextColumn("{task.completed:,}/{task.total:,} tok"),
-        TextColumn("step {task.fields[step]}"),
-        TextColumn("loss {task.fields[loss]:.4f}"),
-        TextColumn("val {task.fields[val]}"),
-        TextColumn("{task.fields[tok_s]:,.0f} tok/s"),
+        TextColumn("{task.completed:,}/{task.total:,} {task.fields[unit]}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def _train_info(state: LoopState, loss: float) -> str:
+    return (f"step {state.step} loss {loss:.4f} val {state.evals[-1].val_loss:.4f} "
+            f"{state.tokens / max(state.train_seconds, 1e-9):,.0f} tok/s")
+
+
+class _Display:
+    """The bars, and the plain lines that stand in for them in a log file or a pipe."""
+
+    def __init__(self, console: Console, bar: Progress, budget: BudgetConfig):
+        self.console, self.bar, self.budget = console, bar, budget
+        self.train = bar.add_task("train", total=budget.max_tokens, unit="tok", info="")
+        self.eval = bar.add_task("eval", total=1, unit="examples", info="", visible=False)
+        self.heartbeat = Heartbeat(budget.eval_every)
+        self.started, self.start_tokens = time.perf_counter(), 0
+
+    def begin(self, state: LoopState) -> None:
+        """Training starts (or resumes) here: the ETA counts from this point."""
+        self.started, self.start_tokens = time.perf_counter(), state.tokens
+        self.bar.update(self.train, completed=min(state.tokens, self.budget.max_tokens),
+                        info=f"step {state.step} val {state.evals[-1].val_loss:.4f}")
+
+    def evaluating(self, done: int, total: int) -> None:
+        self.bar.update(self.eval, completed=done, total=total, visible=done < total)
+
+    def step(self, state: LoopState, loss: float) -> None:
+        info = _train_info(state, loss)
+        self.bar.update(self.train, completed=min(state.tokens, self.budget.max_tokens),
+                        info=info)
+        if self.heartbeat.due(state.step):
+            left = eta(state.tokens - self.start_tokens, self.budget.max_tokens - self.start_tokens,
+                       time.perf_counter() - self.started)
+            self._line(state, f"{info} {left}")
+
+    def finish(self, state: LoopState) -> None:
+        """The line training ends with (its stop reason), whatever the heartbeat said last."""
+        loss = state.losses[-1] if state.losses else math.nan
+        self._line(state, f"{_train_info(state, loss)} stopped: {state.stop_reason} after "
+                          f"{format_seconds(time.perf_counter() - self.started)}")
+
+    def _line(self, state: LoopState, info: str) -> None:
+        plain_line(self.console, f"train {state.tokens:,}/{self.budget.max_tokens:,} tok {info}")
 
 
 @dataclass
@@ -200,19 +268,21 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
     """
     console = console or Console(stderr=True)
     evaluate = _Evaluator(model, trainer, splits, budget, pad_id)
-
-    # 1. Continue from the checkpoint, or evaluate the untrained model.
-    state = _resume(checkpoint, trainer, console)
-    if state is None:
-        state = LoopState(evals=[evaluate(0, 0)])
-        state.eval_seconds = evaluate.seconds
-    evaluate.seconds = state.eval_seconds
-
-    # 2. Epochs of batches fixed by (seed, epoch); a resumed epoch skips what it has seen.
+    tracking.start_loop()
     with _progress(console) as bar:
-        task = bar.add_task("train", total=budget.max_tokens, step=state.step,
-                            loss=state.losses[-1] if state.losses else math.nan,
-                            val=f"{state.evals[-1].val_loss:.4f}", tok_s=0.0)
+        display = _Display(console, bar, budget)
+        evaluate.shown = display.evaluating
+
+        # 1. Continue from the checkpoint, or evaluate the untrained model.
+        state = _resume(checkpoint, trainer, console)
+        if state is None:
+            state = LoopState(evals=[evaluate(0, 0)])
+            state.eval_seconds = evaluate.seconds
+            _eval_line(console, state)
+        evaluate.seconds = state.eval_seconds
+        display.begin(state)
+
+        # 2. Epochs of batches fixed by (seed, epoch); a resumed epoch skips what it has seen.
         while state.stop_reason == "budget" and state.tokens < budget.max_tokens:
             if state.next_batch == 0:
                 state.epoch_start_val = state.evals[-1].val_loss
@@ -223,6 +293,7 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
                 log = trainer.step(batch)
                 state.record(batch, log)
                 state.train_seconds += time.perf_counter() - started
+                tracking.log_step(state.step_logs[-1], state.step)
 
                 # 4. Stop on divergence; evaluate (and ask the certificate) every eval_every.
                 if not is_finite_step(log):
@@ -236,23 +307,23 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
                 # 5. Checkpoint after each evaluation, with the stop decision already taken.
                 if checkpoint is not None and state.step % budget.eval_every == 0:
                     checkpoint.save(state.to_dict(), trainer)
-                bar.update(task, completed=min(state.tokens, budget.max_tokens), step=state.step,
-                           loss=log.loss, val=f"{state.evals[-1].val_loss:.4f}",
-                           tok_s=state.tokens / max(state.train_seconds, 1e-9))
+                display.step(state, log.loss)
                 if state.stop_reason != "budget" or state.tokens >= budget.max_tokens:
                     break
                 started = time.perf_counter()
             else:
                 state.epoch, state.next_batch = state.epoch + 1, 0
 
-    # 6. Evaluate the weights training ends with (after a diverged step: the last finite ones),
-    #    and ask the certificate there too, so that a trial records the certificate it ended
-    #    with even when it stopped between evaluations (its stop reason stands).
-    if state.evals[-1].step != state.step:
-        state.evals.append(evaluate(state.step, state.tokens))
-        if on_eval is not None and math.isfinite(state.evals[-1].val_loss):
-            _ask_certificate(state, evaluate, on_eval)
-        state.eval_seconds = evaluate.seconds
+        # 6. Evaluate the weights training ends with (after a diverged step: the last finite
+        #    ones), and ask the certificate there too, so that a trial records the certificate
+        #    it ended with even when it stopped between evaluations (its stop reason stands).
+        if state.evals[-1].step != state.step:
+            state.evals.append(evaluate(state.step, state.tokens))
+            if on_eval is not None and math.isfinite(state.evals[-1].val_loss):
+                _ask_certificate(state, evaluate, on_eval)
+            state.eval_seconds = evaluate.seconds
+            _eval_line(console, state)
+        display.finish(state)
     set_eval_mode(trainer)  # the weights saved and verified are the evaluated ones
     if checkpoint is not None:  # a finished loop: a rerun (or a grid point) just reads it back
         checkpoint.save(state.to_dict(), trainer)
@@ -289,7 +360,19 @@ def _evaluate_and_check(state: LoopState, evaluate: _Evaluator, on_eval,
     elif on_eval is not None and _ask_certificate(state, evaluate, on_eval):
         state.stop_reason = "certificate"
     state.eval_seconds = evaluate.seconds
-    if not console.is_terminal:  # a log file gets one line per evaluation
-        console.print(f"step {state.step} tokens {state.tokens} loss {state.losses[-1]:.4f} "
-                      f"val {state.evals[-1].val_loss:.4f} "
-                      f"{state.tokens / max(state.train_seconds, 1e-9):.0f} tok/s")
+    _eval_line(console, state)
+
+
+def _eval_line(console: Console, state: LoopState) -> None:
+    point = state.evals[-1]
+    retention = "" if point.retention_loss is None else f" retention {point.retention_loss:.4f}"
+    plain_line(console, f"eval step {point.step} tokens {point.tokens:,}: val "
+                        f"{point.val_loss:.4f}{retention}")
+
+
+def plain_line(console: Console, line: str) -> None:
+    """A progress line for a log file or a pipe (a terminal sees the live bars instead)."""
+    if isinstance(console, LoggedConsole):
+        console.log_line(line)
+    elif not console.is_terminal:
+        console.print(line, markup=False, highlight=False)

@@ -40,12 +40,11 @@ from support import ROOT, compose_config
 
 from runner.config import to_run_config
 from runner.data import batches, load_splits
-from runner.models import load_model
 from runner.derived import setup as derived_setup
 from runner.derived.certificate import calibration_batch, prompts_of
 from runner.derived.trainer import DerivedTrainer
+from runner.models import load_model
 from runner.tasks.train import resolve_data_path
-
 
 BACKENDS = ["mlx", "jax"]
 MODELS = ["tiny_llama", "tiny_lfm2"]

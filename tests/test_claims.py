@@ -138,7 +138,8 @@ def test_rule_hash_is_stable_and_ignores_wording(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("change", [
-    {"alpha": 0.01}, {"min_effect": 0.03}, {"trials": 6}, {"test": "wilcoxon"},
+    {"alpha": 0.01}, {"min_effect": 0.03}, {"trials": 6}, {"test": "bootstrap"},
+    {"sides": 1, "sides_reason": "only an improvement would change what we ship"},
     {"direction": "higher"}, {"metric": "metrics.val_loss_best"}, {"margin": 0.02},
     {"budget": {"max_tokens": 4000}},
     {"arms": [{"name": "a", "trainer": "adamw", "overrides": {"lr": 2.0e-3}},
@@ -152,44 +153,69 @@ def test_rule_hash_changes_with_every_rule_field(tmp_path: Path, change: dict) -
 # Paired comparison
 
 
-def test_validated_when_significantly_better_by_min_effect(tmp_path: Path) -> None:
+def t_trials_needed(d: np.ndarray, boundary: float, alpha: float = 0.05) -> int:
+    """Oracle: the smallest n whose two-sided paired t-test has 80% power (noncentral t)."""
+    delta, sd = abs(d.mean() - boundary), d.std(ddof=1)
+    for n in range(2, 100_000):
+        crit = stats.t.ppf(1 - alpha / 2, n - 1)
+        nc = delta * np.sqrt(n) / sd
+        if stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) >= 0.8:
+            return n
+    raise AssertionError("no n reaches 80% power")
+
+
+def test_validated_when_significantly_better_than_min_effect(tmp_path: Path) -> None:
     c = claim(tmp_path)
     a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
     v = decide(c, paired_rows(c, a, BASE))
     assert v.verdict is VerdictWord.VALIDATED
-    oracle = stats.ttest_rel(a, BASE, alternative="less")  # scipy directly
+    d = np.array(BASE) - np.array(a)
+    oracle = stats.ttest_1samp(d, 0.02)  # scipy directly: two-sided, against min_effect
     assert v.p_value == pytest.approx(oracle.pvalue, rel=1e-12)  # same call, same float
     assert v.effect == pytest.approx(0.0998, abs=1e-9) and v.n == 5 and len(v.trial_ids) == 10
-    assert v.ci[0] > 0.02 and v.ci_level == pytest.approx(0.9)
+    assert v.ci[0] > 0.02 and v.ci_level == pytest.approx(0.95)
+    assert v.deciding_test == "paired t vs mean difference +0.02, two-sided"
+    assert v.effect_unit == "nats" and not v.is_check and not v.smoke
+
+
+def test_validated_is_as_strict_as_disproven(tmp_path: Path) -> None:
+    # Better by 0.03 > min_effect 0.02 with p(d > 0) tiny, but not significantly above 0.02:
+    # a point estimate past the boundary does not validate, as one short of it does not refute.
+    c = claim(tmp_path)
+    noise = [0.012, -0.012, 0.008, -0.006, -0.002]
+    a = [b - 0.03 + e for b, e in zip(BASE, noise, strict=True)]
+    d = np.array(BASE) - np.array(a)
+    assert stats.ttest_1samp(d, 0.0, alternative="greater").pvalue < 0.01
+    v = decide(c, paired_rows(c, a, BASE))
+    assert v.verdict is VerdictWord.INCONCLUSIVE
+    assert v.p_value == pytest.approx(stats.ttest_1samp(d, 0.02).pvalue, rel=1e-12)
 
 
 def test_disproven_when_significantly_worse(tmp_path: Path) -> None:
     c = claim(tmp_path)
     a = [b + 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
     v = decide(c, paired_rows(c, a, BASE))
-    assert v.verdict is VerdictWord.DISPROVEN and "significantly worse" in v.reason
+    assert v.verdict is VerdictWord.DISPROVEN and "significantly below" in v.reason
+    assert v.effect < 0 and v.ci[1] < 0.02
 
 
 def test_disproven_when_equivalent_within_min_effect(tmp_path: Path) -> None:
     c = claim(tmp_path)
     a = [b - 0.001 + e for b, e in zip(BASE, [0.001, -0.001, 0.0005, 0.0, -0.0004], strict=True)]
     v = decide(c, paired_rows(c, a, BASE))
-    assert v.verdict is VerdictWord.DISPROVEN and "TOST" in v.reason
+    assert v.verdict is VerdictWord.DISPROVEN and "significantly below" in v.reason
     d = np.array(BASE) - np.array(a)
-    tost = max(stats.ttest_1samp(d, -0.02, alternative="greater").pvalue,
-               stats.ttest_1samp(d, 0.02, alternative="less").pvalue)
-    assert v.details["p_tost"] == pytest.approx(tost, rel=1e-12)
+    assert v.p_value == pytest.approx(stats.ttest_1samp(d, 0.02).pvalue, rel=1e-12)
 
 
 def test_inconclusive_says_how_many_trials_would_decide(tmp_path: Path) -> None:
     c = claim(tmp_path)
-    a = [b - 0.03 + e for b, e in zip(BASE, [0.06, -0.05, 0.04, -0.06, 0.03], strict=True)]
+    a = [b - 0.05 + e for b, e in zip(BASE, [0.06, -0.05, 0.04, -0.06, 0.03], strict=True)]
     v = decide(c, paired_rows(c, a, BASE))
     assert v.verdict is VerdictWord.INCONCLUSIVE
     d = np.array(BASE) - np.array(a)
-    z = stats.norm.ppf(0.95) + stats.norm.ppf(0.8)
-    expected = int(np.ceil((z * d.std(ddof=1) / d.mean()) ** 2))  # effect >= min_effect
-    assert v.trials_needed == max(expected, 6) and str(v.trials_needed) in v.reason
+    assert v.trials_needed == max(t_trials_needed(d, 0.02), 6)
+    assert str(v.trials_needed) in v.reason
 
 
 def test_margin_claim_validated_when_non_inferior_and_disproven_when_worse(tmp_path):
@@ -198,24 +224,69 @@ def test_margin_claim_validated_when_non_inferior_and_disproven_when_worse(tmp_p
     same = [b + 0.01 + e for b, e in zip(BASE, noise, strict=True)]  # worse by 0.01 < margin
     v = decide(c, paired_rows(c, same, BASE))
     assert v.verdict is VerdictWord.VALIDATED and "matches or beats" in v.reason
+    assert v.deciding_test == "paired t vs mean difference -0.05, two-sided"
     worse = [b + 0.2 + e for b, e in zip(BASE, noise, strict=True)]
     v = decide(c, paired_rows(c, worse, BASE))
-    assert v.verdict is VerdictWord.DISPROVEN and "more than the margin" in v.reason
+    assert v.verdict is VerdictWord.DISPROVEN and "non-inferiority margin" in v.reason
+    d = np.array(BASE) - np.array(worse)
+    assert v.p_value == pytest.approx(stats.ttest_1samp(d, -0.05).pvalue, rel=1e-12)
 
 
 def test_wilcoxon_and_bootstrap_use_scipy(tmp_path: Path) -> None:
     a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.002, -0.004], strict=True)]
-    c = claim(tmp_path, test="wilcoxon")
+    why = "only an improvement would change what we ship"
+    c = claim(tmp_path, test="wilcoxon", sides=1, sides_reason=why)
     v = decide(c, paired_rows(c, a, BASE))
     d = np.array(BASE) - np.array(a)
-    assert v.p_value == stats.wilcoxon(d, alternative="greater").pvalue == 1 / 32
+    assert v.p_value == stats.wilcoxon(d - 0.02, alternative="greater").pvalue == 1 / 32
     assert v.verdict is VerdictWord.VALIDATED  # exact signed-rank: 1/32 < 0.05 with 5 pairs
-    c = claim(tmp_path, test="bootstrap")
+    assert v.deciding_test.endswith("one-sided")
+    c = claim(tmp_path, test="bootstrap", sides=1, sides_reason=why)
     v = decide(c, paired_rows(c, a, BASE))
     assert v.verdict is VerdictWord.VALIDATED and v.p_value == 0.0
     boot = stats.bootstrap((d,), np.mean, confidence_level=0.9, n_resamples=9999,
                            method="percentile", rng=np.random.default_rng(0))
     assert v.ci == (boot.confidence_interval.low, boot.confidence_interval.high)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"test": "wilcoxon", "trials": 3},
+     "test: wilcoxon with 3 paired trials cannot reach alpha=0.05 (its smallest two-sided p "
+     "is 0.25); plan at least 6 trials"),
+    ({"test": "wilcoxon", "trials": 5},
+     "test: wilcoxon with 5 paired trials cannot reach alpha=0.05 (its smallest two-sided p "
+     "is 0.0625); plan at least 6 trials"),
+    ({"metric": "metrics.nope"}, "metric: 'metrics.nope': no trial records metrics.nope"),
+    ({"metric": "metricz.val_loss_final"}, "metric: 'metricz.val_loss_final': trials record "
+                                           "no 'metricz'"),
+    ({"sides": 1}, "sides_reason: a one-sided test needs its reason stated (or sides: 2)"),
+])
+def test_undecidable_rule_is_refused_at_load_time(tmp_path, change, message):
+    path = write_claim(tmp_path, {**PAIRED, **change})
+    with pytest.raises(ConfigError) as err:
+        load_claim(path)
+    assert str(err.value).startswith(f"{path}: {message}")
+
+
+def test_a_mixed_configuration_arm_is_refused_not_pooled(tmp_path: Path) -> None:
+    from runner.claims.verdicts import MixedConfiguration
+
+    c = claim(tmp_path)
+    a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    rows = paired_rows(c, a, BASE)
+    for r in rows:
+        r["config"] = {"trainer": {"name": "adamw", "lr": 1e-3 if r["claim_arm"] == "a" else
+                                   1e-4}, "budget": {"max_tokens": 2000}}
+        r["config_hash"] = "c" * 64
+    assert decide(c, rows).verdict is VerdictWord.VALIDATED
+    # A newer row of seed 0 with another budget: the oldest row of the seed would win the
+    # pairing, but the arm now mixes two configurations, which is refused.
+    stray = row(c, "b", 0, 9.9, config={"trainer": rows[5]["config"]["trainer"],
+                                        "budget": {"max_tokens": 4000}}, config_hash="d" * 64)
+    with pytest.raises(MixedConfiguration) as err:
+        decide(c, [*rows, stray])
+    assert "claim p" in str(err.value) and "arm 'b' mixes 2 configurations" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
 
 
 def test_skipped_when_every_trial_of_an_arm_is_skipped(tmp_path: Path) -> None:
@@ -272,10 +343,13 @@ def test_correlation_disproven_when_interval_excludes_the_claimed_magnitude(tmp_
     x = rng.standard_normal(92)
     y = -0.51 * x + np.sqrt(1 - 0.51**2) * rng.standard_normal(92)
     v = decide(c, [layer_row(c, x, y)])
-    oracle = stats.pearsonr(x, y, alternative="less")
-    assert v.effect == pytest.approx(oracle.statistic) and v.p_value == pytest.approx(
-        oracle.pvalue)
-    assert v.verdict is VerdictWord.DISPROVEN and v.n == 92 and -v.ci[0] < 0.7
+    r = stats.pearsonr(x, y)
+    z = (np.arctanh(r.statistic) - np.arctanh(-0.7)) * np.sqrt(92 - 3)  # Fisher z vs rho=-0.7
+    assert v.effect == pytest.approx(r.statistic)
+    assert v.p_value == pytest.approx(2 * stats.norm.sf(abs(z)), rel=1e-9)
+    ci = r.confidence_interval(0.95)
+    assert v.ci == pytest.approx((ci.low, ci.high)) and ci.low > -0.7
+    assert v.verdict is VerdictWord.DISPROVEN and v.n == 92 and v.effect_unit == "Pearson r"
     assert v.details["spearman_r"] == pytest.approx(stats.spearmanr(x, y).statistic)
 
 
@@ -378,7 +452,7 @@ def _run_cfg(tmp_path: Path, extra: list[str] = ()):
     return to_run_config(compose_config([
         "model=tiny_llama", "data.max_seq_len=96", "data.max_examples=120",
         "budget.eval_every=2", "budget.eval_examples=4", "verify_adapter=false",
-        "hardware.threads=1",
+        "hardware.threads=1", "allow_dirty=true",
         f"results_dir={tmp_path / 'results'}", f"runs_dir={tmp_path / 'runs'}", *extra]))
 
 
@@ -399,20 +473,51 @@ def test_run_claims_resumes_and_writes_each_trial_once(tmp_path: Path, capsys) -
     assert first == second and first[0].n == 2
     stored = json.loads(trials[0].read_text())
     assert stored["claim_arm"] == "fast"  # the claim's arm name, not only the trainer's
-    assert stored["claim_id"] == "n" and stored["rule_hash"] == load_claim(
-        tmp_path / "n.yaml").rule_hash
+    # The rule is registered with its setting (arms' trainer options, model, data, budget), so
+    # its hash covers them: not the hash of the claim file alone.
+    (record,) = (tmp_path / "results" / "rules").glob("n-*.json")
+    registered = json.loads(record.read_text())
+    assert stored["claim_id"] == "n" and stored["rule_hash"] == registered["rule_hash"]
+    assert registered["rule_hash"] != load_claim(tmp_path / "n.yaml").rule_hash
+    assert registered["setting"]["arms"]["fast"]["lr"] == 1.0e-3
+    assert registered["setting"]["model"]["id"] == "tiny_llama"
+    assert registered["setting"]["budget"]["max_tokens"] == 300
+    assert registered["setting"]["data_sha256"] == stored["data_sha256"]
+    assert stored["git_commit"] == registered["git_commit"]  # read once, when the job starts
+    assert stored["cpu_cores"] >= 1 and stored["cpu_model"] and "torch" in stored["blas"]
     assert stored["config"]["budget"]["max_tokens"] == 300  # the claim's budget, every arm
     assert (tmp_path / "results" / "rules").is_dir()
 
 
+def test_shards_split_the_trials_by_config_and_together_cover_them(tmp_path: Path) -> None:
+    """Two jobs with task.shards=2 train disjoint halves (by config hash), each trial once."""
+    from runner.tasks.claims import run_claims
+
+    spec = {**COUNTER, "trials": 3, "arms": [{"name": "fast", "trainer": "adamw",
+                                              "overrides": {"lr": 1.0e-3}}],
+            "budget": {"max_tokens": 200, "max_steps": 1}}
+    write_claim(tmp_path, spec)
+    trials = tmp_path / "results" / "trials"
+    for shard in (0, 1):
+        cfg = _run_cfg(tmp_path, ["task.shards=2", f"task.shard={shard}"])
+        run_claims(cfg, ["n"], claim_dir=tmp_path)
+        rows = [json.loads(p.read_text()) for p in trials.glob("*.json")]
+        if shard == 0:
+            assert all(int(r["config_hash"], 16) % 2 == 0 for r in rows)
+    assert sorted(r["seed"] for r in rows) == [0, 1, 2]
+    with pytest.raises(ConfigError, match="task.shard=2"):
+        run_claims(_run_cfg(tmp_path, ["task.shards=2", "task.shard=2"]), ["n"],
+                   claim_dir=tmp_path)
+
+
 def test_unavailable_arm_writes_a_skipped_row(tmp_path: Path, monkeypatch) -> None:
-    import runner.tasks.train as train
+    import runner.tasks.claims as claims_task
     from runner.tasks.claims import run_claims
 
     def no_device(cfg, **kwargs):
         raise HardwareUnavailable("hardware.device=cuda: no CUDA device")
 
-    monkeypatch.setattr(train, "train_task", no_device)
+    monkeypatch.setattr(claims_task, "train_task", no_device)
     write_claim(tmp_path, {**COUNTER, "trials": 2})
     cfg = _run_cfg(tmp_path)
     (v,) = run_claims(cfg, ["n"], claim_dir=tmp_path)
@@ -438,6 +543,7 @@ def test_validate_derived_searches_every_seed(tmp_path: Path, capsys) -> None:
 
     verdict = run_job(compose_config([
         "task=validate_derived", "task.trials=2", "model=tiny_llama", "data.max_seq_len=96",
+        "allow_dirty=true",
         "data.max_examples=120", "hardware.threads=1", "budget.eval_examples=4",
         "+claim_overrides.budget.max_tokens=1500", "+claim_overrides.budget.eval_every=5",
         "verify_adapter=false",
@@ -459,3 +565,92 @@ def test_claim_overrides_are_validated_like_a_claim_file(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"with claim_overrides: trials: must be >= 3"):
         run_claims(cfg, ["derived_beats_sgd"])
     assert not (tmp_path / "results").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every empirical kind reaches every verdict (a rule that cannot fail is not a claim)
+
+
+def _paired_outcomes(tmp_path: Path) -> dict:
+    c = claim(tmp_path)
+    noise = [0.01, -0.01, 0.005, 0.0, -0.004]
+    return {w: decide(c, paired_rows(c, [b + shift + e for b, e in zip(BASE, noise,
+                                                                        strict=True)], BASE))
+            for w, shift in (("VALIDATED", -0.10), ("DISPROVEN", 0.10), ("INCONCLUSIVE", -0.02))}
+
+
+def _correlation_outcomes(tmp_path: Path) -> dict:
+    c = load_claim(write_claim(tmp_path, CORR))
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(60)
+    cases = {"VALIDATED": (-0.95, 60), "DISPROVEN": (0.0, 60), "INCONCLUSIVE": (-0.7, 8)}
+    out = {}
+    for word, (r, n) in cases.items():
+        y = r * x[:n] + np.sqrt(1 - r**2) * rng.standard_normal(n)
+        out[word] = decide(c, [layer_row(c, x[:n], y)])
+    return out
+
+
+def _invariant_outcomes(tmp_path: Path) -> dict:
+    c = load_claim(write_claim(tmp_path, INVARIANT))
+    ok = [steps_row(c, s, [0.5, 0.9]) for s in range(2)]
+    return {"VALIDATED": decide(c, ok), "INCONCLUSIVE": decide(c, ok[:1]),
+            "DISPROVEN": decide(c, [ok[0], steps_row(c, 1, [1.5])])}
+
+
+def _counterexample_outcomes(tmp_path: Path) -> dict:
+    c = load_claim(write_claim(tmp_path, {**COUNTER, "min_effect": 0.5}))
+    good = [row(c, "derived", s, 2.0) for s in range(3)]  # initial 3.0: improved by 1.0
+    return {"VALIDATED": decide(c, good), "INCONCLUSIVE": decide(c, good[:2]),
+            "DISPROVEN": decide(c, [*good[:2], row(c, "derived", 2, 2.8)])}  # by 0.2 < 0.5
+
+
+@pytest.mark.parametrize("outcomes", [_paired_outcomes, _correlation_outcomes,
+                                      _invariant_outcomes, _counterexample_outcomes])
+def test_every_empirical_kind_reaches_every_verdict(tmp_path: Path, outcomes) -> None:
+    verdicts = outcomes(tmp_path)
+    assert {w: v.verdict.value for w, v in verdicts.items()} == {
+        "VALIDATED": "VALIDATED", "DISPROVEN": "DISPROVEN", "INCONCLUSIVE": "INCONCLUSIVE"}
+    for v in verdicts.values():
+        assert not v.is_check and v.deciding_test
+
+
+def test_implementation_checks_are_marked_and_kept_apart() -> None:
+    checks = {c.id for c in load_claims() if c.is_check}
+    assert checks == {"mass_within_weyl_bound", "procrustes_cka_in_sample"}
+    c = load_claim("mass_within_weyl_bound", CLAIM_DIR)
+    ok = [{"run_id": f"w{s}", "experiment": "unit", "claim_id": c.id, "rule_hash": c.rule_hash,
+           "claim_arm": "derived", "seed": s, "status": "ok",
+           "curves": {"steps": [{"adapter_norm_ratio": 0.4}]}} for s in c.seeds]
+    v = decide(c, ok)
+    assert v.verdict is VerdictWord.VALIDATED and v.is_check and v.as_dict()["is_check"]
+
+
+def test_registered_rules_keep_their_hash_and_take_the_current_wording() -> None:
+    from runner.claims.schema import claim_from_record
+
+    rules = Path(__file__).resolve().parent.parent / "results" / "rules"
+    for path in sorted(rules.glob("*.json")):
+        record = json.loads(path.read_text())
+        c = claim_from_record(record, str(path))  # raises if the rule no longer hashes
+        assert c.rule_hash == record["rule_hash"]
+        assert "SEED-SPEC" not in c.source and "seed/000" not in c.source
+        assert c.is_check == (c.id in ("mass_within_weyl_bound", "procrustes_cka_in_sample"))
+
+
+def test_smoke_runs_on_random_init_models_are_labelled(tmp_path: Path) -> None:
+    c = claim(tmp_path)
+    a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
+    rows = paired_rows(c, a, BASE)
+    for r in rows:
+        r["config"] = {"model": {"id": "tiny_llama", "source": "tiny"}}
+    assert decide(c, rows).smoke
+    for r in rows:
+        r["config"] = {"model": {"id": "smollm2_135m", "source": "gguf_package"}}
+    assert not decide(c, rows).smoke
+
+
+def test_no_claim_cites_what_a_reader_cannot_open() -> None:
+    for path in sorted(CLAIM_DIR.glob("*.yaml")):
+        text = path.read_text()
+        assert "SEED-SPEC" not in text and "seed/000" not in text, path.name

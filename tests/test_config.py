@@ -95,5 +95,81 @@ def test_cli_missing_data_fails_with_one_line(tmp_path: Path) -> None:
 def test_cli_help_and_cfg_job() -> None:
     help_out = _run_cli("--help")
     assert help_out.returncode == 0 and "experiment: " in help_out.stdout
+    groups = help_out.stdout.split("== Config groups")[1].split("==")[1]
+    listed = {line.split(":")[0].strip().lstrip("+") for line in groups.strip().splitlines()}
+    assert listed == {"data", "experiment", "hardware", "model", "task", "tracking", "trainer",
+                      "hydra/launcher"}
+    assert "base_" not in groups  # schemas, not options a user picks
+    claims = help_out.stdout.split("== Claims")[1]
+    assert "claims=[id,...]" in claims and "derived_beats_sgd" in claims
     cfg_out = _run_cli("--cfg", "job", "+experiment=quickstart")
     assert cfg_out.returncode == 0 and "experiment: quickstart" in cfg_out.stdout
+
+
+def test_one_trainer_registry_for_yaml_schema_dispatcher_and_bench() -> None:
+    import yaml
+
+    from runner.paths import TRAINER_DIR
+    from runner.schema import TRAINER_SCHEMAS, TRAINERS
+    from runner.tasks.bench import ARMS
+
+    names = {yaml.safe_load(p.read_text())["name"] for p in TRAINER_DIR.glob("*.yaml")}
+    assert names == set(TRAINERS) == set(TRAINER_SCHEMAS)
+    assert {arm.trainer for arm in ARMS} <= set(TRAINERS)
+
+
+def test_claim_is_not_a_group_and_says_how_to_test_one() -> None:
+    with pytest.raises(ConfigError) as info:
+        precheck(["claim=derived_beats_sgd"])
+    assert str(info.value).startswith("claim=derived_beats_sgd: claims are not a config group; "
+                                      "test claims with task=claims claims=[derived_beats_sgd]")
+    to_run_config(compose_config(["task=claims", "claims=[derived_beats_sgd]"]))  # the way
+
+
+@pytest.mark.parametrize("key", ["results_dir", "runs_dir"])
+def test_output_folder_that_is_a_file_fails_before_any_work(tmp_path: Path, key: str) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"{key}={afile}: not a directory"):
+        precheck([f"{key}={afile}"])
+    with pytest.raises(ConfigError, match=f"{key}={afile / 'sub'}: not a directory \\({afile} is"):
+        precheck([f"{key}={afile / 'sub'}"])
+
+
+def test_cli_results_dir_file_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    afile = tmp_path / "results"
+    afile.write_text("")
+    proc = _run_cli("+experiment=quickstart", "task=train", f"results_dir={afile}",
+                    f"runs_dir={tmp_path / 'runs'}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: results_dir={afile}: not a directory; give a folder for the ledger"], proc.stderr
+    assert afile.read_text() == "" and not (tmp_path / "runs").exists()
+
+
+def test_adhoc_runs_keep_out_of_the_committed_ledger() -> None:
+    assert to_run_config(compose_config([])).results_dir == "runs/ledger"
+    assert to_run_config(compose_config(["runs_dir=/x/runs"])).results_dir == "/x/runs/ledger"
+    assert to_run_config(compose_config(["results_dir=results"])).results_dir == "results"
+    for experiment in EXPERIMENTS:  # committed experiments write the committed ledger
+        cfg = to_run_config(compose_config([f"+experiment={experiment}"]))
+        assert cfg.results_dir == "results"
+
+
+def test_results_dir_is_not_in_the_config_hash() -> None:
+    from runner.trial import config_hash
+
+    base = to_run_config(compose_config(["+experiment=quickstart"]))
+    moved = to_run_config(compose_config(["+experiment=quickstart", "results_dir=elsewhere"]))
+    assert config_hash(base) == config_hash(moved)
+
+
+def test_own_data_is_recorded_under_its_file_name(tmp_path: Path) -> None:
+    from runner.trial import data_id
+
+    own = tmp_path / "my_corpus.jsonl"
+    own.write_text('{"text": "x"}\n')
+    assert data_id(to_run_config(compose_config([])).data) == "stdlib_docs"
+    same = str(ROOT / "data" / "stdlib_docs" / "train.jsonl")  # the option's own file, spelt out
+    assert data_id(to_run_config(compose_config([f"data.path={same}"])).data) == "stdlib_docs"
+    assert data_id(to_run_config(compose_config([f"data.path={own}"])).data) == "my_corpus"

@@ -427,3 +427,23 @@ def test_real_hf_tokenizer_masks():
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     b = next(batches(s.train, 4, seed=0, epoch=0, pad_id=pad))
     assert b.input_ids.max() < len(tok)
+
+
+def test_truncation_is_counted_and_reported(tmp_path):
+    """Records cut to max_seq_len are counted (share of the file's records) and named in one
+    line; the cut record keeps no EOS (an EOS at the cut would teach stopping mid-text)."""
+    long_text, short_text = "y" * 40, "short"
+    path = write(tmp_path, [jl({"text": long_text}), jl({"text": short_text}),
+                            jl({"prompt": "Q? ", "completion": "z" * 30})])
+    s = load_splits(path, TOK, max_seq_len=20, val_fraction=0.0, retention_path=path)
+    assert s.truncated_records == 2 and s.truncated_share == pytest.approx(2 / 3)
+    cut = next(e for e in s.train if e.truncated)
+    assert len(cut.input_ids) == 20 and TOK.eos_token_id not in cut.input_ids
+    whole = next(e for e in s.train if not e.truncated)
+    assert whole.input_ids[-1] == TOK.eos_token_id
+    line = s.truncation_line(path, 20)
+    assert line is not None and "\n" not in line
+    assert f"{path}: 2 of 3 records (66.7%)" in line and "max_seq_len=20" in line
+    assert "retention: 2 of 3 cut" in line
+    untouched = load_splits(path, TOK, max_seq_len=64, val_fraction=0.0, retention_path=None)
+    assert untouched.truncated_records == 0 and untouched.truncation_line(path, 64) is None

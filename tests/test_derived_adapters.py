@@ -16,11 +16,11 @@ from support import ROOT, compose_config
 from runner.app import run_job
 from runner.config import to_run_config
 from runner.data import load_splits
-from runner.models import load_model
 from runner.derived import run as derived_task
-from runner.tasks.train import resolve_data_path
 from runner.derived.spec import AdapterSpec
 from runner.derived.torch_ops import FactoredAdapters, candidate_linears
+from runner.models import load_model
+from runner.tasks.train import resolve_data_path
 from runner.training import evaluate_loss
 
 # One thread: on a shared CPU, torch's thread pool spinning against other processes makes

@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 from support import ROOT, compose_config
 
 from runner.app import run_job
-from runner.trainers.baseline import BaselineTrainer
 from runner.derived.trainer import DerivedTrainer
+from runner.trainers.baseline import BaselineTrainer
 
 AT_STEP = 3
 # One thread: on a shared CPU, torch's thread pool spinning against other processes makes

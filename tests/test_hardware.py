@@ -157,16 +157,24 @@ def test_train_sweep_writes_skipped_rows_for_absent_hardware(tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(_cuda() or _jax_gpu(), reason="this machine has a GPU")
+def _registered(results: Path, claim_id: str):
+    """The rule a claims job registered for `claim_id` (with the experiment's setting)."""
+    from runner.claims.schema import claim_from_record
+
+    (path,) = (results / "rules").glob(f"{claim_id}-*.json")
+    return claim_from_record(json.loads(path.read_text()), str(path))
+
+
 def test_claims_sweep_skips_every_planned_trial_on_absent_hardware(tmp_path: Path) -> None:
-    from runner.claims import VerdictWord, decide_on, load_claim
+    from runner.claims import VerdictWord, decide_on
 
     results = tmp_path / "results"
     claim_ids = ["derived_beats_sgd", "procrustes_cka_in_sample"]
-    out = _run(["-m", "task=claims", f"claims=[{','.join(claim_ids)}]",
+    out = _run(["-m", "task=claims", "allow_dirty=true", f"claims=[{','.join(claim_ids)}]",
                 "hardware=cuda,jax_gpu", *TINY, f"results_dir={results}",
                 f"runs_dir={tmp_path / 'runs'}", f"hydra.sweep.dir={tmp_path / 'multirun'}"])
     assert out.returncode == 0, out.stderr[-3000:]
-    claims = [load_claim(c) for c in claim_ids]
+    claims = [_registered(results, c) for c in claim_ids]  # rules carry the setting
     planned = sum(c.trials * max(len(c.arms), 1) for c in claims)
     rows = _rows(results)
     for hw in ("cuda", "jax_gpu"):
@@ -186,12 +194,13 @@ def test_claims_sweep_skips_every_planned_trial_on_absent_hardware(tmp_path: Pat
 def test_claim_trials_are_not_reused_across_hardware(tmp_path: Path, capsys) -> None:
     from test_claims import COUNTER, write_claim
 
-    from runner.claims import VerdictWord, decide_all, load_claim
+    from runner.claims import VerdictWord, decide_all
     from runner.ledger import read_trials
     from runner.tasks.claims import run_claims
 
     write_claim(tmp_path, {**COUNTER, "trials": 2})
-    ledger = [f"results_dir={tmp_path / 'results'}", f"runs_dir={tmp_path / 'runs'}"]
+    ledger = ["allow_dirty=true", f"results_dir={tmp_path / 'results'}",
+              f"runs_dir={tmp_path / 'runs'}"]
     (on_cpu,) = run_claims(_cfg(*TINY, *ledger), ["n"], claim_dir=tmp_path)
     assert on_cpu.verdict is not VerdictWord.SKIPPED and on_cpu.n == 2
     (on_jax,) = run_claims(_cfg(*TINY, *ledger, "hardware=jax_cpu"), ["n"], claim_dir=tmp_path)
@@ -200,7 +209,7 @@ def test_claim_trials_are_not_reused_across_hardware(tmp_path: Path, capsys) -> 
     assert on_jax.verdict is VerdictWord.SKIPPED and on_jax.hardware == "jax_cpu"
     rows = read_trials(tmp_path / "results")
     assert sorted(r["hardware"] for r in rows) == ["cpu", "cpu", "jax_cpu", "jax_cpu"]
-    verdicts = decide_all(load_claim(tmp_path / "n.yaml"), rows)
+    verdicts = decide_all(_registered(tmp_path / "results", "n"), rows)
     assert [(v.hardware, v.verdict) for v in verdicts] == [
         ("cpu", on_cpu.verdict), ("jax_cpu", VerdictWord.SKIPPED)]
     assert set(verdicts[0].trial_ids).isdisjoint(verdicts[1].trial_ids)
@@ -268,7 +277,7 @@ def test_quickstart_sweep_over_present_backends_gives_one_verdict_per_hardware(
     from runner.report import build_all
 
     results = tmp_path / "results"
-    proc = _run(["-m", "+experiment=quickstart", "hardware=cpu,mlx,jax_cpu",
+    proc = _run(["-m", "+experiment=quickstart", "allow_dirty=true", "hardware=cpu,mlx,jax_cpu",
                  "claims=[derived_beats_sgd,mass_within_weyl_bound]", "data.max_examples=120",
                  "claim_overrides.trials=3", "claim_overrides.budget.max_tokens=400",
                  "claim_overrides.budget.eval_every=4", "budget.eval_examples=8",

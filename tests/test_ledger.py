@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import re
@@ -94,19 +95,23 @@ def test_committed_docs_match_the_ledger(tmp_path: Path) -> None:
             assert (page.parent / figure).exists(), f"{page.name} shows a missing {figure}"
 
 
-def test_wandb_mirror_is_offline_and_complete(tmp_path: Path, monkeypatch) -> None:
-    """tracking=wandb writes an offline run with the trial's summary; nothing goes online."""
+TRACKED_RUN = ["+experiment=quickstart", "task=train", "budget.max_tokens=400",
+               "budget.eval_every=2", "budget.eval_examples=4", "data.max_examples=60",
+               "verify_adapter=false"]
+
+
+def test_wandb_tracks_every_step_offline(tmp_path: Path, monkeypatch) -> None:
+    """tracking=wandb writes an offline run with every step's loss while training, then the
+    trial's summary; nothing goes online."""
     pytest.importorskip("wandb")
     from support import compose_config
 
     from runner.app import run_job
 
     monkeypatch.setenv("WANDB_SILENT", "true")
-    row = run_job(compose_config([
-        "+experiment=quickstart", "task=train", "tracking=wandb", "budget.max_tokens=400",
-        "budget.eval_every=2", "budget.eval_examples=4", "data.max_examples=60",
-        "verify_adapter=false", f"results_dir={tmp_path / 'results'}",
-        f"runs_dir={tmp_path / 'runs'}"]))
+    row = run_job(compose_config([*TRACKED_RUN, "tracking=wandb",
+                                  f"results_dir={tmp_path / 'results'}",
+                                  f"runs_dir={tmp_path / 'runs'}"]))
     # wandb's service process writes the offline log; its teardown waits until it has flushed
     # (reading the file before that depends on the machine's load).
     import wandb
@@ -116,6 +121,62 @@ def test_wandb_mirror_is_offline_and_complete(tmp_path: Path, monkeypatch) -> No
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     record = next(runs[0].glob("*.wandb")).read_bytes()  # the offline run's protobuf log
     assert row["run_id"].encode() in record and b"val_loss_final" in record
+    # Each step's history record holds its loss as JSON text: every recorded loss is there.
+    losses = row["curves"]["train_loss"]
+    assert len(losses) == row["metrics"]["steps"] >= 2
+    for loss in losses:
+        assert json.dumps(loss).encode() in record, loss
+
+
+def test_csv_tracker_has_every_step_and_evaluation(tmp_path: Path) -> None:
+    """tracking=csv: steps.csv holds each step's loss and tokens and each evaluation's losses,
+    exactly as the trial records them, and summary.json the final metrics."""
+    from support import compose_config
+
+    from runner.app import run_job
+    from runner.tracking import read_steps
+
+    row = run_job(compose_config([*TRACKED_RUN, "tracking=csv",
+                                  f"results_dir={tmp_path / 'results'}",
+                                  f"runs_dir={tmp_path / 'runs'}"]))
+    folder = tmp_path / "runs" / "csv" / row["run_id"]
+    steps = read_steps(folder / "steps.csv")
+    logged = {(step, key): value for loop, step, key, value in steps if loop == 0}
+    assert {loop for loop, *_ in steps} == {0}
+    for step, loss in enumerate(row["curves"]["train_loss"], start=1):
+        assert logged[(step, "loss")] == loss  # repr round-trips a float exactly
+    for point in row["curves"]["eval"]:
+        assert logged[(point["step"], "val_loss")] == point["val_loss"]
+        assert logged[(point["step"], "tokens")] == point["tokens"]
+    assert logged[(row["metrics"]["steps"], "tokens")] == row["metrics"]["tokens"]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["val_loss_final"] == row["metrics"]["val_loss_final"]
+    assert summary["run_id"] == row["run_id"] and summary["stop_reason"] == row["stop_reason"]
+
+
+def test_own_data_trial_records_its_file_and_truncation(tmp_path: Path) -> None:
+    """data.path=<own file>: the trial's data id is the file's name, its sha256 the file's,
+    and the records cut to max_seq_len are counted; an ad-hoc run keeps out of results/."""
+    from support import compose_config
+
+    from runner.app import run_job
+
+    records = [{"prompt": f"Q{i}: ", "completion": ("a long answer " * (1 + i % 3)) + str(i)}
+               for i in range(40)]
+    own = tmp_path / "my_notes.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = run_job(compose_config([
+        "task=train", "budget.max_tokens=300", "budget.eval_every=5", "budget.eval_examples=4",
+        f"data.path={own}", "data.retention_path=null", "data.max_seq_len=32",
+        "verify_adapter=false", f"runs_dir={tmp_path / 'runs'}"]))
+    assert row["data_id"] == "my_notes"
+    assert row["data_sha256"] == hashlib.sha256(own.read_bytes()).hexdigest()
+    # A byte tokenizer: one token per byte, plus BOS; longer than 32 is cut.
+    cut = sum(len(f"Q{i}: ") + len(r["completion"]) + 2 > 32 for i, r in enumerate(records))
+    assert 0 < cut < len(records)
+    assert row["data_sizes"]["truncated_records"] == cut
+    assert row["data_sizes"]["truncated_share"] == pytest.approx(cut / len(records))
+    assert list((tmp_path / "runs" / "ledger" / "trials").glob("*.json"))  # the ad-hoc ledger
 
 
 def test_wandb_online_mode_is_refused() -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from geometry import cka
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -46,15 +48,6 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     return float(cross / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)))
 
 
-def _cka() -> Callable[[np.ndarray, np.ndarray], float]:
-    """geometry.cka when the geometry package exports it, else the linear CKA above."""
-    try:
-        from geometry import cka  # type: ignore[attr-defined]
-    except ImportError:
-        return linear_cka
-    return cka if callable(cka) else linear_cka
-
-
 @register_check("procrustes_cka_in_sample")
 def procrustes_cka_in_sample(seed: int) -> CheckResult:
     """CKA(X·F, Y) for the least-squares map F = pinv(X)·Y fitted on the same probes.
@@ -70,4 +63,4 @@ def procrustes_cka_in_sample(seed: int) -> CheckResult:
     rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
     y = x @ rotation + 0.1 * rng.standard_normal((n, d))
     fit = np.linalg.pinv(x) @ y
-    return CheckResult(_cka()(x @ fit, y), 1.0, f"n={n} probes, d={d}, noise sd 0.1")
+    return CheckResult(cka(x @ fit, y), 1.0, f"n={n} probes, d={d}, noise sd 0.1")

@@ -7,23 +7,33 @@ any trial runs, stored on every trial the claim asks for, and verdicts count onl
 carry the same hash: changing the rule after seeing data starts a new claim.
 
 Invalid files fail at load time with one line naming the file and the key
-(`conf/claim/x.yaml: alpha: must be in (0, 0.5), got 0.7`).
+(`conf/claim/x.yaml: alpha: must be in (0, 0.5), got 0.7`), and so does a rule that could not
+be decided: a metric no trial records, or a test that cannot reach alpha at the planned number
+of trials (the exact Wilcoxon test with 3 pairs: smallest two-sided p 0.25).
+
+`implementation_check: true` marks a statement that holds by construction (an identity, a bound
+enforced by a clamp): its verdicts are reported as implementation checks, apart from the claims.
+A claim tested in an experiment is registered with its `setting` (each arm's resolved trainer
+options, the model, the data and the budget), so the rule hash covers all of them; rules
+registered without one keep their hash.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from runner.claims.checks import CHECKS
 from runner.errors import ConfigError
 from runner.ledger import stable_hash
 from runner.paths import CLAIM_DIR, TRAINER_DIR
+from runner.trial import RECORDED_METRICS, ROW_SECTIONS
 
 BUDGET_KEYS = ("max_tokens", "max_steps", "eval_every", "eval_examples", "eval_batch_size")
 INVARIANT_OPS = ("<=", ">=", "==", "<", ">")
@@ -90,6 +100,10 @@ class Claim:
     reference: str | None = None  # counterexample: metric must beat this path (e.g. initial loss)
     check: str | None = None  # by_construction: name of a registered check
     tolerance: float = 0.0  # by_construction / invariant: float slack, with its reason in rationale
+    sides: int = 2  # 1: one-sided tests, only with `sides_reason` saying why
+    setting: dict[str, Any] | None = None  # arms' trainer options, model, data, budget
+    sides_reason: str | None = None  # not part of the rule: its justification
+    implementation_check: bool = False  # holds by construction: reported apart from claims
     path: str = ""  # the file it was loaded from (not part of the rule)
 
     @property
@@ -107,15 +121,27 @@ class Claim:
             "min_effect": self.min_effect, "margin": self.margin, "budget": self.budget,
             "x": self.x, "y": self.y, "invariant": self.invariant, "reference": self.reference,
             "check": self.check, "tolerance": self.tolerance,
+            # Added after the first rules were registered: present only when set, so those
+            # rules keep their hashes and stay decidable from their trials.
+            **({"sides": self.sides} if self.sides != 2 else {}),
+            **({"setting": self.setting} if self.setting is not None else {}),
         }
 
     @property
     def rule_hash(self) -> str:
         return stable_hash(self.rule())
 
+    @property
+    def is_check(self) -> bool:
+        return self.implementation_check or self.kind is Kind.by_construction
+
     def as_dict(self) -> dict[str, Any]:
+        extra = {"sides_reason": self.sides_reason} if self.sides_reason else {}
+        if self.implementation_check:
+            extra["implementation_check"] = True
         return {"id": self.id, "statement": self.statement, "source": self.source,
-                "rationale": self.rationale, **self.rule(), "rule_hash": self.rule_hash}
+                "rationale": self.rationale, **self.rule(), **extra,
+                "rule_hash": self.rule_hash}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +181,27 @@ def claim_from_record(record: dict, where: str) -> Claim:
     if record.get("rule_hash") and claim.rule_hash != record["rule_hash"]:
         raise ConfigError(f"{where}: rule_hash: the recorded rule does not hash to "
                           f"{record['rule_hash'][:12]}")
-    return claim
+    return with_current_wording(claim)
+
+
+def with_current_wording(claim: Claim, claim_dir: Path = CLAIM_DIR) -> Claim:
+    """A registered rule with the wording of its current claim file: the source and whether
+    it is an implementation check always (neither decides anything), the statement and the
+    rationale where the file states the same rule (they describe it)."""
+    path = claim_dir / f"{claim.id}.yaml"
+    if not path.is_file():
+        return claim
+    current = load_claim(path)
+    changes: dict[str, Any] = {"source": current.source,
+                               "implementation_check": current.implementation_check}
+    if core_rule(current) == core_rule(claim):
+        changes.update(statement=current.statement, rationale=current.rationale)
+    return replace(claim, **changes)
+
+
+def core_rule(claim: Claim) -> dict:
+    """The rule less what an experiment sets (trials, budget, setting)."""
+    return {k: v for k, v in claim.rule().items() if k not in ("trials", "budget", "setting")}
 
 
 def load_claims(claim_dir: Path = CLAIM_DIR) -> list[Claim]:
@@ -197,7 +243,9 @@ class _ClaimParser:
             budget=self.budget(), x=self.text("x", None), y=self.text("y", None),
             invariant=self.text("invariant", None), reference=self.text("reference", None),
             check=self.text("check", None), tolerance=self.number("tolerance", 0.0),
-            path=self.where,
+            sides=self.integer("sides", 2), setting=self.mapping("setting"),
+            sides_reason=self.text("sides_reason", None),
+            implementation_check=self.flag("implementation_check"), path=self.where,
         )
         self.validate(claim)
         return claim
@@ -221,6 +269,18 @@ class _ClaimParser:
         if not math.isfinite(value):
             self.fail(key, f"must be finite, got {value}")
         return float(value)
+
+    def flag(self, key: str) -> bool:
+        value = self.raw.get(key, False)
+        if not isinstance(value, bool):
+            self.fail(key, f"must be true or false, got {value!r}")
+        return value
+
+    def mapping(self, key: str) -> dict | None:
+        value = self.raw.get(key)
+        if value is not None and not isinstance(value, dict):
+            self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        return value
 
     def integer(self, key: str, default: int) -> int:
         value = self.raw.get(key, default)
@@ -286,6 +346,10 @@ class _ClaimParser:
             key = "min_effect" if c.min_effect < 0 else "margin" if c.margin is not None and \
                 c.margin <= 0 else "tolerance"
             self.fail(key, f"must be {'> 0' if key == 'margin' else '>= 0'}")
+        if c.sides not in (1, 2):
+            self.fail("sides", f"must be 1 or 2, got {c.sides}")
+        if c.sides == 1 and not c.sides_reason:
+            self.fail("sides_reason", "a one-sided test needs its reason stated (or sides: 2)")
         names = [a.name for a in c.arms]
         if len(set(names)) != len(names):
             self.fail("arms", f"arm names must be unique, got {names}")
@@ -300,6 +364,25 @@ class _ClaimParser:
             value = getattr(c, key)
             if value is not None and not _valid_path(value):
                 self.fail(key, f"'{value}' is not a metric path (a.b[*].c, a.*.c, a[0])")
+            if value is not None:
+                self.check_recorded(key, value)
+        if c.invariant is not None:
+            lhs, _, rhs = parse_invariant(c.invariant)
+            for path in (lhs, rhs):
+                if isinstance(path, str):
+                    self.check_recorded("invariant", path)
+
+    def check_recorded(self, key: str, path: str) -> None:
+        """A rule must read something trials record: refuse `metrics.nope` before training."""
+        head, _, rest = path.partition(".")
+        section = head.split("[", 1)[0]
+        if section not in ROW_SECTIONS:
+            self.fail(key, f"'{path}': trials record no '{section}' (they record: "
+                           f"{', '.join(ROW_SECTIONS)})")
+        name = rest.split(".", 1)[0].split("[", 1)[0]
+        if section == "metrics" and name != "*" and name not in RECORDED_METRICS:
+            self.fail(key, f"'{path}': no trial records metrics.{name} (recorded: "
+                           f"{', '.join(RECORDED_METRICS)})")
 
     def need(self, c: Claim, *keys: str) -> None:
         for key in keys:
@@ -320,6 +403,12 @@ class _ClaimParser:
                                 "seeds cannot estimate the spread")
         if c.min_effect <= 0:
             self.fail("min_effect", "must be > 0: state the smallest effect that matters")
+        floor = smallest_p(c.test, c.trials, c.sides)
+        if floor >= c.alpha:
+            self.fail("test", f"{c.test.value} with {c.trials} paired trials cannot reach "
+                              f"alpha={c.alpha:g} (its smallest {'two' if c.sides == 2 else 'one'}"
+                              f"-sided p is {floor:.3g}); plan at least "
+                              f"{min_reachable_n(c.test, c.alpha, c.sides)} trials")
         a, b = c.arms
         if _trainer_name(a.trainer) == _trainer_name(b.trainer) and not any(
                 k in b.overrides and a.overrides[k] != b.overrides[k] for k in a.overrides):
@@ -358,8 +447,6 @@ class _ClaimParser:
             self.check_invariant(c.invariant)
 
     def validate_by_construction(self, c: Claim) -> None:
-        from runner.claims.checks import CHECKS
-
         self.need(c, "check")
         if c.check not in CHECKS:
             self.fail("check", f"'{c.check}' is not a registered check (known: "
@@ -372,6 +459,25 @@ class _ClaimParser:
             parse_invariant(text)
         except ValueError as err:
             self.fail("invariant", str(err))
+
+
+def smallest_p(test: StatTest, n: int, sides: int) -> float:
+    """The smallest p-value `test` can give with n pairs (0 where it has no floor).
+
+    The exact signed-rank test's smallest p is 2^-n one-sided (every difference on one side),
+    twice that two-sided: with 3 pairs 0.25 two-sided, 0.125 one-sided.
+    """
+    if test is StatTest.wilcoxon:
+        return min(1.0, sides * 0.5 ** n)
+    return 0.0
+
+
+def min_reachable_n(test: StatTest, alpha: float, sides: int) -> int:
+    """The fewest pairs with which `test` can give p < alpha."""
+    n = 2
+    while smallest_p(test, n, sides) >= alpha:
+        n += 1
+    return n
 
 
 _SEGMENT = re.compile(r"^(\*|[A-Za-z_][\w-]*)(\[(\*|\d+)\])*$")

@@ -1,17 +1,29 @@
-"""The statistics behind the verdicts: thin wrappers over scipy.stats, nothing hand-rolled.
+"""The statistics behind the verdicts: scipy.stats, with the few formulas scipy lacks cited.
 
-Paired differences are oriented so that d > 0 means "the subject arm is better" (for a
-lower-is-better metric d = baseline - subject). Every one-sided p-value is for an alternative
-about the centre of d relative to a shift c:
+Every verdict tests the claim's *boundary* b, the value of the effect at which the claim
+switches from true to false (the smallest effect that matters, or minus a non-inferiority
+margin; for a correlation, the claimed r). One test decides both ways, so VALIDATED and
+DISPROVEN are equally strict:
 
-    p(d, c, "greater") tests H1: centre(d) > c      p(d, c, "less") tests H1: centre(d) < c
+    VALIDATED     the test rejects H0: centre = b with the estimate on the claimed side of b
+    DISPROVEN     it rejects H0 with the estimate on the other side
+    INCONCLUSIVE  it does not reject; the power analysis says how many trials would
 
-- paired_t:  scipy.stats.ttest_1samp(d, c)  (== ttest_rel(subject, baseline + c)); centre = mean
-- wilcoxon:  scipy.stats.wilcoxon(d - c) (signed-rank); centre = median
+The test is two-sided at alpha unless the rule declares `sides: 1` with its reason; then each
+side is tested one-sided at alpha. The reported interval is the one that matches the test: it
+excludes b exactly when the test rejects (level 1 - alpha two-sided, 1 - 2 alpha one-sided).
+
+Paired differences are oriented so that d > 0 means "the subject arm is better":
+- paired_t:  scipy.stats.ttest_1samp(d, b); centre = mean
+- wilcoxon:  scipy.stats.wilcoxon(d - b) (signed-rank, exact at small n); centre = median
 - bootstrap: scipy.stats.bootstrap of the mean (percentile, 9999 resamples, fixed rng); the
-  one-sided p is the share of the bootstrap distribution on the wrong side of c
-The reported interval is the two-sided (1 - 2 alpha) interval, the one that matches one-sided
-tests at alpha (and TOST): a one-sided test rejects exactly when the interval clears c.
+  p-value is the bootstrap distribution's share beyond b (doubled when two-sided)
+Correlations use Fisher's z = atanh(r) with standard error 1 / sqrt(n - 3) (Pearson; scipy's
+`pearsonr(...).confidence_interval`) or sqrt(1.06 / (n - 3)) (Spearman; Fieller, Hartley &
+Pearson 1957, Biometrika 44:470).
+Power ("trials needed"): the noncentral t distribution for the paired t-test (scipy.stats.nct),
+scaled by the Wilcoxon test's asymptotic relative efficiency 3/pi where that test decides;
+Fisher z with the observed r for correlations (Cohen 1988, ch. 3).
 """
 
 from __future__ import annotations
@@ -23,20 +35,33 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from runner.claims.schema import StatTest
+from runner.claims.schema import StatTest, min_reachable_n
 
 POWER = 0.8  # the power the trials-needed estimate aims for (the common convention)
 BOOTSTRAP_RESAMPLES = 9999
 BOOTSTRAP_SEED = 0  # fixed: verdicts must be reproducible from the ledger
+MAX_TRIALS = 10_000  # beyond this the power search reports "no trial count decides it"
+WILCOXON_ARE = 3 / math.pi  # asymptotic relative efficiency of signed-rank vs t (normal data)
+SPEARMAN_VARIANCE = 1.06  # Fieller, Hartley & Pearson (1957): var(atanh rho_s) ~ 1.06/(n-3)
+
+TEST_NAMES = {StatTest.paired_t: "paired t", StatTest.wilcoxon: "Wilcoxon signed-rank",
+              StatTest.bootstrap: "bootstrap mean", StatTest.pearson: "Pearson r (Fisher z)",
+              StatTest.spearman: "Spearman rho (Fisher z)"}
+
+
+def sidedness(sides: int) -> str:
+    return "two-sided" if sides == 2 else "one-sided"
 
 
 @dataclass(frozen=True)
 class PairedTest:
-    """One paired test on differences d (d > 0: subject better)."""
+    """One paired test on differences d (d > 0: subject better) against the boundary b."""
 
     test: StatTest
     d: np.ndarray
     alpha: float
+    boundary: float
+    sides: int = 2
 
     @property
     def effect(self) -> float:
@@ -47,95 +72,122 @@ class PairedTest:
     def sd(self) -> float:
         return float(np.std(self.d, ddof=1)) if len(self.d) > 1 else math.nan
 
-    def p(self, shift: float, alternative: str) -> float:
-        """One-sided p-value for H1: centre(d) > shift ('greater') or < shift ('less')."""
+    @property
+    def ci_level(self) -> float:
+        return 1 - self.alpha if self.sides == 2 else 1 - 2 * self.alpha
+
+    def one_sided(self, alternative: str) -> float:
+        """p for H1: centre(d) > b ('greater') or < b ('less')."""
+        b = self.boundary
         if self.test is StatTest.paired_t:
             if self.sd == 0:  # a constant difference: the t statistic is undefined
-                return _degenerate_p(self.effect, shift, alternative)
-            return float(stats.ttest_1samp(self.d, shift, alternative=alternative).pvalue)
+                holds = self.effect > b if alternative == "greater" else self.effect < b
+                return 0.0 if holds else 1.0
+            return float(stats.ttest_1samp(self.d, b, alternative=alternative).pvalue)
         if self.test is StatTest.wilcoxon:
-            shifted = self.d - shift
+            shifted = self.d - b
             if np.all(shifted == 0):
                 return 1.0
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # small-n normal-approximation notices
+                warnings.simplefilter("ignore")  # small-n notices
                 return float(stats.wilcoxon(shifted, alternative=alternative).pvalue)
         dist = self._bootstrap().bootstrap_distribution
-        side = dist <= shift if alternative == "greater" else dist >= shift
-        return float(np.mean(side))
+        return float(np.mean(dist <= b if alternative == "greater" else dist >= b))
+
+    def p_value(self) -> float:
+        """The deciding test's p: two-sided, or one-sided on the side of the estimate."""
+        greater, less = self.one_sided("greater"), self.one_sided("less")
+        if self.sides == 2:
+            return min(1.0, 2 * min(greater, less))
+        return greater if self.effect >= self.boundary else less
 
     def ci(self) -> tuple[float, float]:
-        level = 1 - 2 * self.alpha
         if self.sd == 0 or len(self.d) < 2:
             return (self.effect, self.effect)
         if self.test is StatTest.paired_t:
-            low, high = stats.ttest_1samp(self.d, 0.0).confidence_interval(level)
+            low, high = stats.ttest_1samp(self.d, 0.0).confidence_interval(self.ci_level)
             return float(low), float(high)
         res = self._bootstrap()
         return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+    def name(self, unit: str = "") -> str:
+        b = f"{self.boundary:+g}{' ' + unit if unit else ''}"
+        centre = "median" if self.test is StatTest.wilcoxon else "mean"
+        return f"{TEST_NAMES[self.test]}, H0: {centre} difference = {b}, {sidedness(self.sides)}"
+
+    def trials_needed(self) -> float:
+        """Paired trials for 80% power to reject b if the true effect is the observed one."""
+        n = paired_t_trials_needed(self.sd, self.effect - self.boundary, self.alpha, self.sides)
+        if self.test is StatTest.wilcoxon and math.isfinite(n):
+            n = max(math.ceil(n / WILCOXON_ARE), min_reachable_n(self.test, self.alpha,
+                                                                  self.sides))
+        return n
 
     def _bootstrap(self):
         statistic = np.median if self.test is StatTest.wilcoxon else np.mean
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # degenerate-distribution notices at tiny n
-            return stats.bootstrap((self.d,), statistic, confidence_level=1 - 2 * self.alpha,
+            return stats.bootstrap((self.d,), statistic, confidence_level=self.ci_level,
                                    n_resamples=BOOTSTRAP_RESAMPLES, method="percentile",
                                    rng=np.random.default_rng(BOOTSTRAP_SEED))
 
 
-def _degenerate_p(effect: float, shift: float, alternative: str) -> float:
-    """Zero spread: the difference is known exactly, so the test is decided by its sign."""
-    holds = effect > shift if alternative == "greater" else effect < shift
-    return 0.0 if holds else 1.0
+def t_power(n: int, distance: float, sd: float, alpha: float, sides: int) -> float:
+    """Power of the one-sample t-test with n pairs when the true shift is `distance`
+    (noncentral t with n - 1 degrees of freedom and noncentrality distance sqrt(n) / sd)."""
+    df, nc = n - 1, abs(distance) * math.sqrt(n) / sd
+    crit = stats.t.ppf(1 - alpha / sides, df)
+    power = stats.nct.sf(crit, df, nc)
+    return float(power + (stats.nct.cdf(-crit, df, nc) if sides == 2 else 0.0))
 
 
-def z_power(alpha: float) -> float:
-    """z_{1-alpha} + z_{POWER}: the one-sided normal quantiles in the sample-size formula."""
-    return float(stats.norm.ppf(1 - alpha) + stats.norm.ppf(POWER))
-
-
-def paired_trials_needed(sd: float, distance: float, alpha: float) -> float:
-    """n = ((z_{1-alpha} + z_{0.8}) * sd / distance)^2 (one-sample normal approximation)."""
+def paired_t_trials_needed(sd: float, distance: float, alpha: float, sides: int = 2) -> float:
+    """The smallest n >= 2 with t_power >= 0.8; inf when the spread or distance is degenerate."""
     if not math.isfinite(sd) or sd <= 0 or distance == 0 or not math.isfinite(distance):
         return math.inf
-    return (z_power(alpha) * sd / abs(distance)) ** 2
-
-
-def correlation_n_needed(r_target: float, alpha: float) -> float:
-    """Pairs needed to detect |r| = r_target: n = ((z_{1-a} + z_{0.8}) / atanh r)^2 + 3."""
-    r = min(abs(r_target), 0.999999)
-    if r == 0:
-        return math.inf
-    return (z_power(alpha) / math.atanh(r)) ** 2 + 3
+    low, high = 2, 2
+    while t_power(high, distance, sd, alpha, sides) < POWER:
+        if high >= MAX_TRIALS:
+            return math.inf
+        low, high = high, min(2 * high, MAX_TRIALS)
+    while low < high:  # power grows with n: bisect for the first n that reaches it
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if t_power(mid, distance, sd, alpha, sides) < POWER \
+            else (low, mid)
+    return float(high)
 
 
 @dataclass(frozen=True)
 class Correlation:
     r: float
-    p_claimed: float  # one-sided, in the claimed direction
-    ci: tuple[float, float]  # (1 - 2 alpha) interval of r
-    pearson: tuple[float, float]  # (r, two-sided p)
+    p_value: float  # of H0: rho = boundary
+    ci: tuple[float, float]
+    ci_level: float
+    trials_needed: float  # entries (layers) for 80% power at the observed r
+    pearson: tuple[float, float]  # (r, two-sided p of rho = 0), for the record
     spearman: tuple[float, float]
 
 
-def correlation(x: np.ndarray, y: np.ndarray, test: StatTest, sign: int,
-                alpha: float) -> Correlation:
-    """Pearson and Spearman (scipy); `test` picks the one that decides, `sign` its direction."""
-    alternative = "greater" if sign > 0 else "less"
-    pearson = stats.pearsonr(x, y)
-    spearman = stats.spearmanr(x, y)
-    level = 1 - 2 * alpha
+def correlation(x: np.ndarray, y: np.ndarray, test: StatTest, boundary: float, alpha: float,
+                sides: int = 2) -> Correlation:
+    """Pearson or Spearman r (scipy) tested against rho = boundary on Fisher's z scale."""
+    pearson, spearman = stats.pearsonr(x, y), stats.spearmanr(x, y)
+    r = float(pearson.statistic if test is StatTest.pearson else spearman.statistic)
+    n = len(x)
+    se = math.sqrt((1.0 if test is StatTest.pearson else SPEARMAN_VARIANCE) / (n - 3))
+    level = 1 - alpha if sides == 2 else 1 - 2 * alpha
+    edge = 1 - 1e-12  # atanh(+-1) is infinite: a perfect sample correlation sits just inside
+    z, zb = math.atanh(max(-edge, min(edge, r))), math.atanh(boundary)
+    stat = (z - zb) / se
+    p = 2 * stats.norm.sf(abs(stat)) if sides == 2 else stats.norm.sf(abs(stat))
     if test is StatTest.pearson:
-        res = stats.pearsonr(x, y, alternative=alternative)
-        ci = pearson.confidence_interval(confidence_level=level)  # Fisher z
-        r, p, interval = float(res.statistic), float(res.pvalue), (float(ci.low), float(ci.high))
+        ci = pearson.confidence_interval(confidence_level=level)
+        interval = (float(ci.low), float(ci.high))
     else:
-        res = stats.spearmanr(x, y, alternative=alternative)
-        boot = stats.bootstrap((x, y), lambda a, b: stats.spearmanr(a, b).statistic,
-                               paired=True, vectorized=False, confidence_level=level,
-                               n_resamples=2000, method="percentile",
-                               rng=np.random.default_rng(BOOTSTRAP_SEED))
-        r, p = float(res.statistic), float(res.pvalue)
-        interval = (float(boot.confidence_interval.low), float(boot.confidence_interval.high))
-    return Correlation(r, p, interval, (float(pearson.statistic), float(pearson.pvalue)),
+        half = stats.norm.ppf(0.5 + level / 2) * se
+        interval = (math.tanh(z - half), math.tanh(z + half))
+    z_sum = stats.norm.ppf(1 - alpha / sides) + stats.norm.ppf(POWER)
+    need = (z_sum * se * math.sqrt(n - 3) / abs(z - zb)) ** 2 + 3 if z != zb else math.inf
+    return Correlation(r, float(p), interval, level, need,
+                       (float(pearson.statistic), float(pearson.pvalue)),
                        (float(spearman.statistic), float(spearman.pvalue)))

@@ -1,23 +1,25 @@
 """Verdicts from ledger rows: one function per claim kind, the words of DESIGN.md §5.
 
 `decide(claim, rows)` looks only at rows with the claim's id *and* rule hash (so a rule
-changed after the fact starts from zero), assigns each row to an arm, and applies the rule:
+changed after the fact starts from zero), refuses rows of one arm that ran under different
+configurations (MixedConfiguration: never pooled, never hidden behind the oldest row of a
+seed), assigns each row to an arm, and applies the rule:
 
-- paired_comparison (d > 0 means the subject arm is better; p-values from runner.claims.stats)
-  - without margin ("A beats B by >= min_effect"):
-      VALIDATED    one-sided test significant at alpha for the claimed direction and the
-                   estimated effect >= min_effect
-      DISPROVEN    one-sided test significant the other way, or TOST shows |effect| < min_effect
-      INCONCLUSIVE otherwise, with the paired trials that would decide (power 0.8)
-  - with margin ("A matches or beats B"): VALIDATED if non-inferior (centre(d) > -margin at
-    alpha), DISPROVEN if significantly worse by more than the margin (centre(d) < -margin)
-- correlation: VALIDATED if significant with the claimed sign and |r| >= min_effect;
-  DISPROVEN if the interval excludes the claimed magnitude (its claimed-side bound < min_effect)
+- paired_comparison (d > 0 means the subject arm is better; runner.claims.stats): one test of
+  the boundary b (the smallest effect that matters, or minus the non-inferiority margin)
+  decides both ways: VALIDATED if it rejects centre(d) = b with the estimate above b,
+  DISPROVEN if it rejects with the estimate below, INCONCLUSIVE otherwise, with the paired
+  trials that would decide (noncentral t, power 0.8)
+- correlation: the same on Fisher's z scale, with b the claimed r (sign x min_effect)
 - invariant: DISPROVEN on a single violation (listed), VALIDATED when all `trials` seeds hold
-- counterexample_search: DISPROVEN if any trial diverged, failed to improve, or broke the
-  invariant; VALIDATED after `trials` trials with none
+- counterexample_search: DISPROVEN if any trial diverged, failed to improve (by `min_effect`
+  when set), or broke the invariant; VALIDATED after `trials` trials with none
 - by_construction: PROVEN if |value - expected| <= tolerance on every check row
 - SKIPPED when every trial of an arm was skipped here (the reasons are recorded)
+
+Every verdict names its deciding test and the unit of its effect, says whether it is an
+implementation check (a statement that holds by construction: reported apart from the claims)
+and whether it comes from a smoke run on a random-init model (kept out of the headline totals).
 
 An experiment run on several hardware names (`-m ... hardware=cpu,mlx`) gets one verdict per
 (claim, hardware): trials of different hardware have different config hashes and are never
@@ -36,13 +38,23 @@ from typing import Any
 import numpy as np
 
 from runner.claims import paths
-from runner.claims.schema import Arm, Claim, Direction, Kind, parse_invariant
-from runner.claims.stats import (
-    PairedTest,
-    correlation,
-    correlation_n_needed,
-    paired_trials_needed,
+from runner.claims.schema import (
+    Arm,
+    Claim,
+    Direction,
+    Kind,
+    StatTest,
+    _trainer_name,
+    parse_invariant,
 )
+from runner.claims.stats import TEST_NAMES, PairedTest, correlation, sidedness
+from runner.errors import ConfigError
+from runner.ledger import stable_hash
+from runner.trial import random_init
+
+
+class MixedConfiguration(ConfigError):
+    """Rows of one arm ran under different configurations: a verdict would pool them."""
 
 
 class VerdictWord(StrEnum):
@@ -110,8 +122,6 @@ def arm_of(row: dict, claim: Claim) -> Arm | None:
     """
     if row.get("claim_arm") is not None:
         return next((a for a in claim.arms if a.name == row["claim_arm"]), None)
-    from runner.claims.schema import _trainer_name
-
     trainer = ((row.get("config") or {}).get("trainer")) or {}
     for arm in claim.arms:
         if row.get("arm") == _trainer_name(arm.trainer) and all(
@@ -174,8 +184,12 @@ def decide(claim: Claim, rows: Iterable[dict], *, hardware: str | None = None) -
     """
     mine = claim_rows(claim, rows)
     experiments = sorted({scope_of(r) for r in mine})
+    if claim.kind is not Kind.by_construction:
+        check_one_configuration(claim, _ran(mine))
     base = {"claim_id": claim.id, "rule_hash": claim.rule_hash, "kind": claim.kind.value,
-            "experiment": ", ".join(experiments) or None, "hardware": hardware}
+            "experiment": ", ".join(experiments) or None, "hardware": hardware,
+            "is_check": claim.is_check, "smoke": is_smoke(claim, mine),
+            "deciding_test": deciding_test(claim), "effect_unit": effect_unit(claim)}
     if claim.kind is Kind.by_construction and mine and not _ran(mine):
         reasons = sorted({str(r.get("skip_reason") or "no reason recorded") for r in mine})
         return Verdict(verdict=VerdictWord.SKIPPED, trial_ids=_ids(mine),
@@ -193,6 +207,95 @@ def decide(claim: Claim, rows: Iterable[dict], *, hardware: str | None = None) -
         Kind.by_construction: _by_construction,
     }[claim.kind]
     return Verdict(**base, **rule(claim, mine))
+
+
+# ---------------------------------------------------------------------------------------------
+# One configuration per arm; labels
+
+
+def arm_configuration(row: dict) -> dict[str, Any]:
+    """What must be equal for a row to be pooled with another row of its arm: the trainer's
+    options, the model and data (their config and the sha256 of their bytes), the budget and
+    the hardware (thread count aside, which does not change results)."""
+    config = row.get("config") or {}
+    hardware = {k: v for k, v in (config.get("hardware") or {}).items() if k != "threads"}
+    return {"trainer": config.get("trainer"), "model": config.get("model"),
+            "model_sha256": row.get("model_sha256"), "data": config.get("data"),
+            "data_sha256": row.get("data_sha256"), "budget": config.get("budget"),
+            "hardware": hardware}
+
+
+def _setting_of(claim: Claim, arm: Arm) -> dict[str, Any] | None:
+    """The part of a row's config the rule's registered setting fixes for `arm`."""
+    if claim.setting is None:
+        return None
+    s = claim.setting
+    return {"trainer": s["arms"][arm.name], "model": s["model"], "data": s["data"],
+            "budget": s["budget"]}
+
+
+def check_one_configuration(claim: Claim, rows: list[dict]) -> None:
+    """Raise MixedConfiguration (one line) if the ran rows of an arm differ in configuration,
+    or differ from the setting the rule was registered with."""
+    groups: dict[str, dict[str, list[str]]] = {}
+    for row in rows:
+        arm = arm_of(row, claim)
+        if arm is None:
+            continue
+        key = stable_hash(arm_configuration(row))
+        groups.setdefault(arm.name, {}).setdefault(key, []).append(row["run_id"])
+        want = _setting_of(claim, arm)
+        config = row.get("config") or {}
+        if want is not None and (stable_hash(want) != stable_hash(
+                {k: config.get(k) for k in want})
+                or row.get("data_sha256") != claim.setting.get("data_sha256")):
+            raise MixedConfiguration(
+                f"claim {claim.id} (rule {claim.rule_hash[:12]}): arm '{arm.name}': trial "
+                f"{row['run_id']} (config {str(row.get('config_hash'))[:12]}) did not run the "
+                "setting the rule was registered with; refusing to decide from it")
+    for arm, by_key in groups.items():
+        if len(by_key) > 1:
+            hashes = ", ".join(f"{k[:12]} ({len(ids)} trials, e.g. {ids[0]})"
+                               for k, ids in sorted(by_key.items()))
+            raise MixedConfiguration(
+                f"claim {claim.id} (rule {claim.rule_hash[:12]}): arm '{arm}' mixes "
+                f"{len(by_key)} configurations: {hashes}; a verdict pools one configuration "
+                "per arm (move the stray trials out of the ledger or register a new rule)")
+
+
+def is_smoke(claim: Claim, rows: list[dict]) -> bool:
+    """A verdict from trials on a random-init model (or a rule registered for one)."""
+    ran = [r for r in rows if (r.get("config") or {}).get("model") is not None]
+    if ran:
+        return any(random_init(r["config"]["model"]) for r in ran)
+    return bool(claim.setting) and random_init(claim.setting.get("model"))
+
+
+def effect_unit(claim: Claim) -> str | None:
+    """The unit of `Verdict.effect`: nats for losses, r or rho for correlations."""
+    if claim.kind is Kind.correlation:
+        return "Spearman ρ" if claim.test is StatTest.spearman else "Pearson r"
+    if claim.kind is Kind.by_construction:
+        return "absolute error"
+    if claim.kind is Kind.paired_comparison and claim.metric:
+        name = claim.metric.rsplit(".", 1)[-1]
+        return "nats" if "loss" in name else name
+    return None
+
+
+def deciding_test(claim: Claim) -> str:
+    """A short name of the test that decides the verdict, with its sidedness."""
+    sides = sidedness(claim.sides)
+    if claim.kind is Kind.paired_comparison:
+        b = -claim.margin if claim.margin is not None else claim.min_effect
+        centre = "median" if claim.test is StatTest.wilcoxon else "mean"
+        return f"{TEST_NAMES[claim.test]} vs {centre} difference {b:+g}, {sides}"
+    if claim.kind is Kind.correlation:
+        sign = 1 if claim.direction is Direction.positive else -1
+        return f"{TEST_NAMES[claim.test]} vs ρ = {sign * claim.min_effect:+g}, {sides}"
+    return {Kind.invariant: "every logged point checked",
+            Kind.counterexample_search: "counterexample search (one suffices)",
+            Kind.by_construction: "identity to float tolerance"}[claim.kind]
 
 
 def _ids(rows: Iterable[dict]) -> tuple[str, ...]:
@@ -243,70 +346,41 @@ def _paired(claim: Claim, rows: list[dict]) -> dict[str, Any]:
     a_vals = np.array([p[1] for p in pairs])
     b_vals = np.array([p[2] for p in pairs])
     d = b_vals - a_vals if claim.direction is Direction.lower else a_vals - b_vals
-    t = PairedTest(claim.test, d, claim.alpha)
+    boundary = -claim.margin if claim.margin is not None else claim.min_effect
+    t = PairedTest(claim.test, d, claim.alpha, boundary, claim.sides)
+    p = t.p_value()
     details = {
         "subject": subject.name, "baseline": baseline.name, "seeds": [p[0] for p in pairs],
         "subject_mean": float(a_vals.mean()), "baseline_mean": float(b_vals.mean()),
-        "differences": [float(x) for x in d], "sd": t.sd, "notes": notes,
+        "differences": [float(x) for x in d], "sd": t.sd, "boundary": boundary,
+        "test": t.name(effect_unit(claim) or ""), "notes": notes,
     }
-    decided = (_margin_rule if claim.margin is not None else _superiority_rule)(claim, t, details)
-    return {"effect": t.effect, "ci": t.ci(), "ci_level": 1 - 2 * claim.alpha,
-            "n": len(pairs), "trial_ids": ids, "details": details, **decided}
+    out = {"effect": t.effect, "ci": t.ci(), "ci_level": t.ci_level, "p_value": p,
+           "n": len(pairs), "trial_ids": ids, "details": details}
+    return {**out, **_paired_word(claim, t, p, details)}
 
 
-def _superiority_rule(claim: Claim, t: PairedTest, details: dict) -> dict[str, Any]:
-    m, alpha, effect = claim.min_effect, claim.alpha, t.effect
-    p_better, p_worse = t.p(0.0, "greater"), t.p(0.0, "less")
-    p_tost = max(t.p(-m, "greater"), t.p(m, "less"))
-    details.update(p_better=p_better, p_worse=p_worse, p_tost=p_tost)
-    sub, base = details["subject"], details["baseline"]
-    if p_better < alpha and effect >= m:
-        return _word(VerdictWord.VALIDATED, p_better,
-                     f"{sub} better than {base} by {effect:.4g} >= {m:g} (p={p_better:.3g})")
-    if p_worse < alpha:
-        return _word(VerdictWord.DISPROVEN, p_better,
-                     f"{sub} significantly worse than {base} by {-effect:.4g} "
-                     f"(p={p_worse:.3g})")
-    if p_tost < alpha:
-        return _word(VerdictWord.DISPROVEN, p_better,
-                     f"equivalence (TOST p={p_tost:.3g}): the difference is within "
-                     f"±{m:g}, smaller than the effect that matters")
-    # Which outcome is closest: the distance between the estimate and the nearest boundary.
-    n_need = min(paired_trials_needed(t.sd, effect, alpha) if effect >= m or effect < 0
-                 else math.inf,
-                 paired_trials_needed(t.sd, m - abs(effect), alpha) if abs(effect) < m
-                 else math.inf)
-    return _inconclusive(claim, t, n_need, p_better)
-
-
-def _margin_rule(claim: Claim, t: PairedTest, details: dict) -> dict[str, Any]:
-    margin, alpha = claim.margin, claim.alpha
-    p_noninferior, p_inferior = t.p(-margin, "greater"), t.p(-margin, "less")
-    details.update(p_noninferior=p_noninferior, p_inferior=p_inferior, margin=margin)
-    sub, base = details["subject"], details["baseline"]
-    if p_noninferior < alpha:
-        return _word(VerdictWord.VALIDATED, p_noninferior,
-                     f"{sub} matches or beats {base}: no worse than the margin {margin:g} "
-                     f"(p={p_noninferior:.3g})")
-    if p_inferior < alpha:
-        return _word(VerdictWord.DISPROVEN, p_noninferior,
-                     f"{sub} worse than {base} by more than the margin {margin:g} "
-                     f"(p={p_inferior:.3g})")
-    n_need = paired_trials_needed(t.sd, t.effect + margin, alpha)
-    return _inconclusive(claim, t, n_need, p_noninferior)
-
-
-def _inconclusive(claim: Claim, t: PairedTest, n_need: float, p: float) -> dict[str, Any]:
+def _paired_word(claim: Claim, t: PairedTest, p: float, details: dict) -> dict[str, Any]:
+    sub, base, b = details["subject"], details["baseline"], t.boundary
+    what = (f"the non-inferiority margin {claim.margin:g}" if claim.margin is not None
+            else f"the smallest effect that matters, {claim.min_effect:g}")
+    if p < claim.alpha and t.effect > b:
+        reason = (f"{sub} matches or beats {base}: difference {t.effect:.4g}, above -margin "
+                  f"{b:g}" if claim.margin is not None else
+                  f"{sub} better than {base} by {t.effect:.4g}, significantly more than {b:g}")
+        return {"verdict": VerdictWord.VALIDATED, "reason": f"{reason} (p={p:.3g})"}
+    if p < claim.alpha:
+        return {"verdict": VerdictWord.DISPROVEN,
+                "reason": f"{sub} vs {base}: difference {t.effect:.4g}, significantly below "
+                          f"{what} (p={p:.3g})"}
+    need = t.trials_needed()
     n = len(t.d)
-    needed = None if not math.isfinite(n_need) else max(math.ceil(n_need), n + 1)
+    needed = None if not math.isfinite(need) else max(math.ceil(need), n + 1)
     more = (f"about {needed} paired trials would decide it" if needed
             else "no trial count decides it at the observed effect")
-    return {"verdict": VerdictWord.INCONCLUSIVE, "p_value": p, "trials_needed": needed,
-            "reason": f"effect {t.effect:.4g} ± sd {t.sd:.3g} over {n} pairs: {more}"}
-
-
-def _word(word: VerdictWord, p: float, reason: str) -> dict[str, Any]:
-    return {"verdict": word, "p_value": p, "reason": reason}
+    return {"verdict": VerdictWord.INCONCLUSIVE, "trials_needed": needed,
+            "reason": f"effect {t.effect:.4g} ± sd {t.sd:.3g} over {n} pairs, not "
+                      f"distinguishable from {b:g} (p={p:.3g}): {more}"}
 
 
 def _metric(row: dict, path: str) -> float:
@@ -342,27 +416,31 @@ def _correlation(claim: Claim, rows: list[dict]) -> dict[str, Any]:
     if len(x) < 4:
         return {**_not_run(claim, len(x), "layers"), "trial_ids": ids}
     sign = 1 if claim.direction is Direction.positive else -1
-    c = correlation(x, y, claim.test, sign, claim.alpha)
-    claimed_bound = c.ci[1] if sign > 0 else -c.ci[0]  # the interval's bound on the claimed side
+    boundary = sign * claim.min_effect
+    c = correlation(x, y, claim.test, boundary, claim.alpha, claim.sides)
     details = {"pearson_r": c.pearson[0], "pearson_p": c.pearson[1],
                "spearman_r": c.spearman[0], "spearman_p": c.spearman[1],
-               "claimed_sign": claim.direction.value, "test": claim.test.value}
-    out = {"effect": c.r, "ci": c.ci, "ci_level": 1 - 2 * claim.alpha, "p_value": c.p_claimed,
+               "claimed_sign": claim.direction.value, "test": claim.test.value,
+               "boundary": boundary}
+    out = {"effect": c.r, "ci": c.ci, "ci_level": c.ci_level, "p_value": c.p_value,
            "n": len(x), "trial_ids": ids, "details": details}
-    if c.p_claimed < claim.alpha and sign * c.r >= claim.min_effect:
-        word, why = VerdictWord.VALIDATED, (f"r = {c.r:.3f} with the claimed sign, |r| >= "
-                                            f"{claim.min_effect:g} (p={c.p_claimed:.3g})")
-    elif claimed_bound < claim.min_effect:
+    interval = f"{c.ci_level:.0%} interval [{c.ci[0]:.3f}, {c.ci[1]:.3f}]"
+    if c.p_value < claim.alpha and sign * (c.r - boundary) > 0:
+        word, why = VerdictWord.VALIDATED, (
+            f"r = {c.r:.3f}: the {interval} lies beyond r = {boundary:g} on the claimed side "
+            f"(p={c.p_value:.3g})")
+    elif c.p_value < claim.alpha:
         word, why = VerdictWord.DISPROVEN, (
-            f"r = {c.r:.3f}: the {1 - 2 * claim.alpha:.0%} interval [{c.ci[0]:.3f}, "
-            f"{c.ci[1]:.3f}] excludes a {claim.direction.value} correlation of "
-            f"{claim.min_effect:g} or more")
+            f"r = {c.r:.3f}: the {interval} excludes a {claim.direction.value} correlation "
+            f"of {claim.min_effect:g} or more (p={c.p_value:.3g})")
     else:
-        need = correlation_n_needed(claim.min_effect, claim.alpha)
-        out["trials_needed"] = max(math.ceil(need), len(x) + 1)
+        out["trials_needed"] = (max(math.ceil(c.trials_needed), len(x) + 1)
+                                if math.isfinite(c.trials_needed) else None)
+        more = (f"about {out['trials_needed']} would decide" if out["trials_needed"]
+                else "no count decides at the observed r")
         word, why = VerdictWord.INCONCLUSIVE, (
-            f"r = {c.r:.3f} over {len(x)} layers; about {out['trials_needed']} layers would "
-            f"decide |r| >= {claim.min_effect:g}")
+            f"r = {c.r:.3f} over {len(x)} entries, not distinguishable from {boundary:g} "
+            f"(p={c.p_value:.3g}); {more}")
     return {**out, "verdict": word, "reason": why}
 
 
@@ -449,10 +527,11 @@ def _counterexample_reasons(claim: Claim, row: dict) -> list[str]:
         reasons.append("diverged")
     if claim.metric is not None:
         value, ref = _metric(row, claim.metric), _metric(row, claim.reference)
-        better = value < ref if claim.direction is Direction.lower else value > ref
-        if not better:  # NaN compares false: a missing or non-finite value counts
+        gain = ref - value if claim.direction is Direction.lower else value - ref
+        if not gain > claim.min_effect:  # NaN compares false: a missing value counts
+            by = f" by more than {claim.min_effect:g}" if claim.min_effect else ""
             reasons.append(f"{claim.metric} {value:.6g} does not improve on "
-                           f"{claim.reference} {ref:.6g}")
+                           f"{claim.reference} {ref:.6g}{by}")
     if claim.invariant is not None:
         try:
             _, bad = invariant_violations(row, claim.invariant, claim.tolerance)

@@ -10,7 +10,6 @@ micro-batch): reproducible within a backend, not torch's masks.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any
 

@@ -17,9 +17,10 @@ from runner.derived.spec import (
     with_measured_records,
 )
 from runner.derived.step import reading
-from runner.derived.trainer import DerivedTrainer
 from runner.derived.torch_ops import TorchOps
+from runner.derived.trainer import DerivedTrainer
 from runner.errors import ConfigError
+from runner.progress import say
 
 
 @dataclass
@@ -80,12 +81,15 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     ops.prepare(splits)
 
     # 1. Derive rows 1-7 and 9-14 from the weights (timed: it must cost < one training step).
+    say(console, f"deriving: hyperparameters from the weights ({ops.name})")
     started = time.perf_counter()
     derived = derive(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
                      _value(cfg.hardware.dtype), tcfg.erank_variant)
     derive_seconds = time.perf_counter() - started
 
     # 2. Residual scales (row 15) on a calibration batch of the base model.
+    say(console, f"deriving: residual scales on a calibration batch (derived in "
+                 f"{derive_seconds:.1f}s)")
     blocks = target_blocks(derived)
     calib = calibration_batch(splits.train, pad_id, tcfg.micro_batch)
     scales = {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
@@ -95,6 +99,8 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
 
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
     #    the batches per epoch that batch size gives (row 1).
+    say(console, f"probing the noise scale: per-example gradients of "
+                 f"{min(tcfg.noise_examples, n_train)} training examples")
     noise = measure_noise_scale(ops, splits.train, pad_id, n_train, tcfg.noise_examples,
                                 tcfg.micro_batch, cfg.seed)
     derived = with_measured_records(derived, n_train, noise, scales, blocks)

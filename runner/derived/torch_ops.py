@@ -5,7 +5,6 @@ by forward hooks (addmm, sparse dropout), their frames, and the operations the s
 from __future__ import annotations
 
 import contextlib
-import math
 import weakref
 
 import torch

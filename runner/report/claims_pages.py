@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.claims.schema import CLAIM_DIR, Claim, Kind, load_claims
+from runner.claims.schema import CLAIM_DIR, Claim, Kind, core_rule, load_claims
 from runner.claims.verdicts import (
     Verdict,
     VerdictWord,
@@ -110,7 +110,7 @@ def claim_entries(results_dir: Path, rows: list[dict],
     entries = []
     registered = registered_claims(results_dir)
     for claim in registered:
-        superseded = claim.id in current and _core(current[claim.id]) != _core(claim)
+        superseded = claim.id in current and core_rule(current[claim.id]) != core_rule(claim)
         mine = claim_rows(claim, rows)
         for scope in sorted({scope_of(r) for r in mine}):
             for hw, part in split_by_hardware(claim, [r for r in mine if scope_of(r) == scope]):
@@ -126,12 +126,6 @@ def claim_entries(results_dir: Path, rows: list[dict],
     return sorted(entries, key=lambda e: (e.claim.id, e.superseded, e.claim.rule_hash,
                                           e.verdict.experiment or "" if e.verdict else "",
                                           e.verdict.hardware or "" if e.verdict else ""))
-
-
-def _core(claim: Claim) -> dict:
-    """The rule without seeds and budget: an experiment may change those (claim_overrides)
-    without the claim being superseded; the rule hash still tells the variants apart."""
-    return {k: v for k, v in claim.rule().items() if k not in ("trials", "budget")}
 
 
 def _table_of(e: Entry) -> str:

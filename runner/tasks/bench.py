@@ -43,12 +43,15 @@ from rich.table import Table
 
 from runner.config import load_trainer_option
 from runner.data import IGNORE_INDEX, Batch, load_splits
+from runner.derived import candidate_linears, derive_for_model, setup_derived
 from runner.errors import ConfigError
 from runner.hardware import setup_hardware
-from runner.ledger import git_commit, new_run_id, package_versions, utc_now
+from runner.ledger import new_run_id, utc_now
 from runner.models import load_model
 from runner.schema import RunConfig
-from runner.trial import config_hash
+from runner.tasks.train import check_data_paths, run_trainer
+from runner.trainers.baseline import BaselineTrainer, attach_lora
+from runner.trial import Provenance, config_hash
 
 BENCH_DIR = "bench"
 BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of every ratio
@@ -110,9 +113,8 @@ class BenchSettings:
 
 def bench_task(cfg: RunConfig) -> dict:
     """Measure every arm, write the bench row, print the tables and the summary line last."""
-    from runner.tasks.train import check_data_paths
-
     started, wall = utc_now(), time.perf_counter()
+    provenance = Provenance.read(cfg.results_dir)
     check_data_paths(cfg)
     settings = bench_settings(cfg)
     hw = setup_hardware(cfg.hardware, backends=("torch",), task="bench")
@@ -150,7 +152,8 @@ def bench_task(cfg: RunConfig) -> dict:
     for row in throughput:
         row["mfu"] = 6 * row["n_params"] * row["tok_s_median"] / peak["flops_per_second"]
     summary = summarize({r["arm"]: r for r in throughput})
-    row = _bench_row(cfg, hw, settings, peak, throughput, quality, summary, started, wall)
+    row = _bench_row(cfg, hw, provenance, settings, peak, throughput, quality, summary, started,
+                     wall)
     path = write_bench_row(cfg.results_dir, row)
     _print_tables(row, path)
     print(summary_line(summary), flush=True)
@@ -309,8 +312,6 @@ def _throughput_report() -> dict:
 
 def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir: Path) -> dict:
     """Train `arm` on the equal token budget with the shared loop; its validation curve."""
-    from runner.tasks.train import run_trainer
-
     wall = time.perf_counter()
     loaded, splits = _load(cfg)
     mean_len = sum(len(e.input_ids) for e in splits.train) / len(splits.train)
@@ -369,8 +370,6 @@ def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None,
     once, so that peak memories compare passes of the same size; ``certificate=False`` turns its
     stopping certificate off.
     """
-    from runner.derived import candidate_linears
-
     overrides: dict = {}
     if arm.trainer == "derived":
         overrides["certificate"] = certificate
@@ -387,8 +386,6 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
     trainer_cfg = _trainer_config(arm, loaded.model, rows_per_pass)
     quiet = Console(file=io.StringIO())
     if arm.trainer == "derived":
-        from runner.derived import setup_derived
-
         setup = setup_derived(replace(cfg, trainer=trainer_cfg), loaded, splits, pad_id, quiet)
         ranks = [s.rank for s in setup.trainer.adapters.specs.values()]
         return setup.trainer, {
@@ -396,12 +393,8 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
             "derive_seconds": setup.derive_seconds, "setup_seconds": setup.setup_seconds,
             "derived_batch_size": setup.trainer.batch_size, "rank_total": sum(ranks),
         }
-    from runner.trainers.baseline import BaselineTrainer, attach_lora
-
     patterns, adapters = None, None
     if arm.derived_shape:  # the shapes come from the derivation (not timed: not this arm's cost)
-        from runner.derived import derive_for_model
-
         dcfg, n_train = load_trainer_option("derived"), len(splits.train)
         derived = derive_for_model(loaded.model, n_train, math.ceil(n_train / dcfg.micro_batch),
                                    cfg.hardware.dtype.value, dcfg.erank_variant)
@@ -422,8 +415,6 @@ def _load(cfg: RunConfig):
     """The model and the data splits, without the retention set: the bench reports validation
     loss only, and on SmolLM2-135M each evaluation of a retention set as large as the
     validation set would double the quality runs' evaluation time (about 10 s per point)."""
-    from runner.tasks.train import check_data_paths
-
     data_path, _ = check_data_paths(cfg)
     loaded = load_model(cfg.model, dtype=cfg.hardware.dtype.value, device=cfg.hardware.device)
     splits = load_splits(data_path, loaded.tokenizer, max_seq_len=cfg.data.max_seq_len,
@@ -502,16 +493,16 @@ def _vm_hwm_mb() -> float | None:
 # Row and output
 
 
-def _bench_row(cfg, hw, settings, peak, throughput, quality, summary, started, wall) -> dict:
-
+def _bench_row(cfg, hw, provenance, settings, peak, throughput, quality, summary, started,
+               wall) -> dict:
     return {
         "schema_version": 1,
         "run_id": new_run_id(cfg.experiment, "bench", cfg.seed, config_hash(cfg)),
         "experiment": cfg.experiment, "model_id": cfg.model.id,
         "model_sha256": throughput[0]["model_sha256"], "data_id": cfg.data.id,
         "data_sha256": throughput[0]["data_sha256"],
-        **hw.as_row(), "seed": cfg.seed, "git_commit": git_commit(),
-        "packages": package_versions(), "started_at": started, "ended_at": utc_now(),
+        **hw.as_row(), "seed": cfg.seed, **provenance.as_row(),
+        "started_at": started, "ended_at": utc_now(),
         "wall_seconds": time.perf_counter() - wall, "settings": asdict(settings),
         "tokens_per_step": settings.tokens_per_step, "baseline": BASELINE,
         "flops_formula": FLOPS_FORMULA, "peak_matmul": peak,

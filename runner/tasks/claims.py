@@ -3,7 +3,9 @@
 1. Load the claims and resolve every arm's trainer config first, so a typo in any claim or
    trainer option stops the job before the first trial trains.
 2. Pre-register each rule: `results/rules/<claim>-<hash>.json` is written once, before any of
-   its trials, and keeps the statement and the full rule next to the trials it governs.
+   its trials, and keeps the statement and the full rule next to the trials it governs. The
+   rule is registered with its setting (each arm's resolved trainer options, the model, the
+   data and its sha256, the budget), so the rule hash covers everything a verdict pools.
 3. For each trial: reuse a finished row with the same config hash and rule hash (an
    interrupted experiment resumes where it stopped); share a finished trial of the same config
    that another claim ran *after* this claim's rule was registered (a copy tagged
@@ -13,6 +15,10 @@
 4. Decide every verdict from the ledger alone (for this job's hardware, where the experiment
    has run on several: runner.claims.verdicts.split_by_hardware).
 
+The job reads the git state when it starts and refuses a tree whose tracked files differ from
+HEAD unless `allow_dirty=true`, which stores the diff's sha256 on every row and the patch
+under `<results_dir>/patches/`.
+
 Hardware that is absent here stops the job with one line (exit 2) before any rule is written;
 inside a Hydra multirun it instead writes a SKIPPED row for every planned trial that the ledger
 lacks, so a sweep over hardware=cpu,cuda,... goes on.
@@ -20,11 +26,15 @@ lacks, so a sweep over hardware=cpu,cuda,... goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
 
 from runner.claims import (
     CHECKS,
@@ -37,22 +47,15 @@ from runner.claims import (
     load_claim,
 )
 from runner.claims.schema import claim_from_record
-from runner.config import trainer_options
-from runner.errors import HardwareUnavailable, ModelError
+from runner.config import load_trainer_option
+from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserError
 from runner.hardware import in_sweep, resolved, setup_hardware
-from runner.ledger import (
-    git_commit,
-    new_run_id,
-    package_versions,
-    read_trials,
-    stable_hash,
-    utc_now,
-    write_trial,
-)
-from runner.models import model_id_of
+from runner.ledger import read_trials, stable_hash, utc_now, write_trial
 from runner.schema import RunConfig
-from runner.sweep import hardware_fields, reason_of
-from runner.trial import config_hash
+from runner.sweep import reason_of
+from runner.tasks.train import check_data_paths, train_task
+from runner.tracking import enabled, mirror_verdicts
+from runner.trial import ClaimTag, Provenance, TrialRow, config_hash, plain
 
 RULES_DIR = "rules"
 # What makes an arm unrunnable *here* (not a bad config): a missing device or backend, weights
@@ -71,12 +74,6 @@ class PlannedTrial:
 
 def claims_task(cfg: RunConfig) -> list[Verdict]:
     """`task=claims`: run the experiment's claims and print a verdict table."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from runner.tasks.train import check_data_paths
-    from runner.tracking import enabled, mirror_verdicts
-
     check_data_paths(cfg)  # a missing data file fails before any rule is written
     enabled(cfg)  # a bad tracking option too
     cfg, unavailable = check_hardware(cfg)
@@ -113,9 +110,6 @@ def validate_derived_task(cfg: RunConfig) -> Verdict:
     prints every counterexample: a run that diverged, did not improve its validation loss, or
     broke the Weyl bound. Exits non-zero when one is found.
     """
-    from runner.errors import UserError
-    from runner.tasks.train import check_data_paths
-
     check_data_paths(cfg)
     cfg, unavailable = check_hardware(cfg)
     claim_id = "derived_never_diverges"
@@ -155,19 +149,28 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
     """Run what the ledger lacks for each claim, then return one verdict per claim (on this
     job's hardware). `unavailable`: the reason this job's hardware is absent; every trial the
     ledger lacks is then written as SKIPPED with it."""
-    # 1. Claims and every trial's config, before anything runs.
+    # 1. The code state (a dirty tree is refused unless allowed), the claims with the setting
+    #    of this experiment, and every trial's config, before anything runs.
+    if not 0 <= cfg.task.shard < cfg.task.shards:
+        raise ConfigError(f"task.shard={cfg.task.shard}: must be in 0..task.shards-1 "
+                          f"(task.shards={cfg.task.shards})")
     ov = cfg.claim_overrides
-    claims = [with_overrides(load_claim(cid, claim_dir), ov.trials, dict(ov.budget))
+    claims = [in_setting(with_overrides(load_claim(cid, claim_dir), ov.trials,
+                                        dict(ov.budget)), cfg)
               for cid in claim_ids]
     plans = [trial for claim in claims for trial in plan_trials(cfg, claim)]
+    provenance = Provenance.read(cfg.results_dir, allow_dirty=cfg.allow_dirty,
+                                 what="task=claims")
 
     # 2. Pre-registration records.
-    registered = {claim.id: _registered_at(register_rule(cfg.results_dir, claim))
+    registered = {claim.id: _registered_at(register_rule(cfg.results_dir, claim, provenance))
                   for claim in claims}
 
-    # 3. Trials.
+    # 3. Trials (this job's shard of them).
     for trial in plans:
-        status = run_trial(trial, cfg, registered[trial.claim.id], unavailable)
+        if int(trial.config_hash, 16) % cfg.task.shards != cfg.task.shard:
+            continue
+        status = run_trial(trial, cfg, registered[trial.claim.id], unavailable, provenance)
         print(f"claim {trial.claim.id} arm {trial.arm} seed {trial.seed}: {status}", flush=True)
 
     # 4. Verdicts, from the ledger rows of this experiment.
@@ -178,10 +181,25 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
     return verdicts
 
 
+def in_setting(claim: Claim, cfg: RunConfig) -> Claim:
+    """The claim with the setting this experiment runs it in (`Claim.setting`): each arm's
+    resolved trainer options, the model, the data (with its file's sha256) and the budget.
+    Implementation checks computed without a model have no setting."""
+    if claim.kind is Kind.by_construction:
+        return claim
+    data_path, _ = check_data_paths(cfg)
+    data_sha = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
+    setting = {
+        "arms": {a.name: plain(load_trainer_option(a.trainer, a.overrides)) for a in claim.arms},
+        "model": plain(cfg.model), "data": plain(cfg.data), "data_sha256": data_sha,
+        "budget": plain(replace(cfg.budget, **claim.budget)),
+    }
+    return claim_from_record(replace(claim, setting=setting).as_dict(),
+                             f"claim {claim.id} in experiment {cfg.experiment}")
+
+
 def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
     """Every (arm, seed) trial of a claim with its full RunConfig and config hash."""
-    from runner.config import load_trainer_option
-
     if claim.kind is Kind.by_construction:
         return [PlannedTrial(claim, claim.check, seed, None,
                              stable_hash({"check": claim.check, "seed": seed}))
@@ -197,13 +215,14 @@ def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
 
 
 def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "",
-              unavailable: str | None = None) -> str:
+              unavailable: str | None = None, provenance: Provenance | None = None) -> str:
     """Reuse, share, run, or skip one trial; return what happened (for the progress line).
 
     Config hashes include the hardware (name, backend, device, dtype), so trials are reused and
     shared only on the same hardware; a by-construction check's hash does not (numpy, no device).
     """
     rh = trial.claim.rule_hash
+    provenance = provenance or Provenance.read(cfg.results_dir, allow_dirty=cfg.allow_dirty)
     same_config = [r for r in read_trials(cfg.results_dir)  # verdicts are per experiment
                    if r.get("config_hash") == trial.config_hash
                    and r.get("experiment") == cfg.experiment]
@@ -214,7 +233,7 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "",
     if unavailable is not None:
         if not any(r.get("skip_reason") == unavailable
                    and r.get("hardware") == cfg.hardware.name for r in existing):
-            _write_skipped_row(trial, unavailable, cfg)
+            _write_skipped_row(trial, unavailable, cfg, provenance)
         return f"skipped ({unavailable})"
     # Only trials that started after this rule was fixed count for it (pre-registration).
     shareable = [r for r in same_config if not r.get("shared_from")
@@ -222,36 +241,36 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "",
                  and str(r.get("started_at", "")) > registered_at]
     if shareable:
         source = min(shareable, key=lambda r: r["run_id"])
-        _write_shared_row(trial, source, cfg.results_dir)
+        write_trial(cfg.results_dir,
+                    TrialRow.shared(source, _tag(trial), trial.seed, trial.config_hash))
         return f"shared (trial {source['run_id']} of claim {source['claim_id']})"
     if trial.cfg is None:
-        _write_check_row(trial, cfg)
+        _write_check_row(trial, cfg, provenance)
         return "done"
     try:
-        _train(trial)
+        train_task(trial.cfg, claim=_tag(trial), provenance=provenance)
     except UNAVAILABLE as err:
         reason = reason_of(err)
         if not any(r.get("skip_reason") == reason for r in existing):
-            _write_skipped_row(trial, reason, cfg)
+            _write_skipped_row(trial, reason, cfg, provenance)
         return f"skipped ({reason})"
     return "done"
 
 
-def _train(trial: PlannedTrial) -> dict:
-    from runner.tasks.train import train_task
-
-    return train_task(trial.cfg, claim_id=trial.claim.id, rule_hash=trial.claim.rule_hash,
-                      claim_arm=trial.arm)
+def _tag(trial: PlannedTrial) -> ClaimTag:
+    return ClaimTag(trial.claim.id, trial.claim.rule_hash, trial.arm)
 
 
-def register_rule(results_dir: str | Path, claim: Claim) -> Path:
+def register_rule(results_dir: str | Path, claim: Claim,
+                  provenance: Provenance | None = None) -> Path:
     """Write `results/rules/<id>-<hash12>.json` once (the pre-registration record)."""
     rules = Path(results_dir) / RULES_DIR
     rules.mkdir(parents=True, exist_ok=True)
     final = rules / f"{claim.id}-{claim.rule_hash[:12]}.json"
     if final.exists():
         return final
-    record = {**claim.as_dict(), "registered_at": utc_now(), "git_commit": git_commit()}
+    provenance = provenance or Provenance.read(results_dir)
+    record = {**claim.as_dict(), "registered_at": utc_now(), "git_commit": provenance.git_commit}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=rules)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -269,49 +288,21 @@ def _registered_at(path: Path) -> str:
     return str(json.loads(path.read_text()).get("registered_at", ""))
 
 
-def _write_shared_row(trial: PlannedTrial, source: dict, results_dir: str) -> None:
-    row = {k: v for k, v in source.items() if k != "schema_version"}
-    row.update(run_id=new_run_id(source["experiment"], str(source.get("arm")), trial.seed,
-                                 trial.config_hash),
-               claim_id=trial.claim.id, rule_hash=trial.claim.rule_hash, claim_arm=trial.arm,
-               shared_from=source["run_id"])
-    write_trial(results_dir, row)
+def _write_skipped_row(trial: PlannedTrial, reason: str, cfg: RunConfig,
+                       provenance: Provenance) -> None:
+    run_cfg = trial.cfg or replace(cfg, seed=trial.seed)
+    row = TrialRow.skipped(run_cfg, reason, provenance, chash=trial.config_hash,
+                           claim=_tag(trial), check=trial.claim.check if trial.cfg is None
+                           else None)
+    write_trial(cfg.results_dir, row.as_dict())
 
 
-def _base_row(trial: PlannedTrial, cfg: RunConfig, arm_label: str) -> dict:
-    from omegaconf import OmegaConf
-
-    run_cfg = trial.cfg or cfg
-    return {
-        "run_id": new_run_id(cfg.experiment, arm_label, trial.seed, trial.config_hash),
-        "experiment": cfg.experiment, "claim_id": trial.claim.id,
-        "rule_hash": trial.claim.rule_hash, "claim_arm": trial.arm, "arm": arm_label,
-        "seed": trial.seed, **hardware_fields(cfg),
-        "model_id": model_id_of(cfg.model) if trial.cfg else None,
-        "data_id": cfg.data.id if trial.cfg else None, "config_hash": trial.config_hash,
-        "config": OmegaConf.to_container(OmegaConf.structured(run_cfg), enum_to_str=True)
-        if trial.cfg else {"check": trial.claim.check, "seed": trial.seed},
-        "git_commit": git_commit(), "packages": package_versions(),
-        "started_at": utc_now(), "metrics": {}, "curves": {}, "derived": None,
-        "certificate": None, "stop_reason": None,
-    }
-
-
-def _write_skipped_row(trial: PlannedTrial, reason: str, cfg: RunConfig) -> None:
-    if trial.cfg is None:  # a by-construction check
-        row = _base_row(trial, cfg, "check")
-        row.update(hyperparameters=None)
-    else:
-        row = _base_row(trial, trial.cfg, trial.cfg.trainer.name)
-        row.update(hyperparameters=trainer_options(trial.cfg.trainer))
-    row.update(status="skipped", skip_reason=reason, ended_at=utc_now())
-    write_trial(cfg.results_dir, row)
-
-
-def _write_check_row(trial: PlannedTrial, cfg: RunConfig) -> None:
+def _write_check_row(trial: PlannedTrial, cfg: RunConfig, provenance: Provenance) -> None:
+    started = utc_now()
     result = CHECKS[trial.claim.check](trial.seed)
-    row = _base_row(trial, cfg, "check")
-    row.update(status="ok", ended_at=utc_now(), metrics={
-        "value": result.value, "expected": result.expected, "abs_error": result.abs_error,
-        "tolerance": trial.claim.tolerance}, detail=result.detail)
-    write_trial(cfg.results_dir, row)
+    metrics = {"value": result.value, "expected": result.expected,
+               "abs_error": result.abs_error, "tolerance": trial.claim.tolerance}
+    row = TrialRow.check(cfg, provenance, check=trial.claim.check, seed=trial.seed,
+                         chash=trial.config_hash, claim=_tag(trial), started=started,
+                         metrics=metrics, detail=result.detail)
+    write_trial(cfg.results_dir, row.as_dict())

@@ -23,12 +23,12 @@ from rich.console import Console
 from rich.table import Table
 
 from runner.data import is_val, read_jsonl
+from runner.derived import derive_for_model
 from runner.hardware import setup_hardware
 from runner.ledger import git_commit, utc_now
 from runner.models import load_model
 from runner.paths import PROJECT_ROOT
 from runner.schema import DerivedTrainerConfig, RunConfig
-
 
 # Records that cannot be computed from the weights alone, and why (printed and stored).
 DEFERRED = {
@@ -49,8 +49,6 @@ def model_info_task(cfg: RunConfig) -> dict:
     # 2. Load the model and derive from every decoder-block Linear (timed: derivation only).
     hw = setup_hardware(cfg.hardware, backends=("torch",), task="model_info")
     loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.device)
-    from runner.derived import derive_for_model
-
     started = time.perf_counter()
     derived = derive_for_model(loaded.model, n_train, batches_per_epoch, hw.dtype, tcfg.erank_variant)
     derive_seconds = time.perf_counter() - started

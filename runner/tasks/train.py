@@ -4,42 +4,35 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 from rich.console import Console
 
+from runner import progress, tracking
 from runner.backends._spec import SUPPORTED_ARCHS
 from runner.checkpoint import Checkpoint, remove_checkpoints
-from runner.data import DataError, load_splits
-from runner.errors import HardwareUnavailable
-from runner.hardware import HardwareInfo, resolved, setup_hardware
-from runner.ledger import (
-    git_commit,
-    new_run_id,
-    package_versions,
-    stable_hash,
-    utc_now,
-    write_trial,
-)
-from runner.models import LoadedModel, check_backend_architecture, load_model
-from runner.schema import RunConfig
-from runner.tracking import mirror_trial
-from runner.trainers.baseline import BaselineTrainer, attach_lora
-from runner.paths import PROJECT_ROOT
-from runner.training import TrainResult, peak_rss_mb, train_loop
+from runner.data import DataError, batches, load_splits
 from runner.derived import run_derived
-from runner.trial import TrainOutcome, config_hash
-
-def resolve_data_path(path: str | None) -> str | None:
-    """A relative data path is looked up in the working directory, then in the project root."""
-    if path is None or Path(path).is_absolute() or Path(path).exists():
-        return path
-    candidate = PROJECT_ROOT / path
-    return str(candidate) if candidate.exists() else path
+from runner.errors import HardwareUnavailable
+from runner.hardware import resolved, setup_hardware
+from runner.ledger import new_run_id, utc_now, write_trial
+from runner.models import LoadedModel, check_backend_architecture, load_model
+from runner.paths import resolve_data_path
+from runner.schema import TRAINERS, RunConfig, TrainerFamily
+from runner.trainers.baseline import BaselineTrainer, attach_lora
+from runner.training import TrainResult, peak_rss_mb, train_loop
+from runner.trial import (
+    ClaimTag,
+    Provenance,
+    TrainOutcome,
+    TrialRow,
+    config_hash,
+    data_id,
+    plain,
+)
 
 
 def check_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
@@ -52,55 +45,62 @@ def check_data_paths(cfg: RunConfig) -> tuple[str, str | None]:
     return data_path, retention_path
 
 
-def train_task(cfg: RunConfig, *, claim_id: str | None = None, rule_hash: str | None = None,
-               claim_arm: str | None = None) -> dict:
-    """Run one trial; `claim_id` / `rule_hash` / `claim_arm` tag it when a claim's decision rule
-    asked for it (the arm's name in the claim, which two arms with one trainer tell apart)."""
-    console = Console(stderr=True)
+def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
+               provenance: Provenance | None = None) -> dict:
+    """Run one trial; `claim` tags it when a claim's decision rule asked for it (the arm's
+    name in the claim, which two arms with one trainer tell apart). `provenance`: the code
+    state the calling job read when it started (read here otherwise)."""
+    console = progress.console()
     started = utc_now()
+    provenance = provenance or Provenance.read(cfg.results_dir)
     wall_start = time.perf_counter()
 
     # 1. Hardware, then the model and the data (errors here name the file and line).
     hw = setup_hardware(cfg.hardware)
     cfg = resolved(cfg, hw)  # mlx device auto -> the device that runs (in the config hash)
     data_path, retention_path = check_data_paths(cfg)
-    loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
-    splits = load_splits(
-        data_path, loaded.tokenizer,
-        max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
-        retention_path=retention_path, max_examples=cfg.data.max_examples,
-    )
+    with progress.phase(console, f"loading model {cfg.model.id}"):
+        loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
+    with progress.phase(console, f"reading data {cfg.data.path}"):
+        splits = load_splits(
+            data_path, loaded.tokenizer,
+            max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
+            retention_path=retention_path, max_examples=cfg.data.max_examples,
+        )
     if not splits.train or not splits.val:
         raise DataError(f"{cfg.data.path}: too few examples for a train/validation split")
-    console.print(f"model {loaded.model_id} sha256 {loaded.sha256[:12]}  data {cfg.data.id} "
-                  f"train {len(splits.train)} val {len(splits.val)} "
+    console.print(f"model {loaded.model_id} sha256 {loaded.sha256[:12]}  data {data_id(cfg.data)} "
+                  f"sha256 {splits.sha256[:12]} train {len(splits.train)} val {len(splits.val)} "
                   f"retention {len(splits.retention)}")
+    cut = splits.truncation_line(cfg.data.path, cfg.data.max_seq_len)
+    if cut:
+        console.print(f"[yellow]{cut}[/]")
 
-    # 2. Train with the configured trainer (a grid trains once per learning rate).
-    pad_id = loaded.tokenizer.pad_token_id
-    outcome = run_trainer(cfg, loaded, splits, pad_id, console)
-    model, result = outcome.model, outcome.result
-
-    # 3. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
+    # 2. Train with the configured trainer (a grid trains once per learning rate), reporting
+    #    every step to the tracker when one is configured.
     chash = config_hash(cfg)
     run_id = new_run_id(cfg.experiment, cfg.trainer.name, cfg.seed, chash)
-    adapter_dir = Path(cfg.runs_dir) / run_id / "adapter"
-    model.save_pretrained(adapter_dir)
-    reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
-                   if cfg.verify_adapter else None)
+    pad_id = loaded.tokenizer.pad_token_id
+    with tracking.trial_run(cfg, run_id, plain(cfg), [cfg.experiment, cfg.trainer.name]) as run:
+        outcome = run_trainer(cfg, loaded, splits, pad_id, console)
+        model, result = outcome.model, outcome.result
 
-    # 4. One trial row in the ledger.
-    row = _trial_row(cfg, hw, loaded, splits, result, run_id, chash, started,
-                     time.perf_counter() - wall_start, adapter_dir, reload_diff)
-    row["metrics"].update(outcome.extra_metrics)
-    row.update(claim_id=claim_id, rule_hash=rule_hash, claim_arm=claim_arm,
-               hyperparameters=outcome.hyperparameters,
-               derived=outcome.derived, certificate=outcome.certificate)
-    if outcome.step_table:
-        row["curves"]["steps"] = outcome.step_table
-    path = write_trial(cfg.results_dir, row)
-    remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
-    mirror_trial(cfg, row)
+        # 3. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
+        adapter_dir = Path(cfg.runs_dir) / run_id / "adapter"
+        with progress.phase(console, f"saving the adapter to {adapter_dir}"):
+            model.save_pretrained(adapter_dir)
+            reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
+                           if cfg.verify_adapter else None)
+
+        # 4. One trial row in the ledger.
+        metrics = train_metrics(result, time.perf_counter() - wall_start, reload_diff)
+        row = TrialRow.trained(cfg, hw, provenance, run_id=run_id, chash=chash, started=started,
+                               loaded=loaded, splits=splits, outcome=outcome, metrics=metrics,
+                               adapter_dir=adapter_dir, claim=claim).as_dict()
+        path = write_trial(cfg.results_dir, row)
+        remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
+        if run is not None:
+            run.finish(tracking.trial_summary(row))
     m = row["metrics"]
     console.print(f"[bold]done[/] {result.stop_reason}: val {m['val_loss_initial']:.4f} -> "
                   f"{m['val_loss_final']:.4f}, {m['tokens_per_second']:.0f} tok/s, "
@@ -110,21 +110,28 @@ def train_task(cfg: RunConfig, *, claim_id: str | None = None, rule_hash: str | 
 
 def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
                 console: Console) -> TrainOutcome:
+    """Train with the registered trainer `cfg.trainer.name` (runner.schema.TRAINERS)."""
+    spec = TRAINERS[cfg.trainer.name]
     backend = getattr(cfg.hardware.backend, "value", cfg.hardware.backend)
+    if backend not in spec.backends:
+        # PEFT and the baseline optimizers are torch code; a sweep records the arm as SKIPPED.
+        raise HardwareUnavailable(
+            f"trainer={cfg.trainer.name} runs on {', '.join(spec.backends)} only; "
+            f"hardware={cfg.hardware.name} (backend {backend}) runs trainer="
+            + ", ".join(sorted(n for n, t in TRAINERS.items() if backend in t.backends)))
     if backend != "torch":
-        # mlx / jax: only the derived trainer has a backend implementation (PEFT and the
-        # baseline optimizers are torch code); a sweep records the other arms as SKIPPED.
-        if cfg.trainer.name != "derived":
-            raise HardwareUnavailable(
-                f"trainer={cfg.trainer.name} runs on torch only; hardware={cfg.hardware.name} "
-                f"(backend {backend}) runs trainer=derived only")
         check_backend_architecture(loaded.model_type, cfg.hardware.name, backend,
                                    SUPPORTED_ARCHS)
-        return run_derived(cfg, loaded, splits, pad_id, console)
-    if cfg.trainer.name == "adamw_grid":
-        return run_lr_grid(cfg, loaded, splits, pad_id, console)
-    if cfg.trainer.name == "derived":
-        return run_derived(cfg, loaded, splits, pad_id, console)
+    family = {
+        TrainerFamily.baseline: run_baseline_trainer,
+        TrainerFamily.lr_grid: run_lr_grid,
+        TrainerFamily.derived: run_derived,
+    }
+    return family[spec.family](cfg, loaded, splits, pad_id, console)
+
+
+def run_baseline_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
+                         console: Console) -> TrainOutcome:
     return run_baseline(cfg, cfg.trainer, loaded.model, splits, pad_id, console)
 
 
@@ -194,8 +201,6 @@ def verify_adapter(model, loaded: LoadedModel, adapter_dir: Path, examples, pad_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from runner.data import batches
-
     batch = next(iter(batches(examples, len(examples), seed=0, epoch=0, pad_id=pad_id)))
     model.eval()
     ours = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -207,12 +212,11 @@ def verify_adapter(model, loaded: LoadedModel, adapter_dir: Path, examples, pad_
     return float((ours - theirs).abs()[mask].max())
 
 
-def _trial_row(cfg: RunConfig, hw: HardwareInfo, loaded: LoadedModel, splits,
-               result: TrainResult, run_id: str, chash: str, started: str, wall: float,
-               adapter_dir: Path, reload_diff: float | None) -> dict:
+def train_metrics(result: TrainResult, wall: float, reload_diff: float | None) -> dict:
+    """The `metrics` of a trained trial's row (runner.trial.TRAIN_METRICS)."""
     first, last = result.evals[0], result.evals[-1]
     tail = result.train_losses[-10:]
-    metrics = {
+    return {
         "steps": result.steps,
         "tokens": result.tokens,
         "loss_tokens": result.loss_tokens,
@@ -228,37 +232,4 @@ def _trial_row(cfg: RunConfig, hw: HardwareInfo, loaded: LoadedModel, splits,
         "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
         "peak_rss_mb": peak_rss_mb(),
         "adapter_reload_max_abs_diff": reload_diff,
-    }
-    return {
-        "run_id": run_id,
-        "experiment": cfg.experiment,
-        "claim_id": None,
-        "rule_hash": None,
-        "arm": cfg.trainer.name,
-        "seed": cfg.seed,
-        **hw.as_row(),
-        "model_id": loaded.model_id,
-        "model_sha256": loaded.sha256,
-        "model_type": loaded.model_type,
-        "data_id": cfg.data.id,
-        "data_sha256": splits.sha256,
-        "data_sizes": {"train": len(splits.train), "val": len(splits.val),
-                       "retention": len(splits.retention)},
-        "config_hash": chash,
-        "config": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
-        "git_commit": git_commit(),
-        "packages": package_versions(),
-        "started_at": started,
-        "ended_at": utc_now(),
-        "metrics": metrics,
-        "curves": {"eval": [asdict(e) for e in result.evals],
-                   "train_loss": result.train_losses},
-        "derived": None,
-        "hyperparameters": OmegaConf.to_container(OmegaConf.structured(cfg.trainer),
-                                                  enum_to_str=True),
-        "stop_reason": result.stop_reason,
-        "certificate": None,
-        "status": "diverged" if result.stop_reason == "diverged" else "ok",
-        "diverged_at": result.step_logs[-1] if result.stop_reason == "diverged" else None,
-        "adapter_path": str(adapter_dir),
     }
