@@ -20,12 +20,17 @@ EXPERIMENTS = sorted(
 )
 
 
+def _experiment(experiment: str) -> list[str]:
+    """The overrides that run an experiment; one whose weights are not embedded gets a path."""
+    overrides = [f"+experiment={experiment}"]
+    if compose_config(overrides).model.source == "pretrained":
+        overrides.append("model.path=/some/where")
+    return overrides
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes(experiment: str) -> None:
-    overrides = [f"+experiment={experiment}"]
-    if compose_config(overrides).model.source == "pretrained":  # weights not embedded
-        overrides.append("model.path=/some/where")
-    cfg = to_run_config(compose_config(overrides))
+    cfg = to_run_config(compose_config(_experiment(experiment)))
     assert isinstance(cfg, RunConfig)
     assert cfg.experiment == experiment.split("/")[-1]
 
@@ -152,7 +157,7 @@ def test_adhoc_runs_keep_out_of_the_committed_ledger() -> None:
     assert to_run_config(compose_config(["runs_dir=/x/runs"])).results_dir == "/x/runs/ledger"
     assert to_run_config(compose_config(["results_dir=results"])).results_dir == "results"
     for experiment in EXPERIMENTS:  # committed experiments write the committed ledger
-        cfg = to_run_config(compose_config([f"+experiment={experiment}"]))
+        cfg = to_run_config(compose_config(_experiment(experiment)))
         assert cfg.results_dir == "results"
 
 

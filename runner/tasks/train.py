@@ -19,7 +19,7 @@ from runner.derived import run_derived
 from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
-from runner.models import LoadedModel, check_backend_architecture, load_model
+from runner.models import LoadedModel, check_backend_architecture, load_model, model_id_of
 from runner.paths import resolve_data_path
 from runner.schema import TRAINERS, RunConfig, TrainerFamily
 from runner.trainers.baseline import BaselineTrainer, attach_lora
@@ -59,7 +59,7 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
     hw = setup_hardware(cfg.hardware)
     cfg = resolved(cfg, hw)  # mlx device auto -> the device that runs (in the config hash)
     data_path, retention_path = check_data_paths(cfg)
-    with progress.phase(console, f"loading model {cfg.model.id}"):
+    with progress.phase(console, f"loading model {model_id_of(cfg.model)}"):
         loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
     with progress.phase(console, f"reading data {cfg.data.path}"):
         splits = load_splits(
