@@ -232,6 +232,10 @@ TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {
     "prodigy": LoraBaselineConfig,
     "schedulefree": LoraBaselineConfig,
     "derived": DerivedTrainerConfig,
+    "derived_uniform": DerivedTrainerConfig,
+    "derived_tail_start": DerivedTrainerConfig,
+    "derived_matched_mass": DerivedTrainerConfig,
+    "derived_seed_code": DerivedTrainerConfig,
 }
 
 _GROUP_SCHEMAS: dict[str, type] = {

@@ -44,6 +44,7 @@ class EvalPoint:
     tokens: int
     val_loss: float
     retention_loss: float | None
+    seconds: float = 0.0  # training wall seconds spent when this point was evaluated
 
 
 @dataclass
@@ -119,7 +120,7 @@ class _Evaluator:
         self.seconds = 0.0  # time spent evaluating, excluded from training throughput
         self.per_example: list[float] = []  # mean loss per validation example, last evaluation
 
-    def __call__(self, step: int, tokens: int) -> EvalPoint:
+    def __call__(self, step: int, tokens: int, seconds: float = 0.0) -> EvalPoint:
         started = time.perf_counter()
         bs = self.budget.eval_batch_size
         set_eval_mode(self.trainer)
@@ -132,7 +133,8 @@ class _Evaluator:
             ret = sum(sums) / max(sum(counts), 1)
         set_train_mode(self.trainer)
         self.seconds += time.perf_counter() - started
-        return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret)
+        return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret,
+                         seconds=seconds)
 
 
 def _progress(console: Console) -> Progress:
@@ -249,7 +251,7 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
     #    and ask the certificate there too, so that a trial records the certificate it ended
     #    with even when it stopped between evaluations (its stop reason stands).
     if state.evals[-1].step != state.step:
-        state.evals.append(evaluate(state.step, state.tokens))
+        state.evals.append(evaluate(state.step, state.tokens, state.train_seconds))
         if on_eval is not None and math.isfinite(state.evals[-1].val_loss):
             _ask_certificate(state, evaluate, on_eval)
         state.eval_seconds = evaluate.seconds
@@ -283,7 +285,7 @@ def _ask_certificate(state: LoopState, evaluate: _Evaluator, on_eval) -> bool:
 def _evaluate_and_check(state: LoopState, evaluate: _Evaluator, on_eval,
                         console: Console) -> None:
     """Evaluate; a non-finite validation loss is a divergence, else the certificate may stop."""
-    state.evals.append(evaluate(state.step, state.tokens))
+    state.evals.append(evaluate(state.step, state.tokens, state.train_seconds))
     if not math.isfinite(state.evals[-1].val_loss):
         state.stop_reason = "diverged"
     elif on_eval is not None and _ask_certificate(state, evaluate, on_eval):

@@ -72,6 +72,8 @@ def _comparable(row: dict) -> str:
         point.pop("train_seconds")
     keep = {k: row[k] for k in ("curves", "stop_reason", "certificate", "derived",
                                 "hyperparameters", "config_hash", "diverged_at")}
+    for point in keep["curves"].get("eval", []):
+        point.pop("seconds", None)  # a timing
     return json.dumps({"metrics": metrics, **keep}, sort_keys=True, default=str)  # NaN == NaN
 
 

@@ -30,7 +30,7 @@ from runner.tracking import mirror_trial
 from runner.trainers.baseline import BaselineTrainer, attach_lora
 from runner.paths import PROJECT_ROOT
 from runner.training import TrainResult, peak_rss_mb, train_loop
-from runner.derived import run_derived
+from runner.derived import is_derived, run_derived
 from runner.trial import TrainOutcome, config_hash
 
 def resolve_data_path(path: str | None) -> str | None:
@@ -113,14 +113,14 @@ def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
     if backend != "torch":
         # mlx / jax: only the derived trainer has a backend implementation (PEFT and the
         # baseline optimizers are torch code); a sweep records the other arms as SKIPPED.
-        if cfg.trainer.name != "derived":
+        if not is_derived(cfg.trainer.name):
             raise HardwareUnavailable(
                 f"trainer={cfg.trainer.name} runs on torch only; hardware={cfg.hardware.name} "
-                f"(backend {backend}) runs trainer=derived only")
+                f"(backend {backend}) runs the derived readings only")
         return run_derived(cfg, loaded, splits, pad_id, console)
     if cfg.trainer.name == "adamw_grid":
         return run_lr_grid(cfg, loaded, splits, pad_id, console)
-    if cfg.trainer.name == "derived":
+    if is_derived(cfg.trainer.name):
         return run_derived(cfg, loaded, splits, pad_id, console)
     return run_baseline(cfg, cfg.trainer, loaded.model, splits, pad_id, console)
 
