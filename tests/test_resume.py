@@ -129,6 +129,13 @@ def test_derived_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_tail_start_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
+    """derived_tail_start: its start (the tail moved into the adapter, the boxes) is recomputed
+    identically on resume, and the run ends as an uninterrupted one."""
+    _check_resume(tmp_path, [*DERIVED, "trainer=derived_tail_start"], signal.SIGKILL)
+
+
+@pytest.mark.slow
 def test_adamw_resumes_bitwise_after_sigint(tmp_path: Path) -> None:
     _check_resume(tmp_path, ADAMW, signal.SIGINT)
 
