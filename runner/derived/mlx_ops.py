@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import torch
 
 import geometry
-from runner.backends import mlx_models
+from runner.backends import mlx_blas, mlx_models
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
@@ -23,6 +24,9 @@ class MlxOps(ArrayOps):
     name = "mlx"
 
     def __init__(self, model):
+        # MLX computes on its own threads; their BLAS (torch's) runs on torch's thread count,
+        # which runner.hardware sets from hardware.threads, not on every core (mlx_blas).
+        mlx_blas.set_threads(torch.get_num_threads())
         self.mx, self.be = mx, mlx_models
         super().__init__(model)
         spec, be = self.spec, mlx_models
