@@ -291,6 +291,15 @@ TRAINERS: dict[str, TrainerSpec] = {spec.name: spec for spec in (
     TrainerSpec("muon", LoraBaselineConfig, TrainerFamily.baseline),
     TrainerSpec("derived", DerivedTrainerConfig, TrainerFamily.derived,
                 tuple(b.value for b in Backend)),
+    # The readings of the seed (docs/derivations.md, "Readings"): the derived trainer's
+    # configs; the seed's own optimiser (NB-LoRA) has a torch implementation only.
+    TrainerSpec("derived_uniform", DerivedTrainerConfig, TrainerFamily.derived,
+                tuple(b.value for b in Backend)),
+    TrainerSpec("derived_tail_start", DerivedTrainerConfig, TrainerFamily.derived,
+                tuple(b.value for b in Backend)),
+    TrainerSpec("derived_matched_mass", DerivedTrainerConfig, TrainerFamily.derived,
+                tuple(b.value for b in Backend)),
+    TrainerSpec("derived_seed_code", DerivedTrainerConfig, TrainerFamily.derived),
 )}
 
 # Trainer options are typed by their own schema; the name picks it.

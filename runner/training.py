@@ -54,6 +54,7 @@ class EvalPoint:
     tokens: int
     val_loss: float
     retention_loss: float | None
+    seconds: float = 0.0  # training wall seconds spent when this point was evaluated
 
 
 @dataclass
@@ -130,7 +131,7 @@ class _Evaluator:
         self.per_example: list[float] = []  # mean loss per validation example, last evaluation
         self.shown = lambda done, total: None  # progress display: examples done of total
 
-    def __call__(self, step: int, tokens: int) -> EvalPoint:
+    def __call__(self, step: int, tokens: int, seconds: float = 0.0) -> EvalPoint:
         started = time.perf_counter()
         set_eval_mode(self.trainer)
         total = len(self.val) + len(self.retention)
@@ -144,7 +145,8 @@ class _Evaluator:
         set_train_mode(self.trainer)
         self.seconds += time.perf_counter() - started
         tracking.log_step({"val_loss": val, "retention_loss": ret, "tokens": tokens}, step)
-        return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret)
+        return EvalPoint(step=step, tokens=tokens, val_loss=val, retention_loss=ret,
+                         seconds=seconds)
 
     def _losses(self, examples, done: int, total: int) -> tuple[list[float], list[int]]:
         """The losses of `examples` one evaluation batch at a time, to show progress: the same
@@ -318,7 +320,7 @@ def train_loop(model, trainer: Trainer, splits, budget: BudgetConfig, *, seed: i
         #    ones), and ask the certificate there too, so that a trial records the certificate
         #    it ended with even when it stopped between evaluations (its stop reason stands).
         if state.evals[-1].step != state.step:
-            state.evals.append(evaluate(state.step, state.tokens))
+            state.evals.append(evaluate(state.step, state.tokens, state.train_seconds))
             if on_eval is not None and math.isfinite(state.evals[-1].val_loss):
                 _ask_certificate(state, evaluate, on_eval)
             state.eval_seconds = evaluate.seconds
@@ -354,7 +356,7 @@ def _ask_certificate(state: LoopState, evaluate: _Evaluator, on_eval) -> bool:
 def _evaluate_and_check(state: LoopState, evaluate: _Evaluator, on_eval,
                         console: Console) -> None:
     """Evaluate; a non-finite validation loss is a divergence, else the certificate may stop."""
-    state.evals.append(evaluate(state.step, state.tokens))
+    state.evals.append(evaluate(state.step, state.tokens, state.train_seconds))
     if not math.isfinite(state.evals[-1].val_loss):
         state.stop_reason = "diverged"
     elif on_eval is not None and _ask_certificate(state, evaluate, on_eval):

@@ -154,7 +154,8 @@ def _backend_setup(backend: str, model_name: str, dropout: bool):
 def _without_dropout(mp: pytest.MonkeyPatch) -> None:
     """Make the set-up (any backend) attach its adapters with dropout 0."""
     specs = derived_setup.adapter_specs
-    mp.setattr(derived_setup, "adapter_specs", lambda d, s: _no_dropout(specs(d, s)))
+    mp.setattr(derived_setup, "adapter_specs",
+               lambda d, s, **kw: _no_dropout(specs(d, s, **kw)))
 
 
 def _batches(splits, batch_size: int, seed: int, pad: int, steps: int = STEPS):
@@ -371,12 +372,60 @@ def test_first_losses_match_torch(backend: str, model_name: str) -> None:
         assert abs(base - ref_losses[-1]) > 100 * _loss_atol(model_name, STEPS)
     # the torch trainer's telemetry keys
     assert set(logs[-1].extra) == {"grad_norm", "step_size", "bound", "update_norm",
-                                   "weyl_bound", "orth_error", "adapter_norm_ratio"}
+                                   "weyl_bound", "orth_error", "adapter_norm_ratio",
+                                   "frame_motion_u", "frame_motion_v", "s_at_bound",
+                                   "delta_step_min", "delta_step_median", "delta_step_max",
+                                   "delta_step_spread"}
     assert max(log.extra["orth_error"] for log in logs) < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
-# (c) the stopping certificate's inputs, and resume
+# (b') the readings of the derived trainer (runner.derived.step.READINGS), on the same fixture
+
+READINGS_ON_BACKENDS = ["derived_uniform", "derived_tail_start", "derived_matched_mass"]
+READING_STEPS = 5
+
+
+def _reading_setup(backend: str, model_name: str, reading: str):
+    """A fresh set-up of ``reading`` on ``backend`` (torch: on a fresh model), no dropout."""
+    cfg, loaded, splits, pad = _fixture(model_name)
+    cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, name=reading))
+    model = load_model(cfg.model).model if backend == "torch" else loaded.model
+    with pytest.MonkeyPatch.context() as mp:
+        _without_dropout(mp)
+        return derived_setup.setup(cfg, derived_setup.make_ops(backend, model), splits, pad,
+                                   QUIET if backend == "torch" else None), cfg, splits, pad
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", pytest.param(SMOL, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("reading", READINGS_ON_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reading_matches_torch(backend: str, reading: str, model_name: str) -> None:
+    """Each reading's set-up (batch size, the tail start's values and boxes, the matched N) and
+    its first losses on the backend equal torch's, within (a)'s and (b)'s tolerances; its
+    frames move and its telemetry is logged."""
+    _needs(backend, model_name)
+    ref, cfg, splits, pad = _reading_setup("torch", model_name, reading)
+    got, _, _, _ = _reading_setup(backend, model_name, reading)
+    assert got.trainer.batch_size == ref.trainer.batch_size
+    assert got.trainer.matched_steps == ref.trainer.matched_steps
+    ref_usv, got_usv = ref.trainer.ops.host_usv(), got.trainer.ops.host_usv()
+    for name, spec in ref.trainer.adapters.specs.items():
+        other = got.trainer.adapters.specs[name]
+        assert spec.scale == other.scale
+        if spec.s_bound is not None:
+            assert _rel(spec.s_bound, other.s_bound) <= DERIVED_RTOL, name
+        np.testing.assert_allclose(got_usv[name][1].numpy(), ref_usv[name][1].numpy(),
+                                   rtol=DERIVED_RTOL, atol=0)  # the start S
+    run = _batches(splits, ref.trainer.batch_size, cfg.seed, pad, READING_STEPS)
+    ref_logs = [ref.trainer.step(b) for b in run]
+    ref.trainer.adapters.remove()
+    logs = [got.trainer.step(b) for b in run]
+    for t, (a, b) in enumerate(zip(logs, ref_logs, strict=True), start=1):
+        assert abs(a.loss - b.loss) <= _loss_atol(model_name, t), (t, a.loss, b.loss)
+        assert {"frame_motion_u", "s_at_bound", "delta_step_spread"} <= set(a.extra)
+    assert len({round(log.loss, 6) for log in logs}) > 1
+    assert sum(log.extra["frame_motion_u"] for log in logs) > 0
 
 
 # The certificate's model-dependent inputs after a few identical steps (no dropout) on torch and
@@ -448,8 +497,9 @@ def test_certificate_inputs_match_torch(backend: str, model_name: str) -> None:
     assert abs(b_got - b_ref) <= CURV_CANCEL * cancel
 
 
+@pytest.mark.parametrize("trainer", ["derived", "derived_matched_mass"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backend_run_resumes_bitwise(backend: str, tmp_path) -> None:
+def test_backend_run_resumes_bitwise(backend: str, trainer: str, tmp_path) -> None:
     """A backend derived run interrupted after its first checkpoint continues from it when run
     again and ends as an uninterrupted run: the same curves, certificate records and adapter
     (bitwise: the same batches, dropout keys from (seed, step) and arithmetic)."""
@@ -460,7 +510,7 @@ def test_backend_run_resumes_bitwise(backend: str, tmp_path) -> None:
 
     def config(name: str):
         return to_run_config(compose_config([
-            "+experiment=quickstart", "task=train", "trainer=derived", "model=tiny_llama",
+            "+experiment=quickstart", "task=train", f"trainer={trainer}", "model=tiny_llama",
             "data.max_examples=60", "hardware.threads=1", f"hardware.backend={backend}",
             "budget.max_tokens=500", "budget.eval_every=3", "budget.eval_examples=8",
             f"runs_dir={tmp_path / name}"]))
@@ -492,8 +542,10 @@ def test_backend_run_resumes_bitwise(backend: str, tmp_path) -> None:
     assert a.steps == b.steps > 4 and a.stop_reason == b.stop_reason
     same = functools.partial(json.dumps, sort_keys=True, default=str)  # NaN == NaN
     assert a.train_losses == b.train_losses and same(a.step_logs) == same(b.step_logs)
-    assert same([dataclasses.asdict(e) for e in a.evals]) == same([dataclasses.asdict(e)
-                                                                   for e in b.evals])
+    def points(evals):  # every field but the timing
+        return same([{**dataclasses.asdict(e), "seconds": None} for e in evals])
+
+    assert points(a.evals) == points(b.evals)
     assert reference.certificate is not None
     assert same(resumed.certificate) == same(reference.certificate)
     ours, theirs = resumed.model.state_dict(), reference.model.state_dict()

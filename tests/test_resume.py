@@ -72,6 +72,8 @@ def _comparable(row: dict) -> str:
         point.pop("train_seconds")
     keep = {k: row[k] for k in ("curves", "stop_reason", "certificate", "derived",
                                 "hyperparameters", "config_hash", "diverged_at")}
+    for point in keep["curves"].get("eval", []):
+        point.pop("seconds", None)  # a timing
     return json.dumps({"metrics": metrics, **keep}, sort_keys=True, default=str)  # NaN == NaN
 
 
@@ -124,6 +126,13 @@ def test_derived_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
     baseline) is recomputed identically: the trainer refuses a checkpoint whose set-up differs,
     and the rows' derived records and hyperparameters are compared."""
     _check_resume(tmp_path, DERIVED, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_tail_start_resumes_bitwise_after_sigkill(tmp_path: Path) -> None:
+    """derived_tail_start: its start (the tail moved into the adapter, the boxes) is recomputed
+    identically on resume, and the run ends as an uninterrupted one."""
+    _check_resume(tmp_path, [*DERIVED, "trainer=derived_tail_start"], signal.SIGKILL)
 
 
 @pytest.mark.slow

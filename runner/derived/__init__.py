@@ -7,7 +7,8 @@ torch_ops (+ torch_dropout), array_ops (MLX/JAX shared), mlx_ops, jax_ops.
 
 from runner.derived.run import run_derived
 from runner.derived.setup import DerivedSetup, derive_for_model, setup_derived
+from runner.derived.step import READINGS, is_derived
 from runner.derived.torch_ops import candidate_linears
 
-__all__ = ["DerivedSetup", "candidate_linears", "derive_for_model", "run_derived",
-           "setup_derived"]
+__all__ = ["READINGS", "DerivedSetup", "candidate_linears", "derive_for_model", "is_derived",
+           "run_derived", "setup_derived"]

@@ -10,7 +10,8 @@ micro-batch): reproducible within a backend, not torch's masks.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -18,9 +19,11 @@ import torch
 
 import geometry
 from geometry._xp import namespace
+from geometry.readings import adapter_step_telemetry, tail_start
 from runner.backends import module_names
 from runner.data import batches, collate
 from runner.derived.certificate import ngram_repetition
+from runner.errors import ConfigError
 
 IGNORE = -100
 
@@ -50,6 +53,7 @@ class ArrayOps:
         self.adapters: BackendAdapters | None = None
         self.seed = 0
         self.bounds = None
+        self.tails: dict = {}  # the tail start's frozen (U_t, a, V_t) by name, torch tensors
 
     def weights(self) -> dict[str, Any]:
         return self.params.weights
@@ -127,6 +131,42 @@ class ArrayOps:
         self.seed = seed
         self.bounds = self.pack_bounds({n: rule.bounds(sp) for n, sp in specs.items()})
 
+    def apply_start(self, rule, seed: int) -> None:
+        """Move the adapters from the probe's start (S = 0) to the reading's: the tail start
+        subtracts U_t diag(a) V_t^T from this backend's copy of W (the torch model, which the
+        export uses, keeps the original W) and starts S~ at a, in the box beta."""
+        del seed
+        if rule.nb_lora:
+            raise ConfigError(f"trainer={rule.name} runs on torch only (its NB-LoRA map is not "
+                              f"wired into the {self.name} forward)")
+        if rule.start.value != "tail":
+            return
+        specs, usv, res = dict(self.adapters.specs), {}, {}
+        weights = {n: np.asarray(w, np.float64) for n, w in self.candidate_weights().items()}
+        for name, (u, _, v) in self.adapters.usv().items():
+            w = weights[name]
+            s_t = np.abs(np.einsum("ir,ij,jr->r", u.astype(np.float64), w, v.astype(np.float64)))
+            start = tail_start(s_t, specs[name].sigma_k)
+            a = np.asarray(start.start, np.float32)
+            usv[name] = (u, a, v)
+            res[name] = (w - (u * a.astype(np.float64)) @ v.T).astype(np.float32)
+            self.tails[name] = tuple(torch.from_numpy(np.ascontiguousarray(x, np.float32))
+                                     for x in (u, a, v))
+            specs[name] = replace(specs[name], s_bound=start.bound)
+        self.replace_weights({n + ".weight": w for n, w in res.items()})
+        self.adapters.specs = specs
+        self.adapters.state = self.pack_usv(usv, specs)
+        self.bounds = self.pack_bounds({n: rule.bounds(sp) for n, sp in specs.items()})
+
+    def host_tails(self) -> dict:
+        return dict(self.tails)
+
+    def adapter_grad_norms(self, grads) -> np.ndarray:
+        """||g_W|| of every adapter (its U, S and V gradients), float64, in the specs' order."""
+        per = self.unpack(grads)
+        return np.array([math.sqrt(sum(float((np.asarray(g, np.float64) ** 2).sum())
+                                       for g in per[n])) for n in self.adapters.specs])
+
     def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
         """Per-example S gradients (n, sum r), float64 numpy. Each example's S gets its own row
         (S of shape (B, 1, r) broadcasts in the adapter branch), so one backward of sum_i L_i
@@ -157,7 +197,7 @@ class ArrayOps:
             self.add(grads, grads)
         norm = self.grad_norm(grads)
         geometry.mass_step_size(loss, norm, trainer.sigma_k_min, trainer.ceiling, trainer.floor)
-        _, orth, ratio = self.update_state(state, grads, self.array(0.0), self.bounds)
+        _, orth, ratio = self.update_state(state, grads, self.pack_etas(0.0), self.bounds)
         float(orth), float(ratio)
 
     # -- training ----------------------------------------------------------------------------
@@ -191,18 +231,41 @@ class ArrayOps:
                 loss, grads = loss + l_mb, self.add(grads, g_mb)
         return loss, grads
 
-    def update(self, grads, eta: float, rule, *, keep_direction: bool):
+    def update(self, grads, eta, rule, *, keep_direction: bool):
         """One step on every adapter: (the update new - old if kept, else None; largest
-        orthogonality error; largest c max(S) / sigma_k). ``rule`` fixed the bounds at attach."""
-        del rule
+        orthogonality error; largest c max|S| / sigma_k; step telemetry by name). ``eta``: one
+        step, or one per adapter in the specs' order. ``rule`` fixed the bounds at attach."""
         before = self.adapters.state
-        self.adapters.state, orth, s_ratio = self.update_state(before, grads, self.array(eta),
-                                                               self.bounds)
+        self.adapters.state, orth, s_ratio = self.update_state(before, grads,
+                                                               self.pack_etas(eta), self.bounds)
+        telemetry = self.telemetry(before, self.adapters.state, grads, eta, rule)
         direction = None
         if keep_direction:
             direction = tree_map(lambda new, old: new - old, self.adapters.state, before)
             self.sync(direction)
-        return direction, orth, s_ratio
+        return direction, orth, s_ratio, telemetry
+
+    def pack_etas(self, eta):
+        """The step of every adapter in the state's layout (one value, or one per adapter)."""
+        names = list(self.adapters.specs)
+        etas = [float(e) for e in eta] if hasattr(eta, "__len__") else [float(eta)] * len(names)
+        return self.pack_per_adapter(dict(zip(names, etas, strict=True)))
+
+    def telemetry(self, before, after, grads, eta, rule) -> dict:
+        """geometry.readings.adapter_step_telemetry of every adapter, on host copies (numpy)."""
+        old, new, g = self.unpack(before), self.unpack(after), self.unpack(grads)
+        names = list(self.adapters.specs)
+        etas = [float(e) for e in eta] if hasattr(eta, "__len__") else [float(eta)] * len(names)
+        out = {}
+        for name, e in zip(names, etas, strict=True):
+            spec = self.adapters.specs[name]
+            upper, _ = rule.bounds(spec)
+            lower = rule.lower(upper)
+            (u0, s0, v0), (u1, _, v1) = old[name], new[name]
+            projected = np.clip(s0 - e * g[name][1], lower, upper)
+            out[name] = adapter_step_telemetry(u0, u1, v0, v1, projected, lower, upper, e,
+                                               spec.scale)
+        return out
 
     def example_losses(self, examples, batch_size: int, pad_id: int):
         """Per-example summed next-token CE and label counts (no dropout), as

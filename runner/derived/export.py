@@ -1,4 +1,5 @@
-"""The trained factors as plain PEFT LoRA: B = c U diag(S), A = V^T, lora_alpha = r."""
+"""The trained factors as plain PEFT LoRA: B = c U diag(S), A = V^T, lora_alpha = rank (the
+tail start: rank 2r, its frozen tail included; DerivedTrainer.peft_weights)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ def export_peft(base_model, trainer, derived):
     patterns = derived.peft_patterns()
     specs = trainer.adapters.specs
     dropout = sum(s.dropout for s in specs.values()) / len(specs)  # PEFT has one dropout
+    ranks = trainer.peft_ranks()
+    r = patterns["r"] * (2 if ranks != patterns["rank_pattern"] else 1)
     config = LoraConfig(
-        r=patterns["r"], lora_alpha=patterns["r"], target_modules=list(specs),
-        rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
+        r=r, lora_alpha=r, target_modules=list(specs),
+        rank_pattern=ranks, alpha_pattern=ranks,
         lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(base_model, config)

@@ -244,6 +244,23 @@ class JaxOps(ArrayOps):
     def update_state(self, state, grads, eta, bounds):
         return self._update(state, grads, eta, bounds)
 
+    def pack_per_adapter(self, values: dict):
+        """Per kind (n,): the value of each layer's adapter of the kind (0 where none)."""
+        return {kind: self.array([0.0 if n is None else values[n] for n in names])
+                for kind, (names, _) in self.layout.kinds.items()}
+
+    def replace_weights(self, weights: dict) -> None:
+        """Swap the named weights (numpy) in this backend's copy of the model (and, for the
+        scanned Llama forward, in the weights stacked over the layers)."""
+        w = dict(self.params.weights)
+        w.update({k: self.array(v) for k, v in weights.items()})
+        stacked = self.params.stacked
+        if stacked is not None:
+            stacked = {k: self.jnp.stack([w[f"model.layers.{i}.{k}"]
+                                          for i in range(self.spec.num_layers)])
+                       for k in stacked}
+        self.params = type(self.params)(w, self.spec, stacked)
+
     def dropout_keys(self, seed_words: list[int], n: int):
         seed = int(np.random.SeedSequence(seed_words).generate_state(1)[0])
         return np.asarray(self.jax.random.split(self.jax.random.PRNGKey(seed), n))
@@ -262,7 +279,8 @@ class JaxOps(ArrayOps):
 
 def _update_kinds(rule, state, grads, eta, bounds):
     """:func:`update_one` on every adapter of the JAX state (stacked by module kind, zero-padded
-    to the kind's rank; ``bounds[kind] = (upper, decay, ranks)``), by ``lax.map`` over each
+    to the kind's rank; ``eta[kind]`` each layer's step, ``bounds[kind] = (upper, decay,
+    ranks)``), by ``lax.map`` over each
     kind's layers. Zero columns stay zero and change nothing else: with X = [X_r, 0] and
     D = [D_r, 0] the Cayley r x r matrix K's extra rows and columns are the identity's, and a
     zero S entry with zero gradient stays 0 (a layer without an adapter is all zero columns).
@@ -275,16 +293,16 @@ def _update_kinds(rule, state, grads, eta, bounds):
         upper, decay, ranks = bounds[kind]
 
         def one(a):
-            return update_one(rule, *a[:6], eta, a[6], a[7])
+            return update_one(rule, *a[:6], a[6], a[7], a[8])
 
-        nu, ns, nv = jax.lax.map(one, (u, s, v, *grads[kind], upper, decay))
+        nu, ns, nv = jax.lax.map(one, (u, s, v, *grads[kind], eta[kind], upper, decay))
         r = u.shape[2]
         mask = (jnp.arange(r)[None, :] < ranks[:, None]).astype(u.dtype)
         ident = mask[:, :, None] * jnp.eye(r, dtype=u.dtype)  # diag(1 on the real columns)
         for x in (nu, nv):
             d = jnp.matmul(jnp.swapaxes(x, 1, 2), x) - ident
             orth.append(jnp.max(jnp.sqrt(jnp.sum(d * d, axis=(1, 2)))))
-        ratio.append(jnp.max(jnp.max(ns, axis=1) / upper))
+        ratio.append(jnp.max(jnp.max(jnp.abs(ns), axis=1) / upper))
         out[kind] = (nu, ns, nv)
     return out, jnp.max(jnp.stack(orth)), jnp.max(jnp.stack(ratio))
 

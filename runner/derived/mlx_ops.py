@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
+import torch
 
 import geometry
-from runner.backends import mlx_models
+from runner.backends import mlx_blas, mlx_models
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
@@ -23,6 +24,9 @@ class MlxOps(ArrayOps):
     name = "mlx"
 
     def __init__(self, model):
+        # MLX computes on its own threads; their BLAS (torch's) runs on torch's thread count,
+        # which runner.hardware sets from hardware.threads, not on every core (mlx_blas).
+        mlx_blas.set_threads(torch.get_num_threads())
         self.mx, self.be = mx, mlx_models
         super().__init__(model)
         spec, be = self.spec, mlx_models
@@ -118,16 +122,25 @@ class MlxOps(ArrayOps):
         del width  # eager: nothing compiled to share between ranks
         return tail_frames(w, start, r, r, self.eigh)
 
+    def pack_per_adapter(self, values: dict):
+        return {n: self.array(x) for n, x in values.items()}
+
+    def replace_weights(self, weights: dict) -> None:
+        """Swap the named weights (numpy) in this backend's copy of the model."""
+        self.params.weights.update({k: self.array(v) for k, v in weights.items()})
+        self.mx.eval(self.params.weights)
+
     def update_state(self, state, grads, eta, bounds):
-        """One step on every adapter, eagerly (MLX is lazy: one graph per step), with the
-        telemetry of the JAX update: the largest orthogonality error of U and V and the
+        """One step on every adapter (``eta[name]`` its step), eagerly (MLX is lazy: one graph
+        per step), with the telemetry of the JAX update: the largest orthogonality error of U and V and the
         largest c max(S) / sigma_k."""
         out, orth, ratio = {}, 0.0, 0.0
         for name, (u, s, v) in state.items():
             upper, decay = bounds[name]
-            out[name] = nu, ns, nv = update_one(self.rule, u, s, v, *grads[name], eta, upper, decay)
+            out[name] = nu, ns, nv = update_one(self.rule, u, s, v, *grads[name], eta[name],
+                                                upper, decay)
             orth = max(orth, geometry.orthogonality_error(nu), geometry.orthogonality_error(nv))
-            ratio = max(ratio, float(ns.max() / upper))
+            ratio = max(ratio, float(self.mx.abs(ns).max() / upper))
         return out, orth, ratio
 
     @staticmethod

@@ -38,6 +38,8 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutc
                        "micro_batch": tcfg.micro_batch,
                        "mass_ceiling": records.mass_ceiling.value,
                        "epsilon_floor": records.epsilon_floor.value}
+    if trainer.matched_steps is not None:
+        hyperparameters["matched_steps"] = trainer.matched_steps
     if backend != "torch":
         hyperparameters["backend"] = backend
     return TrainOutcome(
@@ -47,8 +49,23 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutc
                        "noise_b_simple": noise.b_simple,
                        "max_orth_error": max((s.get("orth_error", 0.0)
                                               for s in result.step_logs), default=0.0),
-                       "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1)},
+                       "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1),
+                       **telemetry_metrics(result.step_logs)},
         derived=derived.to_dict(),
         certificate=history[-1] if history else None,
         step_table=result.step_logs,
     )
+
+
+def telemetry_metrics(step_logs: list[dict]) -> dict[str, float]:
+    """The run's step telemetry in three numbers: ``frame_motion`` the frames' path length
+    (sum over steps of ||dU||_F + ||dV||_F), ``s_at_bound_fraction`` the fraction of S on a
+    bound after the last step, ``delta_step_spread`` the median over steps of the max/min
+    effective step on dW across matrices."""
+    logs = [s for s in step_logs if "frame_motion_u" in s]
+    if not logs:
+        return {}
+    spreads = sorted(s["delta_step_spread"] for s in logs)
+    return {"frame_motion": sum(s["frame_motion_u"] + s["frame_motion_v"] for s in logs),
+            "s_at_bound_fraction": logs[-1]["s_at_bound"],
+            "delta_step_spread": spreads[len(spreads) // 2]}

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 
 import geometry
+from geometry.readings import matched_steps
 from runner.derived.certificate import calibration_batch
 from runner.derived.ops import make_ops
 from runner.derived.spec import (
@@ -65,6 +66,15 @@ def measure_noise_scale(ops, examples, pad_id: int, n_train: int, n_probe: int,
     return noise_scale_from_grads(grads, n_train)
 
 
+def run_steps(budget, train, batch_size: int) -> int:
+    """N of derived_matched_mass: the optimiser steps in the run's token budget, at the mean
+    non-padding tokens of a training example times the batch size (geometry.readings.
+    matched_steps), at most ``budget.max_steps``."""
+    tokens_per_step = batch_size * sum(len(e.input_ids) for e in train) / len(train)
+    n = matched_steps(budget.max_tokens, tokens_per_step)
+    return min(n, budget.max_steps) if budget.max_steps else n
+
+
 def setup_derived(cfg, loaded, splits, pad_id: int, console) -> DerivedSetup:
     """Derive every hyperparameter and attach the adapters on ``cfg.hardware.backend``; no
     training step is taken."""
@@ -77,7 +87,7 @@ def setup_derived(cfg, loaded, splits, pad_id: int, console) -> DerivedSetup:
 
 def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     tcfg, n_train = cfg.trainer, len(splits.train)
-    rule = reading()
+    rule = reading(tcfg.name)
     ops.prepare(splits)
 
     # 1. Derive rows 1-7 and 9-14 from the weights (timed: it must cost < one training step).
@@ -94,22 +104,30 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     calib = calibration_batch(splits.train, pad_id, tcfg.micro_batch)
     scales = {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
 
-    # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0).
-    ops.attach(adapter_specs(derived, scales), _value(tcfg.init), cfg.seed, rule)
+    # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0; the S~ = c S
+    #    readings carry no residual scale).
+    ops.attach(adapter_specs(derived, scales, scaled=rule.scaled), _value(tcfg.init),
+               cfg.seed, rule)
 
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
-    #    the batches per epoch that batch size gives (row 1).
+    #    the batches per epoch that batch size gives (row 1). Every reading measures it at
+    #    S = 0, then moves to its own start (the tail start leaves the model, so the gradient
+    #    with respect to S, unchanged).
     say(console, f"probing the noise scale: per-example gradients of "
                  f"{min(tcfg.noise_examples, n_train)} training examples")
     noise = measure_noise_scale(ops, splits.train, pad_id, n_train, tcfg.noise_examples,
                                 tcfg.micro_batch, cfg.seed)
     derived = with_measured_records(derived, n_train, noise, scales, blocks)
     records = derived.records
+    ops.apply_start(rule, cfg.seed)
 
-    # 5. The trainer: MASS steps between the derived floor and ceiling.
+    # 5. The trainer: MASS steps between the derived floor and ceiling (per matrix, N the
+    #    run's steps, for derived_matched_mass).
     trainer = DerivedTrainer(ops, rule, derived, noise.b_crit, tcfg.micro_batch,
                              ceiling=float(records.mass_ceiling.value),
-                             floor=float(records.epsilon_floor.value))
+                             floor=float(records.epsilon_floor.value),
+                             matched_steps=run_steps(cfg.budget, splits.train, noise.b_crit)
+                             if rule.per_matrix_mass else None)
     # (JAX compiles the step's functions here: set-up time, not training time)
     ops.warm_up(trainer, calibration_batch(splits.train, pad_id,
                                            min(trainer.batch_size, tcfg.micro_batch)))

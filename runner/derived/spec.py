@@ -18,7 +18,8 @@ class AdapterSpec:
     sigma_k: float  # ||dW||_2 = scale * max(S) <= sigma_k (S is clamped to [0, sigma_k/scale])
     decay: float  # sigma_k / sigma_max: the decoupled shrinkage rate of S
     first_index: int  # 0-based index of the first singular vector used (the structural rank k)
-    scale: float  # residual scale c of the block
+    scale: float  # residual scale c of the block (1 for the S~ = c S readings)
+    s_bound: float | None = None  # the tail start's box |S~| <= beta (None: sigma_k / scale)
 
 
 def block_of(name: str) -> str:
@@ -34,12 +35,13 @@ def target_blocks(derived: geometry.DerivedHyperparameters) -> list[str]:
     return sorted({block_of(g.name) for g in derived.layers if g.target})
 
 
-def adapter_specs(derived, scales: dict[str, float]) -> dict[str, AdapterSpec]:
-    """One spec per target matrix, in the derivation's order."""
+def adapter_specs(derived, scales: dict[str, float], scaled: bool = True) -> dict[str, AdapterSpec]:
+    """One spec per target matrix, in the derivation's order; ``scaled=False`` (the S~ = c S
+    readings) folds the residual scale into the values, so the adapter's factor is 1."""
     return {
         g.name: AdapterSpec(name=g.name, rank=g.rank, dropout=g.dropout, sigma_k=g.sigma_k,
                             decay=g.weight_decay, first_index=g.init_range[0],
-                            scale=scales[block_of(g.name)])
+                            scale=scales[block_of(g.name)] if scaled else 1.0)
         for g in derived.layers if g.target
     }
 

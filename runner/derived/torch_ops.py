@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 import geometry
 from geometry._xp import host_eigh
+from geometry.readings import (
+    adapter_step_telemetry,
+    nb_lora_factors,
+    nb_lora_init,
+    tail_start,
+)
 from runner.data import collate
 from runner.derived.certificate import ngram_repetition
 from runner.derived.spec import AdapterSpec
@@ -44,6 +51,7 @@ class FactoredAdapters(nn.Module):
             self.U[key] = nn.Parameter(u)
             self.V[key] = nn.Parameter(v)
             self.S[key] = nn.Parameter(torch.zeros(spec.rank, dtype=u.dtype))
+        self.tails: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
         # name -> {"a": x V, "e": dL/dy U}, filled while `capture` is not None (noise probe)
         self.capture: dict[str, dict[str, torch.Tensor]] | None = None
@@ -63,18 +71,22 @@ class FactoredAdapters(nn.Module):
             return dict(zip(specs, pool.map(one, specs), strict=True))
 
     def _hook(self, name: str):
-        key, spec = self.keys[name], self.specs[name]
+        spec = self.specs[name]
 
         def hook(module, args, output):
             # out = y + c (x V) diag(S) U^T: (..., in) @ (in, r), scaled by an r-vector, then
             # added to y inside one GEMM (addmm). Every scalar (c and the dropout rescale)
             # rides on the r-vector, so no (..., out)-sized tensor is multiplied.
             p = spec.dropout if self.training else 0.0
-            a, rescale = dropout_projection(args[0], self.V[key], p)
-            coef = self.S[key] * (spec.scale * rescale)
-            u = self.U[key]
+            u, s, v = self.factors(name)
+            a, rescale = dropout_projection(args[0], v, p)
+            coef = s * (spec.scale * rescale)
             flat = torch.addmm(output.reshape(-1, output.shape[-1]),
                                (a * coef).reshape(-1, a.shape[-1]), u.T)
+            if name in self.tails:  # the frozen W_res = W - U_t diag(a) V_t^T (no dropout)
+                u_t, start, v_t = self.tails[name]
+                x = args[0].reshape(-1, args[0].shape[-1])
+                flat = torch.addmm(flat, (x @ v_t) * start, u_t.T, alpha=-1.0)
             out = flat.view(output.shape)
             if self.capture is not None and out.requires_grad:
                 slot = self.capture[name] = {"a": (a * rescale).detach()}
@@ -84,14 +96,65 @@ class FactoredAdapters(nn.Module):
 
         return hook
 
+    def factors(self, name: str):
+        """The adapter's (U, S, V) as the forward uses them (dW = c U diag(S) V^T)."""
+        key = self.keys[name]
+        return self.U[key], self.S[key], self.V[key]
+
+    @torch.no_grad()
+    def start_from_tail(self, linears: dict[str, nn.Linear]) -> None:
+        """derived_tail_start: move U_t diag(a) V_t^T out of W into the adapter (S~ = a, box
+        beta; geometry.readings.tail_start). W stays as loaded: the hook subtracts the frozen
+        tail, so the base model exported with the adapter is the original one."""
+        for name, key in self.keys.items():
+            u, v = self.U[key], self.V[key]
+            w = linears[name].weight
+            s_t = torch.diagonal(u.double().T @ w.double() @ v.double()).abs()  # (r,) tail values
+            start = tail_start(s_t, self.specs[name].sigma_k)
+            self.tails[name] = (u.detach().clone(), start.start.to(u.dtype), v.detach().clone())
+            self.S[key].copy_(self.tails[name][1])
+            self.specs[name] = replace(self.specs[name], s_bound=start.bound)
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
     def triples(self):
+        """(name, U, S, V): the trained parameters in their (out, values, in) slots."""
         for name, key in self.keys.items():
             yield name, self.U[key], self.S[key], self.V[key]
+
+
+class NbLoraAdapters(FactoredAdapters):
+    """derived_seed_code: dW = 2 B^T diag(S) A from free parameters (A~, B~, S_raw) through
+    the NB-LoRA map (geometry.readings.nb_lora_factors), applied by the same hooks. The free
+    parameters sit in the (out, values, in) slots: U holds B~ (r x out), S holds S_raw, V holds
+    A~ (r x in); the seed code's start A~, B~ ~ N(0, 0.01^2), S_raw = sigma_k / 2."""
+
+    def __init__(self, linears, specs: dict[str, AdapterSpec], seed: int):
+        nn.Module.__init__(self)
+        self.specs = specs
+        self.keys = {name: name.replace(".", "__") for name in specs}
+        self.U, self.S, self.V = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
+        gen = torch.Generator().manual_seed(seed)
+        for name, spec in specs.items():
+            out_f, in_f = linears[name].weight.shape
+            dt = linears[name].weight.dtype
+            z_a = torch.randn(spec.rank, in_f, generator=gen, dtype=torch.float64)
+            z_b = torch.randn(spec.rank, out_f, generator=gen, dtype=torch.float64)
+            a, b, s = nb_lora_init(z_a, z_b, spec.sigma_k)
+            key = self.keys[name]
+            self.U[key], self.S[key], self.V[key] = (nn.Parameter(x.to(dt)) for x in (b, s, a))
+        self.tails = {}
+        self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
+        self.capture = None
+
+    def factors(self, name: str):
+        """(U, S, V) = (B^T, 2 S, A^T) of the NB-LoRA map: 2 B^T diag(S) A = U diag(S) V^T."""
+        key = self.keys[name]
+        f = nb_lora_factors(self.V[key], self.U[key], self.S[key], self.specs[name].sigma_k)
+        return f.b.T, 2.0 * f.s, f.a.T
 
 
 
@@ -267,6 +330,16 @@ class TorchOps:
         if self._pool is not None:  # its idle threads end with these ops
             weakref.finalize(self, self._pool.shutdown, wait=False)
 
+    def apply_start(self, rule, seed: int) -> None:
+        """Move the adapters from the probe's start (S = 0) to the reading's (Start)."""
+        if rule.start.value == "tail":
+            self.adapters.start_from_tail(candidate_linears(self.model))
+        elif rule.nb_lora:
+            specs = self.adapters.specs
+            self.adapters.remove()
+            self.adapters = NbLoraAdapters(candidate_linears(self.model), specs, seed)
+            self.model.train()
+
     def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
         """Per-example S gradients (n, sum r), float64, of the probe ``examples``; examples of
         similar length share a pass (less padding; the estimator does not depend on order)."""
@@ -308,25 +381,41 @@ class TorchOps:
         """Per-tensor norms in one fused call, combined in float64."""
         return torch.stack(torch._foreach_norm(grads)).double().norm()
 
-    def update(self, grads, eta: float, rule, *, keep_direction: bool):
+    def adapter_grad_norms(self, grads) -> torch.Tensor:
+        """||g_W|| of every adapter (its U, S and V gradients together), float64, in the
+        adapters' order."""
+        del grads  # the gradients are the parameters' .grad
+        per = [torch.stack(torch._foreach_norm([p.grad if p.grad is not None else
+                                                torch.zeros_like(p) for p in (u, s, v)]))
+               for _, u, s, v in self.adapters.triples()]
+        return torch.stack(per).double().norm(dim=1)
+
+    def update(self, grads, eta, rule, *, keep_direction: bool):
         """One step on every adapter, in place: (direction by name, largest orthogonality
-        error, largest c max(S) / sigma_k). The adapters are independent: they update on as
+        error, largest c max(S) / sigma_k, step telemetry by name). ``eta``: one step, or one
+        per adapter in the adapters' order. The adapters are independent: they update on as
         many threads as torch uses. The direction is always returned (it is a by-product)."""
         del grads, keep_direction  # the gradients are the parameters' .grad
         triples = list(self.adapters.triples())
+        etas = [float(e) for e in eta] if hasattr(eta, "__len__") else [eta] * len(triples)
+        work = list(zip(triples, etas, strict=True))
         if self._pool is None:
-            updates = [self._update(t, eta, rule) for t in triples]
+            updates = [self._update(t, e, rule) for t, e in work]
         else:
-            updates = list(self._pool.map(lambda t: self._update(t, eta, rule), triples))
-        direction = {name: d for (name, *_), (d, _, _) in zip(triples, updates, strict=True)}
-        orth = max((o for _, o, _ in updates), default=0.0)
-        s_ratio = max((r for _, _, r in updates), default=0.0)
-        return direction, orth, s_ratio
+            updates = list(self._pool.map(lambda te: self._update(te[0], te[1], rule), work))
+        names = [name for name, *_ in triples]
+        direction = {n: up[0] for n, up in zip(names, updates, strict=True)}
+        orth = max((up[1] for up in updates), default=0.0)
+        s_ratio = max((up[2] for up in updates), default=0.0)
+        telemetry = {n: up[3] for n, up in zip(names, updates, strict=True)}
+        return direction, orth, s_ratio, telemetry
 
     @torch.no_grad()  # (grad mode is per thread: the pool's threads need it said here)
     def _update(self, triple, eta: float, rule):
         """One adapter's step: (U, S, V) change in place; returns (direction, orthogonality
-        error, c max(S) / sigma_k)."""
+        error, c max(S) / sigma_k, telemetry)."""
+        if rule.nb_lora:
+            return self._update_free(triple, eta)
         name, u, s, v = triple
         spec = self.adapters.specs[name]
         # Along -grad for time eta = along grad for time -eta (A is linear in the direction),
@@ -337,10 +426,31 @@ class TorchOps:
         upper, decay = rule.bounds(spec)
         grad_s = s.grad if s.grad is not None else torch.zeros_like(s)
         new_s = rule.s_step(s, grad_s, eta, upper, decay)
+        lower = rule.lower(upper)
+        telemetry = adapter_step_telemetry(u, u + du, v, v + dv,
+                                           (s - eta * grad_s).clamp(lower, upper), lower, upper,
+                                           eta, spec.scale)
         direction = (du, new_s - s, dv)
         u.add_(du), v.add_(dv), s.copy_(new_s)
         orth = max(geometry.orthogonality_error(u), geometry.orthogonality_error(v))
-        return direction, orth, spec.scale * float(s.max()) / spec.sigma_k
+        return direction, orth, spec.scale * float(s.abs().max()) / spec.sigma_k, telemetry
+
+    def _update_free(self, triple, eta: float):
+        """derived_seed_code: plain SGD on the free parameters (B~, S_raw, A~), then S_raw
+        clamped to [0, sigma_k], as the seed's code stepped them."""
+        name, b, s, a = triple
+        spec = self.adapters.specs[name]
+        u0, _, v0 = (x.detach().clone() for x in self.adapters.factors(name))
+        old = [x.detach().clone() for x in (b, s, a)]
+        for x in (b, s, a):
+            if x.grad is not None:
+                x.sub_(eta * x.grad)
+        s.clamp_(0.0, spec.sigma_k)
+        u1, _, v1 = self.adapters.factors(name)
+        telemetry = adapter_step_telemetry(u0, u1, v0, v1, s, 0.0, spec.sigma_k, eta, 1.0)
+        direction = tuple(x - x0 for x, x0 in zip((b, s, a), old, strict=True))
+        orth = geometry.orthogonality_error(torch.cat([v1, u1]))
+        return direction, orth, float(s.max()) / spec.sigma_k, telemetry
 
     def example_losses(self, examples, batch_size: int, pad_id: int):
         return example_losses(self.model, examples, batch_size, pad_id)
@@ -413,9 +523,15 @@ class TorchOps:
     def load_direction(direction):
         return direction
 
+    @torch.no_grad()
     def host_usv(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        return {name: (u.detach(), s.detach(), v.detach())
-                for name, u, s, v in self.adapters.triples()}
+        """The adapters as c U diag(S) V^T (NB-LoRA: its factors, 2 B^T diag(S) A)."""
+        return {name: tuple(x.detach() for x in self.adapters.factors(name))
+                for name in self.adapters.specs}
+
+    def host_tails(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The tail start's frozen (U_t, a, V_t) by name (empty for the other readings)."""
+        return dict(self.adapters.tails)
 
     def detach(self) -> None:
         """Remove the hooks: the base model is itself again."""

@@ -19,20 +19,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 import geometry
+from geometry.readings import (
+    BINDING_TERMS,
+    per_matrix_mass_ceiling,
+    per_matrix_mass_step,
+    tail_start_peft_factors,
+)
 from runner.derived.spec import check_setup
 from runner.training import StepLog
 
 
 class DerivedTrainer:
     def __init__(self, ops, rule, derived, batch_size: int, micro_batch: int, *,
-                 ceiling: float, floor: float):
+                 ceiling: float, floor: float, matched_steps: int | None = None):
         self.ops, self.rule, self.derived = ops, rule, derived
         self.batch_size, self.micro_batch = batch_size, micro_batch
         self.ceiling, self.floor = ceiling, floor
         self.sigma_k_min = float(derived.sigma_k_min)
+        # derived_matched_mass: each matrix's ceiling, Weyl numerator and floor (adapters' order)
+        self.matched_steps = matched_steps
+        self.per_matrix = per_matrix_constants(derived, ops.adapters.specs, matched_steps) \
+            if rule.per_matrix_mass else None
         self.steps = 0  # the backends' dropout keys are drawn from (seed, step)
         # The last update, kept when the certificate's curvature criterion reads it.
         self.keep_direction = False
@@ -66,21 +77,45 @@ class DerivedTrainer:
         if not (math.isfinite(loss_f) and math.isfinite(norm_f)):
             return StepLog(loss=loss_f, extra={"grad_norm": norm_f})
 
-        # 2. MASS step size (row 1): which of the three terms binds is logged.
-        inputs = (loss_f, norm_f) if self.ops.mass_on_host else (loss, grad_norm)
-        mass = geometry.mass_step_size(*inputs, self.sigma_k_min, self.ceiling, self.floor)
-        eta = float(mass.step)
+        # 2. MASS step size (row 1; per matrix for derived_matched_mass): which term binds is
+        #    logged.
+        if self.per_matrix is not None:
+            eta, mass_log = self._per_matrix_step(loss_f, grads)
+        else:
+            inputs = (loss_f, norm_f) if self.ops.mass_on_host else (loss, grad_norm)
+            mass = geometry.mass_step_size(*inputs, self.sigma_k_min, self.ceiling, self.floor)
+            eta = float(mass.step)
+            mass_log = {"step_size": eta, "bound": mass.bound, "update_norm": eta * norm_f,
+                        "weyl_bound": self.sigma_k_min}
 
         # 3-4. Retract U, V on their Stiefel manifolds; step S by the reading.
-        direction, orth, s_ratio = self.ops.update(grads, eta, self.rule,
-                                                   keep_direction=self.keep_direction)
+        direction, orth, s_ratio, telemetry = self.ops.update(
+            grads, eta, self.rule, keep_direction=self.keep_direction)
         if direction is not None:
             self.last_direction = direction
         return StepLog(loss=loss_f, extra={
-            "grad_norm": norm_f, "step_size": eta, "bound": mass.bound,
-            "update_norm": eta * norm_f, "weyl_bound": self.sigma_k_min,
+            "grad_norm": norm_f, **mass_log,
             "orth_error": float(orth), "adapter_norm_ratio": float(s_ratio),
+            **summarize_telemetry(telemetry, self.adapters.specs),
         })
+
+    def _per_matrix_step(self, loss_f: float, grads):
+        """derived_matched_mass: every adapter's own MASS step (geometry.readings)."""
+        pm = self.per_matrix
+        norms = self.ops.adapter_grad_norms(grads)
+        mass = per_matrix_mass_step(loss_f, norms, pm["sigma_k"], pm["ceiling"], pm["floor"],
+                                    self.floor)
+        steps = [float(x) for x in mass.step]
+        weyl = max(e * float(g) / sk for e, g, sk in zip(steps, norms, pm["sigma_k"], strict=True))
+        return steps, {
+            "step_size": sorted(steps)[len(steps) // 2],  # the median adapter's step
+            "step_size_min": min(steps), "step_size_max": max(steps),
+            "bound": max(mass.counts, key=mass.counts.get),
+            **{f"bound_{t}": mass.counts[t] for t in BINDING_TERMS},
+            "update_norm": math.sqrt(sum((e * float(g)) ** 2 for e, g in zip(steps, norms,
+                                                                              strict=True))),
+            "weyl_ratio": weyl,  # max_W eta_W ||g_W|| / sigma_k,W <= 1 (Weyl, per matrix)
+        }
 
     def example_losses(self, examples, batch_size: int, pad_id: int):
         """Per-example summed next-token CE and label counts, without dropout."""
@@ -108,8 +143,11 @@ class DerivedTrainer:
 
     def setup_summary(self) -> dict[str, float]:
         """What the set-up derived (recomputed on resume, so it must come out the same)."""
-        return {"batch_size": self.batch_size, "micro_batch": self.micro_batch,
-                "ceiling": self.ceiling, "floor": self.floor, "sigma_k_min": self.sigma_k_min}
+        summary = {"batch_size": self.batch_size, "micro_batch": self.micro_batch,
+                   "ceiling": self.ceiling, "floor": self.floor, "sigma_k_min": self.sigma_k_min}
+        if self.matched_steps is not None:
+            summary["matched_steps"] = self.matched_steps
+        return summary
 
     def state_dict(self) -> dict[str, Any]:
         """U, S, V, the last update and the step count as torch tensors; the set-up only as its
@@ -129,13 +167,58 @@ class DerivedTrainer:
     # -- export ------------------------------------------------------------------------------
 
     def peft_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """name -> (lora_A (r x in), lora_B (out x r)) with B = c U diag(S), A = V^T."""
-        out = {}
+        """name -> (lora_A (R x in), lora_B (out x R)): B = c U diag(S), A = V^T (R = r); for the
+        tail start the change against the original W, B = [U diag(S~), -U_t diag(a)],
+        A = [V^T; V_t^T] (R = 2r; geometry.readings.tail_start_peft_factors)."""
+        out, tails = {}, self.ops.host_tails()
         for name, (u, s, v) in self.ops.host_usv().items():
             scale = self.ops.adapters.specs[name].scale
-            out[name] = (v.T.contiguous(), (scale * u * s).contiguous())
+            if name in tails:
+                b, a = tail_start_peft_factors(u, s, v, *tails[name])
+                out[name] = (a.contiguous(), b.contiguous())
+            else:
+                out[name] = (v.T.contiguous(), (scale * u * s).contiguous())
         return out
 
+    def peft_ranks(self) -> dict[str, int]:
+        """The PEFT rank of each module (2r where the tail start exports its frozen tail)."""
+        tails = self.ops.host_tails()
+        return {name: spec.rank * (2 if name in tails else 1)
+                for name, spec in self.ops.adapters.specs.items()}
+
     def adapter_effective_ranks(self) -> dict[str, float]:
-        return {name: geometry.effective_rank(s.double()) if float(s.max()) > 0 else 0.0
-                for name, (_, s, _) in self.ops.host_usv().items()}
+        return {name: geometry.effective_rank(s.double().abs()) if float(s.abs().max()) > 0
+                else 0.0 for name, (_, s, _) in self.ops.host_usv().items()}
+
+
+def per_matrix_constants(derived, specs: dict, n_steps: int) -> dict[str, list[float]]:
+    """sigma_k,W, the ceiling sigma_k,W / (sigma_max,W sqrt(N)) and the row-2 floor of every
+    adapted matrix, in the adapters' order (geometry.readings.per_matrix_mass_ceiling)."""
+    layers = {g.name: g for g in derived.layers}
+    rows = [layers[name] for name in specs]
+    sigma_k = [g.sigma_k for g in rows]
+    ceiling = per_matrix_mass_ceiling(np.array(sigma_k), np.array([g.sigma_max for g in rows]),
+                                      n_steps)
+    return {"sigma_k": sigma_k, "ceiling": [float(c) for c in ceiling],
+            "floor": [g.epsilon for g in rows]}
+
+
+def summarize_telemetry(telemetry: dict | None, specs: dict) -> dict[str, float]:
+    """The step's telemetry over every adapter: the frames' motion ||dU||_F, ||dV||_F (root of
+    the sum of squares over adapters), the fraction of S entries on a bound of their box, and
+    the effective step on dW of each matrix (min, median, max and their ratio, the spread)."""
+    if not telemetry:
+        return {}
+    tel = {n: {k: float(getattr(t, k)) for k in ("frame_motion_u", "frame_motion_v",
+                                                 "at_bound", "effective_step")}
+           for n, t in telemetry.items()}
+    ranks = {n: specs[n].rank for n in tel}
+    steps = sorted(t["effective_step"] for t in tel.values())
+    return {
+        "frame_motion_u": math.sqrt(sum(t["frame_motion_u"] ** 2 for t in tel.values())),
+        "frame_motion_v": math.sqrt(sum(t["frame_motion_v"] ** 2 for t in tel.values())),
+        "s_at_bound": sum(t["at_bound"] * ranks[n] for n, t in tel.items()) / sum(ranks.values()),
+        "delta_step_min": steps[0], "delta_step_median": steps[len(steps) // 2],
+        "delta_step_max": steps[-1],
+        "delta_step_spread": steps[-1] / steps[0] if steps[0] > 0 else math.inf,
+    }
