@@ -24,10 +24,10 @@ import hydra
 from omegaconf import DictConfig
 
 from runner.config import config_error_line, to_run_config
+from runner.config.paths import CONF_DIR
+from runner.config.schema import TaskName, register_configs
 from runner.errors import ConfigError, HardwareUnavailable, UserError
 from runner.hardware import in_sweep
-from runner.paths import CONF_DIR
-from runner.schema import TaskName, register_configs
 
 register_configs()
 

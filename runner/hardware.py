@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from runner.config.schema import Backend, HardwareConfig, RunConfig
 from runner.errors import HardwareUnavailable
-from runner.schema import Backend, HardwareConfig, RunConfig
 
 ALL_BACKENDS = ("torch", "mlx", "jax")
 
@@ -98,7 +98,7 @@ def _torch_device(cfg: HardwareConfig) -> str:
 
 
 def _mlx_device(cfg: HardwareConfig) -> str:
-    from runner.backends.mlx_blas import use_torch_blas
+    from runner.models.backends.mlx_blas import use_torch_blas
 
     use_torch_blas()  # before MLX loads: its Linux CPU BLAS is the reference one
     try:

@@ -12,10 +12,10 @@ Outside a sweep the same error ends the run with one line on stderr and exit cod
 
 from __future__ import annotations
 
+from runner.config.schema import RunConfig
 from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import write_trial
-from runner.schema import RunConfig
 from runner.trial import Provenance, TrialRow, config_hash, hardware_fields
 
 __all__ = ["hardware_fields", "reason_of", "skip_train"]

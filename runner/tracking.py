@@ -26,8 +26,8 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Protocol
 
+from runner.config.schema import RunConfig, TrackingBackend
 from runner.errors import ConfigError
-from runner.schema import RunConfig, TrackingBackend
 
 MODES = ("offline", "disabled")  # never "online": nothing may leave the machine implicitly
 VERDICT_COLUMNS = ("claim", "verdict", "effect", "p_value", "n", "rule_hash", "reason")

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
+from runner.config.paths import DATA_DIR, resolve_data_path
+from runner.config.schema import DataConfig, ModelSource, RunConfig
 from runner.errors import UserError
 from runner.hardware import HardwareInfo, cpu_facts, usable_cores
 from runner.ledger import (
@@ -26,12 +28,10 @@ from runner.ledger import (
     utc_now,
     write_once,
 )
-from runner.models import model_id_of
-from runner.paths import DATA_DIR, resolve_data_path
-from runner.schema import DataConfig, ModelSource, RunConfig
+from runner.models.loading import model_id_of
 
 if TYPE_CHECKING:  # the row needs the result's fields, not the training module's torch import
-    from runner.training import TrainResult
+    from runner.training.loop import TrainResult
 
 # What a trial's config hash covers: the keys of RunConfig that determine its outcome. A new
 # top-level key (an output folder, a tracking or provenance option) stays out until it is named

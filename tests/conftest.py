@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from runner.backends.mlx_blas import use_torch_blas
+from runner.models.backends.mlx_blas import use_torch_blas
 
 # Tests import mlx.core directly; before the first does, let MLX's CPU BLAS/LAPACK calls run
-# torch's kernels (runner/backends/mlx_blas.py: the mlx[cpu] wheel's own BLAS is the slow
+# torch's kernels (runner/models/backends/mlx_blas.py: the mlx[cpu] wheel's own BLAS is the slow
 # reference one).
 use_torch_blas()
 

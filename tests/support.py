@@ -7,8 +7,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from runner.paths import CONF_DIR
-from runner.schema import register_configs
+from runner.config.paths import CONF_DIR
+from runner.config.schema import register_configs
 
 ROOT = Path(__file__).resolve().parent.parent
 

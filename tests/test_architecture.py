@@ -11,7 +11,7 @@ PACKAGES = ("runner", "geometry")
 # Modules that may import project modules lazily: those that load an optional dependency
 # (mlx, jax) only when a backend is picked, and the task table of the entry point.
 LAZY_IMPORTERS = {"runner.app", "runner.hardware"}
-LAZY_PREFIXES = ("runner.backends",)
+LAZY_PREFIXES = ("runner.models.backends",)
 OPTIONAL_MODULES = ("geometry._mlx", "geometry._jax")  # import mlx / jax at module level
 
 

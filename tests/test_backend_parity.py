@@ -1,4 +1,4 @@
-"""Parity of the JAX / MLX backends (runner.backends) against the torch HF models.
+"""Parity of the JAX / MLX backends (runner.models.backends) against the torch HF models.
 
 Tiny random Llama and LFM2 models are built with ``torch.manual_seed(0)``; the torch
 reference adds the factored adapter branch ``c · ((x V) · S) Uᵀ`` with forward hooks.
@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-from runner.backends import get_backend
+from runner.models.backends import get_backend
 
 BACKENDS = ["jax", "mlx"]
 ARCHS = ["llama", "lfm2"]

@@ -43,7 +43,7 @@ from runner.data import batches, load_splits
 from runner.derived import setup as derived_setup
 from runner.derived.certificate import calibration_batch, prompts_of
 from runner.derived.trainer import DerivedTrainer
-from runner.models import load_model
+from runner.models.loading import load_model
 from runner.tasks.train import resolve_data_path
 
 BACKENDS = ["mlx", "jax"]
@@ -267,8 +267,8 @@ def test_geometry_does_not_import_mlx_for_other_arrays() -> None:
 def test_initial_logits_match_torch(backend: str, model_name: str) -> None:
     """The base model's logits on two right-padded training examples, at their tokens."""
     _needs(backend, model_name)
-    from runner.backends import get_backend
     from runner.data import collate
+    from runner.models.backends import get_backend
 
     cfg, loaded, splits, pad = _fixture(model_name)
     batch = collate(list(splits.train[:2]), pad_id=pad)
@@ -564,7 +564,7 @@ def test_adapter_dropout_masks(backend: str) -> None:
     """Inverted dropout on the adapter input: kept entries are x / keep, the kept fraction is
     Bernoulli(keep) within 5 sigma, the same key gives the same mask, another key another."""
     _needs(backend)
-    from runner.backends import get_backend
+    from runner.models.backends import get_backend
 
     be = get_backend(backend)
     keep, n = 0.75, 64 * 64
@@ -591,7 +591,7 @@ def test_adapter_dropout_masks(backend: str) -> None:
 
 
 def test_mlx_runs_torch_blas() -> None:
-    """On Linux, MLX's BLAS/LAPACK calls resolve to torch's (runner/backends/mlx_blas.py): the
+    """On Linux, MLX's BLAS/LAPACK calls resolve to torch's (runner/models/backends/mlx_blas.py): the
     global ``sgemm_`` is libtorch_cpu's, and MLX's float32 matmul and float64 eigh through it
     give numpy's numbers (a wrong integer width in the binding would not)."""
     mx = pytest.importorskip("mlx.core")
@@ -600,7 +600,7 @@ def test_mlx_runs_torch_blas() -> None:
     import ctypes
     import os
 
-    from runner.backends.mlx_blas import use_torch_blas
+    from runner.models.backends.mlx_blas import use_torch_blas
 
     lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     if not hasattr(ctypes.CDLL(lib, mode=os.RTLD_NOLOAD), "sgemm_"):
@@ -622,7 +622,7 @@ def test_mlx_logsumexp_is_accurate_over_a_vocabulary() -> None:
     """mlx_models.logsumexp over 49,152 entries agrees with float64 to float32 rounding (MLX's
     own sequential sum is 50x further off), and its gradient is the softmax."""
     mx = pytest.importorskip("mlx.core")
-    from runner.backends import mlx_models
+    from runner.models.backends import mlx_models
 
     rng = np.random.default_rng(0)
     x = (3 * rng.standard_normal((4, 49_152))).astype(np.float32)
@@ -651,7 +651,7 @@ def test_backend_run_exports_a_peft_adapter(backend: str, tmp_path) -> None:
     _needs(backend)
     from peft import PeftModel
 
-    from runner.backends import get_backend
+    from runner.models.backends import get_backend
     from runner.tasks.train import run_trainer
 
     cfg = to_run_config(compose_config([

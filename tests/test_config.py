@@ -11,8 +11,8 @@ from support import ROOT, compose_config
 
 from runner.app import precheck
 from runner.config import to_run_config
+from runner.config.schema import LoraBaselineConfig, RunConfig
 from runner.errors import ConfigError, UserError
-from runner.schema import LoraBaselineConfig, RunConfig
 
 EXPERIMENTS = sorted(
     str(p.relative_to(ROOT / "conf" / "experiment").with_suffix(""))
@@ -114,8 +114,8 @@ def test_cli_help_and_cfg_job() -> None:
 def test_one_trainer_registry_for_yaml_schema_dispatcher_and_bench() -> None:
     import yaml
 
-    from runner.paths import TRAINER_DIR
-    from runner.schema import TRAINER_SCHEMAS, TRAINERS
+    from runner.config.paths import TRAINER_DIR
+    from runner.config.schema import TRAINER_SCHEMAS, TRAINERS
     from runner.tasks.bench import ARMS
 
     names = {yaml.safe_load(p.read_text())["name"] for p in TRAINER_DIR.glob("*.yaml")}

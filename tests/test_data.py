@@ -1,4 +1,4 @@
-"""Tests for runner.data, runner.tokenizers and the embedded datasets under data/."""
+"""Tests for runner.data, runner.models.tokenizers and the embedded datasets under data/."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from runner.data import (
     load_splits,
     read_jsonl,
 )
-from runner.tokenizers import ByteTokenizer
+from runner.models.tokenizers import ByteTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data"

@@ -19,9 +19,9 @@ from runner.data import load_splits
 from runner.derived import run as derived_task
 from runner.derived.spec import AdapterSpec
 from runner.derived.torch_ops import FactoredAdapters, candidate_linears
-from runner.models import load_model
+from runner.models.loading import load_model
 from runner.tasks.train import resolve_data_path
-from runner.training import evaluate_loss
+from runner.training.loop import evaluate_loss
 
 # One thread: on a shared CPU, torch's thread pool spinning against other processes makes
 # these tiny runs many times slower.

@@ -20,7 +20,7 @@ from runner.derived import READINGS, is_derived
 from runner.derived import run as derived_task
 from runner.derived.setup import setup_derived
 from runner.derived.torch_ops import candidate_linears
-from runner.models import load_model
+from runner.models.loading import load_model
 from runner.tasks.train import resolve_data_path
 
 NEW = ["derived_uniform", "derived_tail_start", "derived_matched_mass", "derived_seed_code"]

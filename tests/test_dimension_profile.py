@@ -13,11 +13,11 @@ from support import compose_config
 from runner.app import run_job
 from runner.claims import VerdictWord, decide, load_claim
 from runner.config import to_run_config
+from runner.config.schema import Pooling
 from runner.data import Example
 from runner.errors import UserError
 from runner.ledger import read_trials
-from runner.models import load_model
-from runner.schema import Pooling
+from runner.models.loading import load_model
 from runner.tasks.dimension_profile import (
     LayerDimension,
     highway_summary,

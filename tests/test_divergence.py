@@ -17,7 +17,7 @@ from support import ROOT, compose_config
 
 from runner.app import run_job
 from runner.derived.trainer import DerivedTrainer
-from runner.trainers.baseline import BaselineTrainer
+from runner.training.baseline import BaselineTrainer
 
 AT_STEP = 3
 # One thread: on a shared CPU, torch's thread pool spinning against other processes makes
@@ -134,7 +134,7 @@ import sys
 sys.path.insert(0, "tests")
 import test_divergence as t
 from runner.app import main
-from runner.trainers.baseline import BaselineTrainer
+from runner.training.baseline import BaselineTrainer
 BaselineTrainer.step = t._poisoned_step(BaselineTrainer, "loss", [])
 main(sys.argv[1:])
 """

@@ -14,9 +14,9 @@ import pytest
 from support import ROOT, compose_config
 
 from runner.config import to_run_config
+from runner.config.schema import RunConfig
 from runner.errors import HardwareUnavailable
 from runner.hardware import setup_hardware
-from runner.schema import RunConfig
 from runner.tasks.train import config_hash
 
 HARDWARE = ("cpu", "cuda", "mps", "mlx", "jax_cpu", "jax_gpu")

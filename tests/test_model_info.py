@@ -12,7 +12,7 @@ from support import compose_config
 
 from runner.app import main, run_job
 from runner.config import to_run_config
-from runner.models import load_model
+from runner.models.loading import load_model
 from runner.tasks.lora_svd import AdapterError
 
 # A training run just long enough to move B away from 0 (adapter reload check skipped: it is

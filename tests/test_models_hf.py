@@ -19,7 +19,7 @@ from runner.config import to_run_config
 from runner.derived import candidate_linears
 from runner.derived.spec import block_of
 from runner.errors import ConfigError, HardwareUnavailable, ModelError
-from runner.models import load_model, model_id_of
+from runner.models.loading import load_model, model_id_of
 
 FAST = ["task=train", "budget.max_tokens=1500", "budget.eval_every=5", "budget.eval_examples=8",
         "data.max_examples=80", "hardware.threads=1",

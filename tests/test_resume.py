@@ -151,11 +151,11 @@ def test_lr_grid_resumes_bitwise(tmp_path: Path) -> None:
 def test_baseline_state_round_trips(trainer: str, tmp_path: Path) -> None:
     """Every baseline optimizer's state survives a checkpoint (torch.load weights_only): a
     restored trainer takes the same next step as the original, bitwise."""
-    from runner.checkpoint import Checkpoint
     from runner.config import to_run_config
     from runner.data import Example, collate
-    from runner.models import load_model
-    from runner.trainers.baseline import BaselineTrainer, attach_lora
+    from runner.models.loading import load_model
+    from runner.training.baseline import BaselineTrainer, attach_lora
+    from runner.training.checkpoint import Checkpoint
 
     cfg = to_run_config(compose_config([f"trainer={trainer}"]))
     tokens = tuple(range(5, 40))
@@ -183,7 +183,7 @@ def test_baseline_state_round_trips(trainer: str, tmp_path: Path) -> None:
 def test_a_finished_loop_is_read_back_not_retrained(tmp_path: Path, monkeypatch) -> None:
     """A run killed after training but before its row was written only writes the row."""
     from runner.tasks import train
-    from runner.trainers.baseline import BaselineTrainer
+    from runner.training.baseline import BaselineTrainer
 
     fast = ["+experiment=quickstart", TRAIN, ONE_THREAD, "budget.max_tokens=600",
             "budget.eval_every=50", "budget.eval_examples=4", "data.max_examples=40",
@@ -203,7 +203,7 @@ def test_a_finished_loop_is_read_back_not_retrained(tmp_path: Path, monkeypatch)
 
 
 def test_a_checkpoint_of_another_config_is_ignored(tmp_path: Path) -> None:
-    from runner.checkpoint import Checkpoint
+    from runner.training.checkpoint import Checkpoint
 
     ckpt = Checkpoint.for_run(tmp_path, "a" * 64)
     ckpt.path.parent.mkdir(parents=True)
@@ -213,10 +213,10 @@ def test_a_checkpoint_of_another_config_is_ignored(tmp_path: Path) -> None:
 
 def test_a_checkpoint_of_another_set_up_is_refused(tmp_path: Path) -> None:
     """Same config hash, different trainer state (here: other LoRA targets): one clear error."""
-    from runner.checkpoint import Checkpoint, CheckpointError
     from runner.config import to_run_config
-    from runner.models import load_model
-    from runner.trainers.baseline import BaselineTrainer, attach_lora
+    from runner.models.loading import load_model
+    from runner.training.baseline import BaselineTrainer, attach_lora
+    from runner.training.checkpoint import Checkpoint, CheckpointError
 
     def trainer(targets: str) -> BaselineTrainer:
         cfg = to_run_config(compose_config([f"trainer.target_modules={targets}"]))

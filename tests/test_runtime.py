@@ -1,4 +1,4 @@
-"""The thread pools of runner/runtime.py."""
+"""The thread pools of runner/training/runtime.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 import geometry
-from runner.runtime import one_lapack_thread, worker_pool
+from runner.training.runtime import one_lapack_thread, worker_pool
 
 
 def test_worker_pool_threads_run_torch_on_one_thread():

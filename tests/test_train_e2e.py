@@ -12,9 +12,9 @@ from support import compose_config
 from runner.app import run_job
 from runner.config import to_run_config
 from runner.data import batches, load_splits
-from runner.models import load_model
+from runner.models.loading import load_model
 from runner.tasks.train import resolve_data_path
-from runner.training import evaluate_loss
+from runner.training.loop import evaluate_loss
 
 FAST = ["task=train", "budget.max_tokens=2500", "budget.eval_every=5", "budget.eval_examples=8",
         "data.max_examples=120"]

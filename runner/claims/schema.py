@@ -30,9 +30,9 @@ from typing import Any
 import yaml
 
 from runner.claims.checks import CHECKS
+from runner.config.paths import CLAIM_DIR, TRAINER_DIR
 from runner.errors import ConfigError
 from runner.ledger import stable_hash
-from runner.paths import CLAIM_DIR, TRAINER_DIR
 from runner.trial import RECORDED_METRICS, ROW_SECTIONS
 
 BUDGET_KEYS = ("max_tokens", "max_steps", "eval_every", "eval_examples", "eval_batch_size")

@@ -20,10 +20,10 @@ import torch
 import geometry
 from geometry._xp import namespace
 from geometry.readings import adapter_step_telemetry, tail_start
-from runner.backends import module_names
 from runner.data import batches, collate
 from runner.derived.certificate import ngram_repetition
 from runner.errors import ConfigError
+from runner.models.backends import module_names
 
 IGNORE = -100
 
@@ -42,7 +42,7 @@ class ArrayOps:
     inputs/outputs), ``frames`` (initial U, V), ``dropout_keys``, ``array``/``numpy``."""
 
     name: str
-    be: Any  # the backend module (runner.backends.jax_llama / mlx_models)
+    be: Any  # the backend module (runner.models.backends.jax_llama / mlx_models)
     mass_on_host = False  # MASS runs on the backend's loss and gradient-norm arrays
 
     def __init__(self, model):

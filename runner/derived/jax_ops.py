@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.backends import jax_llama as be
-from runner.backends.jax_llama import layer_kinds
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
@@ -22,6 +20,8 @@ from runner.derived.array_ops import (
     tail_frames,
     update_one,
 )
+from runner.models.backends import jax_llama as be
+from runner.models.backends.jax_llama import layer_kinds
 
 
 @functools.cache

@@ -1,5 +1,5 @@
 """The MLX ops of the derived trainer: eager, the adapters kept by module name. On Linux MLX's
-matmuls run torch's BLAS (runner.backends.mlx_blas), and the cross-entropy sums its
+matmuls run torch's BLAS (runner.models.backends.mlx_blas), and the cross-entropy sums its
 log-sum-exp in two levels (mlx_models.logsumexp), since MLX's CPU reductions add sequentially."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 import geometry
-from runner.backends import mlx_blas, mlx_models
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
@@ -18,6 +17,7 @@ from runner.derived.array_ops import (
     tail_frames,
     update_one,
 )
+from runner.models.backends import mlx_blas, mlx_models
 
 
 class MlxOps(ArrayOps):

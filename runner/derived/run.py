@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from runner.checkpoint import Checkpoint
 from runner.derived.certificate import certificate_monitor
 from runner.derived.export import export_peft
 from runner.derived.setup import _value, setup_derived
-from runner.training import train_loop
+from runner.training.checkpoint import Checkpoint
+from runner.training.loop import train_loop
 from runner.trial import TrainOutcome, config_hash
 
 

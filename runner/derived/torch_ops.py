@@ -23,9 +23,9 @@ from runner.data import collate
 from runner.derived.certificate import ngram_repetition
 from runner.derived.spec import AdapterSpec
 from runner.derived.torch_dropout import dropout_projection
-from runner.models import block_linears
-from runner.runtime import one_lapack_thread, worker_pool
-from runner.training import example_losses
+from runner.models.loading import block_linears
+from runner.training.loop import example_losses
+from runner.training.runtime import one_lapack_thread, worker_pool
 
 
 def candidate_linears(model) -> dict[str, nn.Linear]:
@@ -325,7 +325,7 @@ class TorchOps:
         self.adapters = FactoredAdapters(candidate_linears(self.model), specs, init, seed)
         self.model.train()
         threads = torch.get_num_threads()
-        # (one torch thread per worker: see runner.runtime.worker_pool for why)
+        # (one torch thread per worker: see runner.training.runtime.worker_pool for why)
         self._pool = worker_pool(threads) if threads > 1 else None
         if self._pool is not None:  # its idle threads end with these ops
             weakref.finalize(self, self._pool.shutdown, wait=False)

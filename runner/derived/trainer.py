@@ -30,7 +30,7 @@ from geometry.readings import (
     tail_start_peft_factors,
 )
 from runner.derived.spec import check_setup
-from runner.training import StepLog
+from runner.training.loop import StepLog
 
 
 class DerivedTrainer:

@@ -42,15 +42,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from runner.config import load_trainer_option
+from runner.config.schema import RunConfig
 from runner.data import IGNORE_INDEX, Batch, load_splits
 from runner.derived import candidate_linears, derive_for_model, setup_derived
 from runner.errors import ConfigError
 from runner.hardware import setup_hardware
 from runner.ledger import new_run_id, utc_now
-from runner.models import load_model
-from runner.schema import RunConfig
+from runner.models.loading import load_model
 from runner.tasks.train import check_data_paths, run_trainer
-from runner.trainers.baseline import BaselineTrainer, attach_lora
+from runner.training.baseline import BaselineTrainer, attach_lora
 from runner.trial import Provenance, config_hash
 
 BENCH_DIR = "bench"

@@ -48,10 +48,10 @@ from runner.claims import (
 )
 from runner.claims.schema import claim_from_record
 from runner.config import load_trainer_option
+from runner.config.schema import RunConfig
 from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserError
 from runner.hardware import in_sweep, resolved, setup_hardware
 from runner.ledger import read_trials, stable_hash, utc_now, write_trial
-from runner.schema import RunConfig
 from runner.sweep import reason_of
 from runner.tasks.train import check_data_paths, train_task
 from runner.tracking import enabled, mirror_verdicts

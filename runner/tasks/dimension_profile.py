@@ -47,6 +47,7 @@ from geometry.intrinsic_dimension import (
     twonn_estimate,
 )
 from runner.claims import decide_on, load_claim
+from runner.config.schema import Pooling, RunConfig
 from runner.data import Example, encode_record, is_val, read_jsonl
 from runner.errors import UserError
 from runner.hardware import HardwareInfo, setup_hardware
@@ -56,8 +57,7 @@ from runner.ledger import (
     utc_now,
     write_trial,
 )
-from runner.models import LoadedModel, load_model
-from runner.schema import Pooling, RunConfig
+from runner.models.loading import LoadedModel, load_model
 from runner.tasks.claims import register_rule
 from runner.tasks.model_info import _console, _resolve, write_report
 from runner.trial import ClaimTag, Provenance, TrialRow, config_hash

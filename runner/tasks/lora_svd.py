@@ -27,11 +27,11 @@ from rich.table import Table
 
 import geometry
 from geometry.provenance import jsonable
+from runner.config.schema import RunConfig
 from runner.errors import UserError
 from runner.hardware import setup_hardware
 from runner.ledger import git_commit, utc_now
-from runner.models import load_model, sha256_file
-from runner.schema import RunConfig
+from runner.models.loading import load_model, sha256_file
 from runner.tasks.model_info import _console, write_report
 
 CONFIG_FILE = "adapter_config.json"

@@ -22,13 +22,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from runner.config.paths import PROJECT_ROOT
+from runner.config.schema import DerivedTrainerConfig, RunConfig
 from runner.data import is_val, read_jsonl
 from runner.derived import derive_for_model
 from runner.hardware import setup_hardware
 from runner.ledger import git_commit, utc_now
-from runner.models import load_model
-from runner.paths import PROJECT_ROOT
-from runner.schema import DerivedTrainerConfig, RunConfig
+from runner.models.loading import load_model
 
 # Records that cannot be computed from the weights alone, and why (printed and stored).
 DEFERRED = {

@@ -12,18 +12,18 @@ from omegaconf import OmegaConf
 from rich.console import Console
 
 from runner import progress, tracking
-from runner.backends._spec import SUPPORTED_ARCHS
-from runner.checkpoint import Checkpoint, remove_checkpoints
+from runner.config.paths import resolve_data_path
+from runner.config.schema import TRAINERS, RunConfig, TrainerFamily
 from runner.data import DataError, batches, load_splits
 from runner.derived import run_derived
 from runner.errors import HardwareUnavailable
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
-from runner.models import LoadedModel, check_backend_architecture, load_model, model_id_of
-from runner.paths import resolve_data_path
-from runner.schema import TRAINERS, RunConfig, TrainerFamily
-from runner.trainers.baseline import BaselineTrainer, attach_lora
-from runner.training import TrainResult, peak_rss_mb, train_loop
+from runner.models.backends._spec import SUPPORTED_ARCHS
+from runner.models.loading import LoadedModel, check_backend_architecture, load_model, model_id_of
+from runner.training.baseline import BaselineTrainer, attach_lora
+from runner.training.checkpoint import Checkpoint, remove_checkpoints
+from runner.training.loop import TrainResult, peak_rss_mb, train_loop
 from runner.trial import (
     ClaimTag,
     Provenance,
@@ -110,7 +110,7 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
 
 def run_trainer(cfg: RunConfig, loaded: LoadedModel, splits, pad_id: int,
                 console: Console) -> TrainOutcome:
-    """Train with the registered trainer `cfg.trainer.name` (runner.schema.TRAINERS)."""
+    """Train with the registered trainer `cfg.trainer.name` (runner.config.schema.TRAINERS)."""
     spec = TRAINERS[cfg.trainer.name]
     backend = getattr(cfg.hardware.backend, "value", cfg.hardware.backend)
     if backend not in spec.backends:

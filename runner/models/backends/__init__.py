@@ -3,15 +3,15 @@
 Submodules are imported lazily so that a missing optional dependency (``jax``,
 ``mlx``) only matters when that backend is requested::
 
-    from runner.backends import get_backend
-    jb = get_backend("jax")      # -> runner.backends.jax_llama
-    mb = get_backend("mlx")      # -> runner.backends.mlx_models
+    from runner.models.backends import get_backend
+    jb = get_backend("jax")      # -> runner.models.backends.jax_llama
+    mb = get_backend("mlx")      # -> runner.models.backends.mlx_models
 
 Each backend module exposes ``params_from_torch(state_dict, config)``,
 ``logits(params, input_ids, attention_mask=None, adapters=None)``,
 ``masked_cross_entropy(logits, labels)`` and ``loss_and_grads(params, adapters, batch)``.
 
-Importing this package calls :func:`runner.backends.mlx_blas.use_torch_blas` (Linux, before
+Importing this package calls :func:`runner.models.backends.mlx_blas.use_torch_blas` (Linux, before
 MLX is imported: MLX's CPU BLAS is the slow reference one; see that module).
 """
 
@@ -23,7 +23,7 @@ from types import ModuleType
 from ._spec import IGNORE_INDEX, ModelSpec, module_names, spec_from_config
 from .mlx_blas import use_torch_blas
 
-# Before anything imports MLX: its CPU matmuls then run torch's BLAS (runner/backends/mlx_blas.py).
+# Before anything imports MLX: its CPU matmuls then run torch's BLAS (runner/models/backends/mlx_blas.py).
 use_torch_blas()
 
 _BACKENDS = {"jax": "jax_llama", "mlx": "mlx_models"}

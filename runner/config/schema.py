@@ -109,7 +109,7 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     init_seed: int = 0  # seed of the random weights of a tiny model
     trust_remote_code: bool = False
-    tokenizer: str = "auto"  # "auto" (the model's own) or "bytes" (runner.tokenizers.ByteTokenizer)
+    tokenizer: str = "auto"  # "auto" (the model's own) or "bytes" (runner.models.tokenizers.ByteTokenizer)
 
 
 @dataclass
@@ -269,7 +269,7 @@ class RunConfig:
 
 
 class TrainerFamily(str, Enum):
-    baseline = "baseline"  # PEFT LoRA + one optimizer (runner.trainers.baseline)
+    baseline = "baseline"  # PEFT LoRA + one optimizer (runner.training.baseline)
     lr_grid = "lr_grid"  # the baseline trained once per learning rate of `lr_grid`; best kept
     derived = "derived"  # every hyperparameter derived from the weights (runner.derived)
 

@@ -8,15 +8,15 @@ from dataclasses import fields
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from runner.errors import ConfigError
-from runner.models import check_model_config
-from runner.paths import CONF_DIR
-from runner.schema import (
+from runner.config.paths import CONF_DIR
+from runner.config.schema import (
     TRAINER_SCHEMAS,
     BudgetConfig,
     RunConfig,
     TrainerConfig,
 )
+from runner.errors import ConfigError
+from runner.models.loading import check_model_config
 
 # Why a key is rejected on the derived trainer: these knobs are what it derives.
 DERIVED_KNOBS = {

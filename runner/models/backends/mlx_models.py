@@ -1,6 +1,6 @@
 """MLX implementation of Llama-family and LFM2 causal LMs with factored LoRA adapters.
 
-Same contract as :mod:`runner.backends.jax_llama`: every adapted Linear computes
+Same contract as :mod:`runner.models.backends.jax_llama`: every adapted Linear computes
 ``y = x Wᵀ + b + c · ((x V) · S) Uᵀ`` (``U (out, r)``, ``S (r,)``, ``V (in, r)``, scalar ``c``).
 
 API::

@@ -16,7 +16,7 @@ scope first. So re-opening the already loaded ``libtorch_cpu.so`` with ``RTLD_GL
 ``mlx.core`` is first imported makes every MLX BLAS/LAPACK call run torch's kernels: the same
 matmul then takes 0.005 s, and a float64 576x576 ``eigh`` 0.03 s instead of 0.27 s. MLX's
 libraries bind their symbols when they are loaded (``BIND_NOW``), so this must come first: it
-is called by ``runner.backends`` on import, by ``runner.hardware`` before it imports MLX, and
+is called by ``runner.models.backends`` on import, by ``runner.hardware`` before it imports MLX, and
 by tests/conftest.py.
 
 Threads: MLX makes its BLAS/LAPACK calls from its own stream threads. torch's MKL keeps a

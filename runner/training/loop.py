@@ -2,7 +2,7 @@
 
 A trainer supplies `step(batch) -> StepLog` and `state_dict()` / `load_state_dict()`; this loop
 owns everything around it: batching by (seed, epoch), the token budget, periodic evaluation,
-divergence detection, checkpoints and resume (runner/checkpoint.py), the progress bar (tokens of
+divergence detection, checkpoints and resume (runner/training/checkpoint.py), the progress bar (tokens of
 the budget, and examples of each evaluation, with an ETA), plain progress lines where no bar is
 seen (runner/progress.py), and the per-step report to the tracker (runner/tracking.py).
 """
@@ -26,10 +26,10 @@ from rich.progress import (
 )
 
 from runner import tracking
-from runner.checkpoint import Checkpoint
+from runner.config.schema import BudgetConfig
 from runner.data import Example, batches
 from runner.progress import Heartbeat, LoggedConsole, eta, format_seconds
-from runner.schema import BudgetConfig
+from runner.training.checkpoint import Checkpoint
 
 
 @dataclass

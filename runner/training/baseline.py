@@ -11,8 +11,8 @@ import math
 import torch
 from peft import LoraConfig, get_peft_model
 
-from runner.schema import LoraBaselineConfig, Schedule
-from runner.training import StepLog
+from runner.config.schema import LoraBaselineConfig, Schedule
+from runner.training.loop import StepLog
 
 
 def attach_lora(model, cfg: LoraBaselineConfig, patterns: dict | None = None):

@@ -32,9 +32,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.config.schema import Architecture, ModelConfig, ModelSource
 from runner.errors import ConfigError, HardwareUnavailable, ModelError
-from runner.schema import Architecture, ModelConfig, ModelSource
-from runner.tokenizers import ByteTokenizer
+from runner.models.tokenizers import ByteTokenizer
 
 META_FILE = "modelcypher.json"  # written into every cached model dir: provenance + weights sha256
 SUPPORTED_MODEL_TYPES = {"llama": Architecture.llama, "lfm2": Architecture.lfm2}

@@ -1,1 +1,0 @@
-"""Trainers: the derived (geometry-first) trainer and the baselines it is tested against."""
