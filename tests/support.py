@@ -19,3 +19,19 @@ def compose_config(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         return compose(config_name="config", overrides=overrides)
+
+
+def probe_ids(model):
+    """A fixed (2, 20) batch of token ids (own generator: the global random state is untouched)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
+
+
+def logits_of(model, ids):
+    """The model's logits on `ids` (no attention padding), without gradients."""
+    import torch
+
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import ROOT, compose_config
+from support import ROOT, compose_config, logits_of, probe_ids
 
 from runner.app import run_job
 from runner.config import to_run_config
@@ -30,15 +30,7 @@ FAST = ["+experiment=quickstart", "task=train", "hardware.threads=1", "trainer=d
         "data.max_examples=60"]
 
 
-def _probe_ids(model) -> torch.Tensor:
-    """A fixed (2, 20) batch of token ids (own generator: the global random state is untouched)."""
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
 
-
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
 @pytest.fixture(scope="module", params=["tiny_llama", "tiny_lfm2"])
@@ -52,7 +44,7 @@ def derived_run(request, tmp_path_factory):
 
     def probe_then_export(base_model, trainer, derived):
         trainer.eval_mode()
-        own["logits"] = _logits(base_model, _probe_ids(base_model))
+        own["logits"] = logits_of(base_model, probe_ids(base_model))
         own["s_max"] = max(float(s.detach().max()) for _, _, s, _ in trainer.adapters.triples())
         return export_peft(base_model, trainer, derived)
 
@@ -88,7 +80,7 @@ def test_peft_reload_gives_the_trainers_logits(derived_run) -> None:
     reloaded = PeftModel.from_pretrained(base, row["adapter_path"]).eval()
     # Same float32 products in another order: hooks add c ((x V) * S) U^T, PEFT adds B (A x)
     # with B = c U diag(S) precomputed.
-    torch.testing.assert_close(_logits(reloaded, _probe_ids(base)), own["logits"],
+    torch.testing.assert_close(logits_of(reloaded, probe_ids(base)), own["logits"],
                                atol=1e-5, rtol=0)
     assert row["metrics"]["adapter_reload_max_abs_diff"] <= 1e-5
 
@@ -99,9 +91,9 @@ def test_merged_and_unmerged_agree(derived_run) -> None:
     overrides, row, _ = derived_run
     base = _fresh_base(overrides).model
     reloaded = PeftModel.from_pretrained(base, row["adapter_path"]).eval()
-    ids = _probe_ids(base)
-    unmerged = _logits(reloaded, ids)
-    merged = _logits(reloaded.merge_and_unload(), ids)
+    ids = probe_ids(base)
+    unmerged = logits_of(reloaded, ids)
+    merged = logits_of(reloaded.merge_and_unload(), ids)
     # Merging rounds W + B A to float32 once, then one matmul replaces two; the difference is
     # float32 rounding accumulated over the blocks and the vocabulary projection.
     torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=0)
@@ -122,14 +114,14 @@ def test_model_unchanged_at_step_zero(derived_run) -> None:
 
 def test_zero_s_adapters_leave_logits_bitwise_equal() -> None:
     loaded = _fresh_base(["model=tiny_lfm2"])
-    model, ids = loaded.model, _probe_ids(loaded.model)
-    before = _logits(model, ids)
+    model, ids = loaded.model, probe_ids(loaded.model)
+    before = logits_of(model, ids)
     linears = candidate_linears(model)
     specs = {name: AdapterSpec(name=name, rank=2, dropout=0.1, sigma_k=1.0, decay=0.1,
                                first_index=0, scale=1.0) for name in linears}
     adapters = FactoredAdapters(linears, specs, "tail", seed=0)
     adapters.train()  # dropout on: x is perturbed, the zero update still adds nothing
-    assert torch.equal(_logits(model, ids), before)
+    assert torch.equal(logits_of(model, ids), before)
     adapters.remove()
 
 

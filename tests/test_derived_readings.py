@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import compose_config
+from support import compose_config, logits_of, probe_ids
 
 from runner.app import run_job
 from runner.config import to_run_config
@@ -29,14 +29,7 @@ FAST = ["+experiment=quickstart", "task=train", "hardware.threads=1", "budget.ma
         "budget.eval_every=3", "budget.eval_examples=8", "data.max_examples=60"]
 
 
-def _probe_ids(model) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.config.vocab_size, (2, 20), generator=gen)
 
-
-@torch.no_grad()
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
 
 
 def _set_up(reading: str, model: str = "tiny_llama"):
@@ -74,14 +67,14 @@ def test_reading_invariants_on_the_real_model(reading: str) -> None:
     torch.manual_seed(0)
     cfg, loaded, splits = _set_up(reading)
     model, pad_id = loaded.model, loaded.tokenizer.pad_token_id
-    ids = _probe_ids(model)
+    ids = probe_ids(model)
     model.eval()
-    base = _logits(model, ids)
+    base = logits_of(model, ids)
     setup = setup_derived(cfg, loaded, splits, pad_id, None)
     trainer, rule = setup.trainer, READINGS[reading]
     specs = trainer.adapters.specs
     trainer.eval_mode()
-    start_logits = _logits(model, ids)
+    start_logits = logits_of(model, ids)
     u0 = {n: u.clone() for n, (u, _, _) in trainer.ops.host_usv().items()}
 
     # 1. The start: the model is unchanged, or (the seed's code) it is not.
@@ -131,7 +124,7 @@ def reading_run(request, tmp_path_factory):
 
     def probe_then_export(base_model, trainer, derived):
         trainer.eval_mode()
-        own["logits"] = _logits(base_model, _probe_ids(base_model))
+        own["logits"] = logits_of(base_model, probe_ids(base_model))
         return export_peft(base_model, trainer, derived)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -148,9 +141,9 @@ def test_reading_peft_export_gives_the_trainers_logits(reading_run) -> None:
 
     reading, overrides, row, own = reading_run
     base = load_model(to_run_config(compose_config(overrides)).model).model
-    plain = _logits(base, _probe_ids(base))
+    plain = logits_of(base, probe_ids(base))
     reloaded = PeftModel.from_pretrained(base, row["adapter_path"]).eval()
-    ours = _logits(reloaded, _probe_ids(base))
+    ours = logits_of(reloaded, probe_ids(base))
     assert not torch.allclose(ours, plain, atol=1e-6)  # the adapter changed the model
     # Same float32 products in another order (PEFT: B (A x) with B precomputed).
     torch.testing.assert_close(ours, own["logits"], atol=1e-5, rtol=0)
