@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from runner.config import config_error_line, to_run_config
+from runner.config.load import config_error_line, to_run_config
 from runner.config.paths import CONF_DIR
 from runner.config.schema import TaskName, register_configs
 from runner.errors import ConfigError, HardwareUnavailable, UserError

@@ -38,7 +38,12 @@ def _targets(node: ast.AST, module: str, modules: dict[str, Path]) -> list[str]:
                  for a in node.names]
     else:
         return []
-    return [n for n in names if n.split(".")[0] in PACKAGES and n in modules]
+    found = [n for n in names if n.split(".")[0] in PACKAGES and n in modules]
+    # Importing a.b.c first runs the __init__ of every package above it that is not already
+    # running (a package above the importer is): those imports are edges too.
+    mine = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 2)}
+    parents = {".".join(n.split(".")[:i]) for n in found for i in range(1, n.count(".") + 1)}
+    return found + sorted(p for p in parents - mine if p in modules)
 
 
 def _imports() -> tuple[dict[str, set[str]], list[str]]:
@@ -94,6 +99,15 @@ def test_no_import_cycle_in_runner_or_geometry() -> None:
     graph, _ = _imports()
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_a_package_init_counts_as_an_import() -> None:
+    """`from runner.b.y import f` in runner.a.x also runs runner/b/__init__.py: an edge, so a
+    cycle through a package's __init__ (b/__init__ -> b.z -> a.x) is found."""
+    names = ("runner", "runner.a", "runner.a.x", "runner.b", "runner.b.y")
+    modules = {m: Path(m.replace(".", "/") + ".py") for m in names}
+    node = ast.parse("from runner.b.y import f").body[0]
+    assert _targets(node, "runner.a.x", modules) == ["runner.b.y", "runner.b"]
 
 
 def test_a_planted_cycle_is_found() -> None:

@@ -38,7 +38,7 @@ import torch
 from rich.console import Console
 from support import ROOT, compose_config
 
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.data import batches, load_splits
 from runner.derived import setup as derived_setup
 from runner.derived.certificate import calibration_batch, prompts_of

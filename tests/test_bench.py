@@ -13,7 +13,7 @@ import pytest
 from support import compose_config
 
 from runner.app import run_job
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.report import build_all
 from runner.report.performance_page import build_performance
 from runner.tasks.bench import ARMS, QUICK, bench_settings, fixed_batches, summary_line

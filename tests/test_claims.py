@@ -269,7 +269,7 @@ def test_undecidable_rule_is_refused_at_load_time(tmp_path, change, message):
 
 
 def test_a_mixed_configuration_arm_is_refused_not_pooled(tmp_path: Path) -> None:
-    from runner.claims.verdicts import MixedConfiguration
+    from runner.claims.arms import MixedConfiguration
 
     c = claim(tmp_path)
     a = [b - 0.10 + e for b, e in zip(BASE, [0.01, -0.01, 0.005, 0.0, -0.004], strict=True)]
@@ -447,7 +447,7 @@ def test_paths_address_scalars_lists_and_mappings() -> None:
 def _run_cfg(tmp_path: Path, extra: list[str] = ()):
     from support import compose_config
 
-    from runner.config import to_run_config
+    from runner.config.load import to_run_config
 
     return to_run_config(compose_config([
         "model=tiny_llama", "data.max_seq_len=96", "data.max_examples=120",

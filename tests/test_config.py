@@ -10,7 +10,7 @@ import pytest
 from support import ROOT, compose_config
 
 from runner.app import precheck
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.config.schema import LoraBaselineConfig, RunConfig
 from runner.errors import ConfigError, UserError
 

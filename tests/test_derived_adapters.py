@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from support import ROOT, compose_config, logits_of, probe_ids
 
 from runner.app import run_job
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.data import load_splits
 from runner.derived import run as derived_task
 from runner.derived.spec import AdapterSpec

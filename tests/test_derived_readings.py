@@ -14,7 +14,7 @@ import torch
 from support import compose_config, logits_of, probe_ids
 
 from runner.app import run_job
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.data import batches, load_splits
 from runner.derived import READINGS, is_derived
 from runner.derived import run as derived_task

@@ -12,7 +12,7 @@ from support import compose_config
 
 from runner.app import run_job
 from runner.claims import VerdictWord, decide, load_claim
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.config.schema import Pooling
 from runner.data import Example
 from runner.errors import UserError

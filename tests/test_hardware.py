@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from support import ROOT, compose_config
 
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.config.schema import RunConfig
 from runner.errors import HardwareUnavailable
 from runner.hardware import setup_hardware

@@ -182,7 +182,7 @@ def test_own_data_trial_records_its_file_and_truncation(tmp_path: Path) -> None:
 def test_wandb_online_mode_is_refused() -> None:
     from support import compose_config
 
-    from runner.config import to_run_config
+    from runner.config.load import to_run_config
     from runner.errors import ConfigError
 
     with pytest.raises(ConfigError, match="tracking.mode"):

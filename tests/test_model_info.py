@@ -11,7 +11,7 @@ import torch
 from support import compose_config
 
 from runner.app import main, run_job
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.models.loading import load_model
 from runner.tasks.lora_svd import AdapterError
 

@@ -15,7 +15,7 @@ from support import ROOT, compose_config
 from torch import nn
 
 from runner.app import main, precheck, run_job
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.derived import candidate_linears
 from runner.derived.spec import block_of
 from runner.errors import ConfigError, HardwareUnavailable, ModelError

@@ -151,7 +151,7 @@ def test_lr_grid_resumes_bitwise(tmp_path: Path) -> None:
 def test_baseline_state_round_trips(trainer: str, tmp_path: Path) -> None:
     """Every baseline optimizer's state survives a checkpoint (torch.load weights_only): a
     restored trainer takes the same next step as the original, bitwise."""
-    from runner.config import to_run_config
+    from runner.config.load import to_run_config
     from runner.data import Example, collate
     from runner.models.loading import load_model
     from runner.training.baseline import BaselineTrainer, attach_lora
@@ -213,7 +213,7 @@ def test_a_checkpoint_of_another_config_is_ignored(tmp_path: Path) -> None:
 
 def test_a_checkpoint_of_another_set_up_is_refused(tmp_path: Path) -> None:
     """Same config hash, different trainer state (here: other LoRA targets): one clear error."""
-    from runner.config import to_run_config
+    from runner.config.load import to_run_config
     from runner.models.loading import load_model
     from runner.training.baseline import BaselineTrainer, attach_lora
     from runner.training.checkpoint import Checkpoint, CheckpointError

@@ -10,7 +10,7 @@ import torch
 from support import compose_config
 
 from runner.app import run_job
-from runner.config import to_run_config
+from runner.config.load import to_run_config
 from runner.data import batches, load_splits
 from runner.models.loading import load_model
 from runner.tasks.train import resolve_data_path

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from runner.derived.array_frames import tail_frames
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
     grad_norm,
     per_token_nll,
-    tail_frames,
     update_one,
 )
 from runner.models.backends import jax_llama as be

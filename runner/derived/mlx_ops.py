@@ -9,12 +9,12 @@ import numpy as np
 import torch
 
 import geometry
+from runner.derived.array_frames import tail_frames
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
     grad_norm,
     per_token_nll,
-    tail_frames,
     update_one,
 )
 from runner.models.backends import mlx_blas, mlx_models

@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from runner.config import load_trainer_option
+from runner.config.load import load_trainer_option
 from runner.config.schema import RunConfig
 from runner.data import IGNORE_INDEX, Batch, load_splits
 from runner.derived import candidate_linears, derive_for_model, setup_derived

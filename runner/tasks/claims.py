@@ -47,7 +47,7 @@ from runner.claims import (
     load_claim,
 )
 from runner.claims.schema import claim_from_record
-from runner.config import load_trainer_option
+from runner.config.load import load_trainer_option
 from runner.config.schema import RunConfig
 from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserError
 from runner.hardware import in_sweep, resolved, setup_hardware
