@@ -25,15 +25,12 @@ import io
 import json
 import math
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -49,6 +46,7 @@ from runner.errors import ConfigError
 from runner.hardware import setup_hardware
 from runner.ledger import new_run_id, utc_now
 from runner.models.loading import load_model
+from runner.tasks.bench_process import reset_peak_rss, ru_maxrss_mb, vm_hwm_mb, worker_process
 from runner.tasks.train import check_data_paths, run_trainer
 from runner.training.baseline import BaselineTrainer, attach_lora
 from runner.trial import Provenance, config_hash
@@ -232,7 +230,7 @@ def measure_throughput(cfg: RunConfig, arms: list[Arm], settings: BenchSettings,
         workers = []
         for arm in arms:
             with unit(f"throughput set-up {arm.name}"):
-                workers.append(stack.enter_context(_worker(cfg.hardware.threads)))
+                workers.append(stack.enter_context(worker_process(cfg.hardware.threads)))
                 workers[-1].submit(_throughput_setup, cfg, arm, settings).result()
         for rep in range(settings.repeats):
             with unit(f"throughput repetition {rep + 1}/{settings.repeats}"):
@@ -253,16 +251,16 @@ def _throughput_setup(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> None
     loaded, splits = _load(cfg)
     pad_id = loaded.tokenizer.pad_token_id
     fixed = fixed_batches(splits.train, settings.steps, settings.batch_size, settings.seq_len)
-    load_peak, load_seconds = _ru_maxrss_mb(), time.perf_counter() - wall
-    tracked = _reset_peak_rss()
+    load_peak, load_seconds = ru_maxrss_mb(), time.perf_counter() - wall
+    tracked = reset_peak_rss()
 
     # 2. Set up the trainer (the derived one derives all its hyperparameters here, timed).
     #    Its peak memory is recorded, then reset, so the steps' own peak is seen apart.
     started = time.perf_counter()
     trainer, info = _build_trainer(cfg, arm, loaded, splits, pad_id, settings.batch_size)
     info.setdefault("setup_seconds", time.perf_counter() - started)
-    setup_peak = _vm_hwm_mb() if tracked else None
-    tracked = tracked and _reset_peak_rss()
+    setup_peak = vm_hwm_mb() if tracked else None
+    tracked = tracked and reset_peak_rss()
 
     # 3. One untimed warm-up step (lazy optimizer state).
     _ARM.clear()
@@ -287,12 +285,12 @@ def _throughput_report() -> dict:
     seconds, tracked = a["seconds"], a["tracked"]
     tokens = settings.steps * settings.tokens_per_step
     tok_s = [tokens / s for s in seconds]
-    steps_peak = _vm_hwm_mb() if tracked else None
+    steps_peak = vm_hwm_mb() if tracked else None
     # The trainer's peak spans its set-up and its steps; the same-shape peer's set-up derives
     # the derived trainer's shapes, which is not its own cost, so only its steps count.
     train_peak = (None if not tracked else steps_peak if arm.derived_shape
                   else max(a["setup_peak"], steps_peak))
-    process_peak = max(a["load_peak"], _ru_maxrss_mb(), train_peak or 0.0)
+    process_peak = max(a["load_peak"], ru_maxrss_mb(), train_peak or 0.0)
     return {
         "arm": arm.name, "trainer": arm.trainer, **a["info"],
         "model_sha256": a["model_sha256"], "data_sha256": a["data_sha256"],
@@ -428,65 +426,6 @@ def _count_params(model, extra) -> int:
     seen = {id(p): p for p in model.parameters()}
     seen.update({id(p): p for p in extra})
     return sum(p.numel() for p in seen.values())
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes and memory
-
-
-@contextmanager
-def _worker(threads: int):
-    """A fresh process of its own (its own peak memory, its own threads) that keeps its state
-    between calls: a one-worker pool.
-
-    It forks from a forkserver that has imported this module (torch, transformers, PEFT) once
-    but run nothing, so it starts in a second instead of re-importing for ten.
-    """
-    ctx = get_context("forkserver")
-    ctx.set_forkserver_preload([__name__])
-    with _thread_env(threads), ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-        yield pool
-
-
-@contextmanager
-def _thread_env(threads: int):
-    """Children start their thread pools from the environment before torch is told."""
-    keys = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    old = {k: os.environ.get(k) for k in keys}
-    if threads:
-        os.environ.update({k: str(threads) for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _ru_maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's peak resident set (Linux >= 4.0: clear_refs 5); False if unable."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return _vm_hwm_mb() is not None
-    except OSError:
-        return False
-
-
-def _vm_hwm_mb() -> float | None:
-    """Peak resident set since the last reset (VmHWM, KiB in /proc/self/status)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
 
 
 # ---------------------------------------------------------------------------------------------
