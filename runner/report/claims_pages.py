@@ -30,6 +30,7 @@ from runner.claims.verdicts import (
     scope_of,
     split_by_hardware,
 )
+from runner.ledger import stable_hash
 from runner.report.format import DASH, num, p_value, replace_between, round_floats, table
 from runner.report.ledger import registered_claims
 
@@ -120,9 +121,11 @@ def claim_entries(results_dir: Path, rows: list[dict],
                                      _random_init(verdict, part)))
         if not mine:
             entries.append(Entry(claim, None, superseded))
-    seen = {(c.id, c.rule_hash) for c in registered}
+    # A claim file counts as registered when its rule was registered in some setting (the
+    # registered hash also covers the setting, so it differs from the file's own).
+    seen = {(c.id, stable_hash(core_rule(c))) for c in registered}
     entries += [Entry(c, None, False) for c in current.values()
-                if (c.id, c.rule_hash) not in seen]
+                if (c.id, stable_hash(core_rule(c))) not in seen]
     return sorted(entries, key=lambda e: (e.claim.id, e.superseded, e.claim.rule_hash,
                                           e.verdict.experiment or "" if e.verdict else "",
                                           e.verdict.hardware or "" if e.verdict else ""))
