@@ -162,13 +162,18 @@ def learning_curves(curves: dict[str, list[Curve]], title: str,
         return _png(fig)
 
 
+def _bar_axes(bars: int):
+    """A figure wide enough for `bars` labelled bars (the bar charts share one shape)."""
+    return plt.subplots(figsize=(max(3.5, 1.1 * bars + 1.5), 3.6))
+
+
 def final_loss_bars(finals: dict[str, list[float]], title: str,
                     colours: dict[str, str] | None = None) -> bytes:
     """Mean final validation loss per arm (bar), each seed as a dot, ±1 sd as the error bar."""
     arms = sorted(finals)
     colours = _colours(colours, arms)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(arms) + 1.5), 3.6))
+        fig, ax = _bar_axes(len(arms))
         for i, arm in enumerate(arms):
             vals = _data(finals[arm])
             sd = vals.std(ddof=1) if len(vals) > 1 else 0.0
@@ -206,7 +211,7 @@ def throughput_bars(tok_s: dict[str, Sequence[float]], title: str,
     arms = list(tok_s)
     colours = _colours(colours, arms)
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(max(3.5, 1.1 * len(arms) + 1.5), 3.6))
+        fig, ax = _bar_axes(len(arms))
         for i, arm in enumerate(arms):
             vals = _data(tok_s[arm])
             mid = float(np.median(vals))
