@@ -6,14 +6,14 @@ from rich.console import Console
 
 from runner.derived.certificate import certificate_monitor
 from runner.derived.export import export_peft
-from runner.derived.setup import _value, setup_derived
+from runner.derived.setup import enum_value, setup_derived
 from runner.training.checkpoint import Checkpoint
 from runner.training.loop import train_loop
 from runner.trial import TrainOutcome, config_hash
 
 
 def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutcome:
-    tcfg, backend = cfg.trainer, _value(cfg.hardware.backend)
+    tcfg, backend = cfg.trainer, enum_value(cfg.hardware.backend)
 
     # 1-5. Derive, calibrate, attach, measure.
     setup = setup_derived(cfg, loaded, splits, pad_id, console)
@@ -34,7 +34,7 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutc
     ranks = trainer.adapter_effective_ranks()
     peft_model = export_peft(loaded.model, trainer, derived)
     history = monitor.history if monitor else []
-    hyperparameters = {"init": _value(tcfg.init), "batch_size": trainer.batch_size,
+    hyperparameters = {"init": enum_value(tcfg.init), "batch_size": trainer.batch_size,
                        "micro_batch": tcfg.micro_batch,
                        "mass_ceiling": records.mass_ceiling.value,
                        "epsilon_floor": records.epsilon_floor.value}

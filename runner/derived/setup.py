@@ -35,7 +35,7 @@ class DerivedSetup:
     setup_seconds: float  # all 15 rows: the weights, the residual scales and the noise scale
 
 
-def _value(x) -> str:
+def enum_value(x) -> str:
     return getattr(x, "value", x)
 
 
@@ -78,9 +78,9 @@ def run_steps(budget, train, batch_size: int) -> int:
 def setup_derived(cfg, loaded, splits, pad_id: int, console) -> DerivedSetup:
     """Derive every hyperparameter and attach the adapters on ``cfg.hardware.backend``; no
     training step is taken."""
-    backend = _value(cfg.hardware.backend)
-    if backend != "torch" and _value(cfg.hardware.dtype) != "float32":
-        raise ConfigError(f"hardware.dtype={_value(cfg.hardware.dtype)}: the {backend} derived "
+    backend = enum_value(cfg.hardware.backend)
+    if backend != "torch" and enum_value(cfg.hardware.dtype) != "float32":
+        raise ConfigError(f"hardware.dtype={enum_value(cfg.hardware.dtype)}: the {backend} derived "
                           "trainer runs in float32 only")
     return setup(cfg, make_ops(backend, loaded.model), splits, pad_id, console)
 
@@ -94,7 +94,7 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     say(console, f"deriving: hyperparameters from the weights ({ops.name})")
     started = time.perf_counter()
     derived = derive(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
-                     _value(cfg.hardware.dtype), tcfg.erank_variant)
+                     enum_value(cfg.hardware.dtype), tcfg.erank_variant)
     derive_seconds = time.perf_counter() - started
 
     # 2. Residual scales (row 15) on a calibration batch of the base model.
@@ -106,7 +106,7 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
 
     # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0; the S~ = c S
     #    readings carry no residual scale).
-    ops.attach(adapter_specs(derived, scales, scaled=rule.scaled), _value(tcfg.init),
+    ops.attach(adapter_specs(derived, scales, scaled=rule.scaled), enum_value(tcfg.init),
                cfg.seed, rule)
 
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
