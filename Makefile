@@ -33,8 +33,8 @@ lock:  ## re-resolve pyproject.toml into requirements.lock (exact versions and h
 	    -o $(LOCK) pyproject.toml
 	rm -rf .lockenv
 
-run: setup  ## the main job: train on the embedded SmolLM2-135M and record the trial
-	$(PY) -m runner +experiment=smollm2_135m
+run: setup  ## the thesis in minutes: the recommended derived reading vs SGD on SmolLM2-135M, one claim decided (runs/thesis/)
+	$(PY) -m runner +experiment=thesis
 
 test: setup  ## the test suite CI runs (excludes tests marked slow)
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)

@@ -654,3 +654,31 @@ def test_no_claim_cites_what_a_reader_cannot_open() -> None:
     for path in sorted(CLAIM_DIR.glob("*.yaml")):
         text = path.read_text()
         assert "SEED-SPEC" not in text and "seed/000" not in text, path.name
+
+
+def test_thesis_experiment_ends_with_a_summary_and_its_own_pages(tmp_path: Path, capsys) -> None:
+    """`make run`'s experiment: one paired claim decided, then a summary naming the verdict,
+    each arm's losses and adapters, and pages built beside its own ledger (not in docs/)."""
+    from support import compose_config
+
+    from runner.app import run_job
+
+    run_job(compose_config([
+        "+experiment=thesis", "model=tiny_llama", "data.max_seq_len=96", "data.max_examples=120",
+        "hardware.threads=1", "allow_dirty=true", "budget.eval_examples=4",
+        "claim_overrides.budget.max_tokens=300", "+claim_overrides.budget.max_steps=2",
+        f"runs_dir={tmp_path / 'runs'}"]))
+    out = capsys.readouterr().out
+    ledger, docs = tmp_path / "runs" / "thesis" / "ledger", tmp_path / "runs" / "thesis" / "docs"
+    rows = [json.loads(p.read_text()) for p in (ledger / "trials").glob("*.json")]
+    assert sorted((r["arm"], r["seed"]) for r in rows) == [
+        (arm, s) for arm in ("derived_matched_mass", "sgd") for s in range(3)]
+    verdict = next(line for line in out.splitlines()
+                   if line.startswith("derived_matched_mass_beats_sgd: "))
+    assert verdict.split(": ")[1].split(" ")[0] in {w.value for w in VerdictWord}
+    for arm in ("derived_matched_mass", "sgd"):
+        (line,) = [ln for ln in out.splitlines() if ln.startswith(f"  {arm}: val loss ")]
+        assert "over 3 seed(s)" in line
+    assert out.count("    adapters: ") == 2
+    assert (docs / "claims.md").exists() and (docs / "experiments" / "thesis.md").exists()
+    assert "derived_matched_mass_beats_sgd" in (docs / "claims.md").read_text()

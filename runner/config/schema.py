@@ -199,6 +199,9 @@ class TaskConfig:
     # shard side by side, then once more (or `make results`) to decide on the complete ledger.
     shard: int = 0
     shards: int = 1
+    # claims: also build this ledger's pages (claims, experiment page with figures) in this
+    # folder when the job ends (`make run`); the committed docs are built by `make results`.
+    docs_dir: str | None = None
     # bench: timed repetitions per trainer, optimizer steps per repetition, and the equal token
     # budget of the quality-per-compute runs; quick (make bench QUICK=1) caps all three.
     quick: bool = False

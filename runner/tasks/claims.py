@@ -53,6 +53,7 @@ from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserErro
 from runner.hardware import in_sweep, resolved, setup_hardware
 from runner.ledger import read_trials, stable_hash, utc_now, write_trial
 from runner.sweep import reason_of
+from runner.tasks.summary import build_pages, summary_lines
 from runner.tasks.train import check_data_paths, train_task
 from runner.tracking import enabled, mirror_verdicts
 from runner.trial import ClaimTag, Provenance, TrialRow, config_hash, plain
@@ -86,8 +87,16 @@ def claims_task(cfg: RunConfig) -> list[Verdict]:
         table.add_row(v.claim_id, v.verdict.value, _num(v.effect), _num(v.p_value), str(v.n),
                       v.reason)
     Console(stderr=True).print(table)
-    print(f"claims: ledger {cfg.results_dir}/trials; `make results` regenerates the docs",
-          flush=True)
+    if cfg.task.docs_dir:
+        build_pages(cfg.results_dir, cfg.task.docs_dir)
+    for line in summary_lines(cfg, verdicts):
+        print(line, flush=True)
+    if cfg.task.docs_dir:
+        print(f"claims: ledger {cfg.results_dir}/trials; pages {cfg.task.docs_dir}/claims.md "
+              f"and {cfg.task.docs_dir}/experiments/{cfg.experiment}.md", flush=True)
+    else:
+        print(f"claims: ledger {cfg.results_dir}/trials; `make results` regenerates the docs",
+              flush=True)
     return verdicts
 
 
