@@ -141,12 +141,26 @@ def test_rule_hash_is_stable_and_ignores_wording(tmp_path: Path) -> None:
     {"alpha": 0.01}, {"min_effect": 0.03}, {"trials": 6}, {"test": "bootstrap"},
     {"sides": 1, "sides_reason": "only an improvement would change what we ship"},
     {"direction": "higher"}, {"metric": "metrics.val_loss_best"}, {"margin": 0.02},
-    {"budget": {"max_tokens": 4000}},
+    {"budget": {"max_tokens": 4000}}, {"first_seed": 100},
     {"arms": [{"name": "a", "trainer": "adamw", "overrides": {"lr": 2.0e-3}},
               PAIRED["arms"][1]]},
 ])
 def test_rule_hash_changes_with_every_rule_field(tmp_path: Path, change: dict) -> None:
     assert claim(tmp_path).rule_hash != claim(tmp_path, **change).rule_hash
+
+
+def test_first_seed_moves_the_seeds_and_zero_keeps_old_hashes(tmp_path: Path) -> None:
+    """A confirmatory experiment runs on seeds its choice was not made on; first_seed 0 is the
+    rule as it was before the key existed, so registered rules keep their hashes."""
+    assert claim(tmp_path, first_seed=100, trials=5).seeds == [100, 101, 102, 103, 104]
+    assert claim(tmp_path, first_seed=0).rule_hash == claim(tmp_path).rule_hash
+    assert "first_seed" not in claim(tmp_path).rule()
+    with pytest.raises(ConfigError, match="first_seed: must be >= 0"):
+        claim(tmp_path, first_seed=-1)
+    from runner.tasks.claims import with_overrides
+
+    moved = with_overrides(claim(tmp_path), None, {}, first_seed=7)
+    assert moved.seeds == [7, 8, 9, 10, 11] and moved.rule_hash != claim(tmp_path).rule_hash
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ class Claim:
     arms: tuple[Arm, ...] = ()
     metric: str | None = None  # dotted path into the trial row, e.g. metrics.val_loss_final
     direction: Direction | None = None
-    trials: int = 3  # seeds 0..trials-1
+    trials: int = 3  # seeds first_seed..first_seed+trials-1
+    first_seed: int = 0  # a confirmatory experiment runs on seeds its choice was not made on
     test: StatTest = StatTest.none
     alpha: float = 0.05
     min_effect: float = 0.0  # smallest effect that matters, in metric units (|r| for correlation)
@@ -108,7 +109,7 @@ class Claim:
 
     @property
     def seeds(self) -> list[int]:
-        return list(range(self.trials))
+        return list(range(self.first_seed, self.first_seed + self.trials))
 
     def rule(self) -> dict[str, Any]:
         """Everything that decides the verdict (not the wording, source or file)."""
@@ -124,6 +125,7 @@ class Claim:
             # Added after the first rules were registered: present only when set, so those
             # rules keep their hashes and stay decidable from their trials.
             **({"sides": self.sides} if self.sides != 2 else {}),
+            **({"first_seed": self.first_seed} if self.first_seed else {}),
             **({"setting": self.setting} if self.setting is not None else {}),
         }
 
@@ -238,6 +240,7 @@ class _ClaimParser:
             kind=self.enum("kind", Kind), rationale=self.text("rationale", ""),
             arms=self.arms(), metric=self.text("metric", None),
             direction=self.enum("direction", Direction, None), trials=self.integer("trials", 3),
+            first_seed=self.integer("first_seed", 0),
             test=self.enum("test", StatTest, StatTest.none), alpha=self.number("alpha", 0.05),
             min_effect=self.number("min_effect", 0.0), margin=self.number("margin", None),
             budget=self.budget(), x=self.text("x", None), y=self.text("y", None),
@@ -342,6 +345,8 @@ class _ClaimParser:
             self.fail("alpha", f"must be in (0, 0.5), got {c.alpha}")
         if c.trials < 1:
             self.fail("trials", f"must be >= 1, got {c.trials}")
+        if c.first_seed < 0:
+            self.fail("first_seed", f"must be >= 0, got {c.first_seed}")
         if c.min_effect < 0 or (c.margin is not None and c.margin <= 0) or c.tolerance < 0:
             key = "min_effect" if c.min_effect < 0 else "margin" if c.margin is not None and \
                 c.margin <= 0 else "tolerance"

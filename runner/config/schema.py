@@ -226,6 +226,7 @@ class ClaimOverrides:
     """Per-experiment changes to every claim's rule (None / empty: keep the claim's own)."""
 
     trials: int | None = None
+    first_seed: int | None = None  # a confirmatory experiment: seeds no choice was made on
     budget: dict[str, int] = field(default_factory=dict)
 
 

@@ -342,6 +342,7 @@ def _rule_lines(c: Claim) -> list[str]:
               ("alpha", c.alpha if c.test.value != "none" else None),
               ("min_effect", c.min_effect or None), ("margin", c.margin),
               ("tolerance", c.tolerance or None), ("trials (seeds)", c.trials),
+              ("seeds", f"{c.seeds[0]}-{c.seeds[-1]}" if c.first_seed else None),
               ("budget", json.dumps(c.budget, sort_keys=True) if c.budget else None),
               ("rule hash", f"`{c.rule_hash}`")]
     return [f"- {k}: {v if k in ('arms', 'rule hash') else f'`{v}`'}"

@@ -138,7 +138,8 @@ def _num(x) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-def with_overrides(claim: Claim, trials: int | None, budget: dict) -> Claim:
+def with_overrides(claim: Claim, trials: int | None, budget: dict,
+                   first_seed: int | None = None) -> Claim:
     """The claim with an experiment's trial count and budget (a changed rule, a new hash),
     validated like a claim file: an override the rule cannot take (e.g. 2 trials for a paired
     comparison) fails here, before anything is registered or trained."""
@@ -147,6 +148,8 @@ def with_overrides(claim: Claim, trials: int | None, budget: dict) -> Claim:
         changes["trials"] = trials
     if budget and claim.kind is not Kind.by_construction:
         changes["budget"] = {**claim.budget, **budget}
+    if first_seed is not None and claim.kind is not Kind.by_construction:
+        changes["first_seed"] = first_seed
     if not changes:
         return claim
     return claim_from_record(replace(claim, **changes).as_dict(),
@@ -165,7 +168,7 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
                           f"(task.shards={cfg.task.shards})")
     ov = cfg.claim_overrides
     claims = [in_setting(with_overrides(load_claim(cid, claim_dir), ov.trials,
-                                        dict(ov.budget)), cfg)
+                                        dict(ov.budget), ov.first_seed), cfg)
               for cid in claim_ids]
     plans = [trial for claim in claims for trial in plan_trials(cfg, claim)]
     provenance = Provenance.read(cfg.results_dir, allow_dirty=cfg.allow_dirty,
