@@ -8,7 +8,7 @@ A record of stdlib_docs that documents a function or class ``M.N`` directly insi
     {"prompt": "Which Python standard-library module defines `N`? (N: <first sentence>)\\n",
      "completion": "M"}
 
-The first sentence of the docstring is the hint (up to 160 characters; cut at a word). Names
+The first sentence of the docstring is the hint (up to 120 characters; cut at a word). Names
 that more than one module defines are dropped (the answer must be unique), and so is a
 docstring that names its own module. Records are in qualified-name order. The output is a pure
 function of the input file: same bytes in, same bytes out.
@@ -36,7 +36,7 @@ from build_datasets import SAFE_MODULES, dumps  # noqa: E402
 SOURCE = ROOT / "data" / "stdlib_docs" / "train.jsonl"
 KINDS = (re.compile(r"^Explain what `([\w.]+)` does in Python\.\n$"),
          re.compile(r"^Describe the `([\w.]+)` class in Python\.\n$"))
-HINT_CHARS = 160
+HINT_CHARS = 120
 PER_MODULE = 5  # at most this many names per module (first in name order): no module dominates
 
 
