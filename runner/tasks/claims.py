@@ -51,8 +51,8 @@ from runner.config.schema import RunConfig
 from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserError
 from runner.hardware import in_sweep, resolved, setup_hardware
 from runner.ledger import read_trials, stable_hash, utc_now, write_trial
-from runner.tasks.measured import MEASURED
 from runner.sweep import reason_of
+from runner.tasks.measured import MEASURED
 from runner.tasks.train import check_data_paths, train_task
 from runner.tracking import enabled, mirror_verdicts
 from runner.trial import ClaimTag, Provenance, TrialRow, comparable_data, config_hash, plain

@@ -16,8 +16,8 @@ from runner.config.paths import resolve_data_path
 from runner.config.schema import TRAINERS, RunConfig, TrainerFamily
 from runner.data import DataError, batches, load_splits
 from runner.derived import run_derived
-from runner.generation import generation_metrics, generation_pairs, score_generations
 from runner.errors import HardwareUnavailable
+from runner.generation import generation_metrics, generation_pairs, score_generations
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
 from runner.models.backends._spec import SUPPORTED_ARCHS

@@ -1,39 +1,26 @@
-#!/usr/bin/env python
-"""Rebuild ``data/stdlib_modules/`` ("Which module defines X?" -> the module's name) from the
-frozen ``data/stdlib_docs/train.jsonl`` (itself rebuilt by ``scripts/build_datasets.py``).
+"""``data/stdlib_modules/`` ("Which module defines X?" -> the module's name), built by
+``scripts/build_datasets.py`` from the stdlib_docs records it has just built.
 
-A record of stdlib_docs that documents a function or class ``M.N`` directly inside a module
-``M`` of the allow-list (``SAFE_MODULES``), with ``N`` one identifier, becomes
+A stdlib_docs record that documents a function or class ``M.N`` directly inside a module ``M``
+of the allow-list (``SAFE_MODULES``), with ``N`` one identifier, becomes
 
-    {"prompt": "Which Python standard-library module defines `N`? (N: <first sentence>)\\n",
+    {"prompt": "Which Python standard-library module defines `N`? (N: <first sentence>)\n",
      "completion": "M"}
 
 The first sentence of the docstring is the hint (up to 120 characters; cut at a word). Names
-that more than one module defines are dropped (the answer must be unique), and so is a
-docstring that names its own module. Records are in qualified-name order. The output is a pure
-function of the input file: same bytes in, same bytes out.
-
-Usage::
-
-    python scripts/build_stdlib_modules.py            # rewrite data/stdlib_modules/
-    python scripts/build_stdlib_modules.py --out DIR  # write the same files under DIR instead
+that more than one module defines are dropped (the answer must be unique), and so is a hint
+that names its own module; at most PER_MODULE names per module (the first in name order).
+Records are in qualified-name order: a pure function of the stdlib_docs records.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import re
-import sys
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from build_datasets import SAFE_MODULES, dumps  # noqa: E402
-
-SOURCE = ROOT / "data" / "stdlib_docs" / "train.jsonl"
 KINDS = (re.compile(r"^Explain what `([\w.]+)` does in Python\.\n$"),
          re.compile(r"^Describe the `([\w.]+)` class in Python\.\n$"))
 HINT_CHARS = 120
@@ -50,21 +37,21 @@ def first_sentence(text: str) -> str:
     return sentence
 
 
-def module_and_name(qualname: str) -> tuple[str, str] | None:
-    """(module, name) when qualname is exactly <an allow-listed module>.<identifier>."""
+def module_and_name(qualname: str, modules: tuple[str, ...]) -> tuple[str, str] | None:
+    """(module, name) when qualname is exactly <a module of `modules`>.<identifier>."""
     module, _, name = qualname.rpartition(".")
-    if module in SAFE_MODULES and name.isidentifier() and not name.startswith("_"):
+    if module in modules and name.isidentifier() and not name.startswith("_"):
         return module, name
     return None
 
 
-def build(source: Path) -> list[dict]:
+def build_records(docs: list[dict], modules: tuple[str, ...]) -> list[dict]:
+    """The question records from stdlib_docs' {"prompt", "completion"} records."""
     found = []
-    for line in source.read_text(encoding="utf-8").splitlines():
-        rec = json.loads(line)
+    for rec in docs:
         for kind in KINDS:
             match = kind.match(rec["prompt"])
-            split = module_and_name(match.group(1)) if match else None
+            split = module_and_name(match.group(1), modules) if match else None
             if split:
                 found.append((*split, first_sentence(rec["completion"])))
     counts = Counter(name for _, name, _ in found)
@@ -90,7 +77,7 @@ README = """# stdlib_modules
 
 * **{n} examples** in `train.jsonl` ({chars} characters, {nbytes} bytes, sha256 `{sha}`),
   {modules} distinct answers (modules).
-* Built by `scripts/build_stdlib_modules.py` from every stdlib_docs record that documents a
+* Built by `scripts/build_datasets.py` (`scripts/stdlib_modules.py`) from every stdlib_docs record that documents a
   function or class directly inside an allow-listed module; names defined by more than one
   module and hints that name their own module are dropped; at most {per_module} names per
   module (the first in name order).
@@ -110,28 +97,20 @@ Copyright (c) 2001-2023 Python Software Foundation. All Rights Reserved.
 
 As required by the PSF License Agreement, paragraph 3: this derivative data set was made by a
 mechanical selection and rearrangement of that text (names, module names and the first
-sentence of each docstring) by `scripts/build_stdlib_modules.py`. The PSF makes no
+sentence of each docstring) by `scripts/build_datasets.py` (`scripts/stdlib_modules.py`). The PSF makes no
 representations or warranties about it (paragraph 4).
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "data" / "stdlib_modules")
-    args = parser.parse_args(argv)
-    records = build(SOURCE)
-    args.out.mkdir(parents=True, exist_ok=True)
+def write(out: Path, records: list[dict], py: str, dumps: Callable[[dict], str]) -> bytes:
+    """train.jsonl, README.md and LICENSE.md under `out` (data/stdlib_modules); the bytes."""
+    out.mkdir(parents=True, exist_ok=True)
     data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
-    (args.out / "train.jsonl").write_bytes(data)
-    py = "3.11.7"  # the CPython version data/stdlib_docs was built from (its README)
-    (args.out / "README.md").write_text(README.format(
+    (out / "train.jsonl").write_bytes(data)
+    (out / "README.md").write_text(README.format(
         py=py, example=dumps(records[0]), n=len(records), chars=len(data.decode("utf-8")),
         nbytes=len(data), sha=hashlib.sha256(data).hexdigest()[:16],
-        modules=len({r["completion"] for r in records}), per_module=PER_MODULE), encoding="utf-8")
-    (args.out / "LICENSE.md").write_text(LICENCE.format(py=py), encoding="utf-8")
-    print(f"wrote {len(records)} records to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        modules=len({r["completion"] for r in records}), per_module=PER_MODULE),
+        encoding="utf-8")
+    (out / "LICENSE.md").write_text(LICENCE.format(py=py), encoding="utf-8")
+    return data
