@@ -73,15 +73,21 @@ class DatasetSplits:
     retention: tuple[Example, ...]
     sha256: str  # of the raw bytes of the data file
     retention_sha256: str | None = None  # of the raw bytes of the retention file, if any
+    replayed: int = 0  # the last `replayed` training examples are replayed retention examples
+
+    @property
+    def own_train(self) -> tuple[Example, ...]:
+        """The training examples of the data file (without the replayed ones)."""
+        return self.train[: len(self.train) - self.replayed]
 
     @property
     def truncated_records(self) -> int:
         """Records of the data file (train and validation) cut to max_seq_len."""
-        return sum(e.truncated for e in self.train + self.val)
+        return sum(e.truncated for e in self.own_train + self.val)
 
     @property
     def truncated_share(self) -> float:
-        return self.truncated_records / max(len(self.train) + len(self.val), 1)
+        return self.truncated_records / max(len(self.own_train) + len(self.val), 1)
 
     def truncation_line(self, path: str | Path, max_seq_len: int) -> str | None:
         """One line reporting the records cut to max_seq_len, or None when none was."""
@@ -331,11 +337,15 @@ def load_splits(
     val_fraction: float,
     retention_path: str | Path | None,
     max_examples: int | None = None,
+    replay_fraction: float | None = None,
 ) -> DatasetSplits:
     """Read, validate and tokenize a data file; split train/val by content hash.
 
     ``max_examples`` keeps only the first that many records of the data file (file order)
-    before the split. The retention file (any shape, no split) is read whole.
+    before the split. The retention file (any shape) is read whole, unless ``replay_fraction``
+    is set: then it is split in two by content hash (`replay_split`), one half evaluated as the
+    retention set and the other replayed in training, as ``replay_fraction`` of the training
+    examples.
     """
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
@@ -356,10 +366,49 @@ def load_splits(
                         f"val_fraction={val_fraction} of {len(records)} records")
     retention: tuple[Example, ...] = ()
     retention_sha = None
-    if retention_path is not None:
+    replay: tuple[Example, ...] = ()
+    if replay_fraction is not None:
+        retention, replay, retention_sha = replay_split(
+            path, retention_path, tokenizer, max_seq_len, replay_fraction, len(train))
+    elif retention_path is not None:
         retention, retention_sha = load_examples(retention_path, tokenizer, max_seq_len=max_seq_len)
-    return DatasetSplits(train=tuple(train), val=tuple(val), retention=retention,
-                         sha256=hashlib.sha256(raw).hexdigest(), retention_sha256=retention_sha)
+    return DatasetSplits(train=tuple(train) + replay, val=tuple(val), retention=retention,
+                         sha256=hashlib.sha256(raw).hexdigest(), retention_sha256=retention_sha,
+                         replayed=len(replay))
+
+
+REPLAY_HELD_OUT = 0.5  # share of the retention records kept out of replay (evaluated)
+
+
+def replay_count(replay_fraction: float, n_train: int) -> int:
+    """Replayed examples that make up `replay_fraction` of n_train + replayed."""
+    return round(replay_fraction * n_train / (1.0 - replay_fraction))
+
+
+def replay_split(path, retention_path, tokenizer, max_seq_len: int, replay_fraction: float,
+                 n_train: int) -> tuple[tuple[Example, ...], tuple[Example, ...], str]:
+    """(evaluated retention, replayed, sha256 of the retention file).
+
+    A retention record is evaluated when its content-hash fraction (`split_fraction`) is below
+    REPLAY_HELD_OUT, else it may be replayed, so the retention loss is always measured on
+    records training never saw. The replayed examples are the first `replay_count` of the
+    replay half in file order (deterministic, seed-free).
+    """
+    if not 0.0 < replay_fraction < 1.0:
+        raise DataError(f"{path}: data.replay_fraction must be in (0, 1), got {replay_fraction}")
+    if retention_path is None:
+        raise DataError(f"{path}: data.replay_fraction needs data.retention_path (the records "
+                        "to replay)")
+    raw, records = _read(retention_path)
+    held, pool = [], []
+    for n, rec in records:
+        ex = encode_record(rec, tokenizer, max_seq_len=max_seq_len, where=f"{retention_path}:{n}")
+        (held if is_val(rec, REPLAY_HELD_OUT) else pool).append(ex)
+    need = replay_count(replay_fraction, n_train)
+    if need > len(pool):
+        raise DataError(f"{retention_path}: data.replay_fraction={replay_fraction} needs {need} "
+                        f"replayed records; the replay half has {len(pool)}")
+    return tuple(held), tuple(pool[:need]), hashlib.sha256(raw).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,8 @@ HASHED_KEYS = ("model", "data", "hardware", "trainer", "task", "budget", "experi
                "claims", "claim_overrides")
 HASHED_TASK_KEYS = ("name", "top", "adapter", "trials")
 UNHASHED_HARDWARE_KEYS = ("threads",)  # the same trial on more cores: same result
+# Data options added after the first trials were recorded: hashed and compared only when set.
+LATE_DATA_KEYS = ("replay_fraction", "generation_examples", "max_new_tokens")
 PATCH_DIR = "patches"
 
 # Every metric a trained trial records under `metrics.` (the claims schema refuses a rule whose
@@ -58,8 +60,16 @@ CHECK_METRICS = ("value", "expected", "abs_error", "tolerance")
 # task=dimension_profile (runner/tasks/dimension_profile.py): its options and the profile.
 PROFILE_METRICS = ("id_profile", "semantic_highway", "points", "pooling", "resamples",
                    "confidence", "levina_bickel_k")
+# The measured arm family_geometry (runner/tasks/family_geometry.py).
+FAMILY_METRICS = ("family_geometry", "neighbours", "other_model", "max_pairs")
+# Greedy generation before and after training (runner.generation; data.generation_examples),
+# and the retention loss's change (final - initial).
+GENERATION_METRICS = ("generation", "retention_loss_increase")
+# derived_seed_code: the pullback metric's deviation from I at every evaluation
+# (geometry.pullback; runner.derived.run).
+PULLBACK_METRICS = ("pullback",)
 RECORDED_METRICS = (TRAIN_METRICS + GRID_METRICS + DERIVED_METRICS + CHECK_METRICS
-                    + PROFILE_METRICS)
+                    + PROFILE_METRICS + FAMILY_METRICS + GENERATION_METRICS + PULLBACK_METRICS)
 # The other parts of a row a claim may address (curves.steps, derived.layers, certificate...).
 ROW_SECTIONS = ("metrics", "curves", "derived", "certificate", "hyperparameters", "data_sizes")
 
@@ -69,9 +79,19 @@ def plain(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
 
 
+def comparable_data(data: dict | None) -> dict | None:
+    """A plain data config without the late keys that are unset (LATE_DATA_KEYS), as trials
+    recorded before those keys existed hold it."""
+    if data is None:
+        return None
+    return {k: v for k, v in data.items() if not (k in LATE_DATA_KEYS and v is None)}
+
+
 def hashed_config(config: dict) -> dict:
     """The part of a plain RunConfig dict that `config_hash` covers."""
     out = {k: config[k] for k in HASHED_KEYS if k in config}
+    if "data" in out:
+        out["data"] = comparable_data(out["data"])
     if "task" in out:
         out["task"] = {k: v for k, v in out["task"].items() if k in HASHED_TASK_KEYS}
     if "hardware" in out:
@@ -236,6 +256,7 @@ class TrialRow:
             data_id=data_id(cfg.data), data_sha256=splits.sha256,
             data_sizes={"train": len(splits.train), "val": len(splits.val),
                         "retention": len(splits.retention),
+                        **({"replayed": splits.replayed} if splits.replayed else {}),
                         "truncated_records": splits.truncated_records,
                         "truncated_share": splits.truncated_share},
             metrics={**metrics, **outcome.extra_metrics}, curves=curves,
@@ -274,15 +295,16 @@ class TrialRow:
     @classmethod
     def measured(cls, cfg: RunConfig, hw: HardwareInfo, provenance: Provenance, *, arm: str,
                  chash: str, started: str, loaded: Any, claim: ClaimTag,
-                 metrics: dict) -> TrialRow:
+                 metrics: dict, data_sha256: str | None = None) -> TrialRow:
         """The row of an analysis task's measurement of a model (nothing trained), e.g.
-        task=dimension_profile's intrinsic-dimension profile."""
+        task=dimension_profile's intrinsic-dimension profile; `data_sha256`: the data file the
+        measurement read."""
         return cls(
             run_id=new_run_id(cfg.experiment, arm, cfg.seed, chash), experiment=cfg.experiment,
             arm=arm, seed=cfg.seed, config_hash=chash, config=plain(cfg), hardware=hw.as_row(),
             provenance=provenance, started_at=started, ended_at=utc_now(), **claim.as_row(),
             model_id=loaded.model_id, model_sha256=loaded.sha256, model_type=loaded.model_type,
-            data_id=cfg.data.id, metrics=metrics)
+            data_id=cfg.data.id, data_sha256=data_sha256, metrics=metrics)
 
     @staticmethod
     def shared(source: dict, claim: ClaimTag, seed: int, chash: str) -> dict:

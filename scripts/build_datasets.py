@@ -407,6 +407,14 @@ def build(out: Path) -> dict[str, tuple[int, int, int]]:
     )
     result["samples/chat.jsonl"] = stats(chats, write_jsonl(out / "samples/chat.jsonl", chats))
     result["samples/text.jsonl"] = stats(texts, write_jsonl(out / "samples/text.jsonl", texts))
+    # Imported here, not at the top: the isolated harvest child (python -I) runs this file
+    # without the scripts folder on its path and must import nothing but the allow-list.
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import stdlib_modules  # scripts/stdlib_modules.py
+
+    questions = stdlib_modules.build_records(pc, SAFE_MODULES)
+    result["stdlib_modules/train.jsonl"] = stats(
+        questions, stdlib_modules.write(out / "stdlib_modules", questions, py, dumps))
     kinds = {k: sum(d["kind"] == k for d in docs) for k in sorted({d["kind"] for d in docs})}
     sha = {k: hashlib.sha256((out / k).read_bytes()).hexdigest() for k in result}
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from runner.claims.measurements import is_measured, measured_options
 from runner.claims.schema import Arm, Claim, Direction, Kind, StatTest, _trainer_name
 from runner.claims.stats import TEST_NAMES, sidedness
 from runner.errors import ConfigError
 from runner.ledger import stable_hash
-from runner.trial import random_init
+from runner.trial import comparable_data, random_init
 
 
 class MixedConfiguration(ConfigError):
@@ -32,14 +33,23 @@ def arm_of(row: dict, claim: Claim) -> Arm | None:
     return None
 
 
+def arm_options(row: dict) -> Any:
+    """The options that make a row's arm what it is: the trainer's, or for a measured arm
+    (runner.claims.measurements) the task options the measurement reads."""
+    config = row.get("config") or {}
+    if is_measured(str(row.get("arm"))):
+        return measured_options(row["arm"], config.get("task") or {})
+    return config.get("trainer")
+
+
 def arm_configuration(row: dict) -> dict[str, Any]:
     """What must be equal for a row to be pooled with another row of its arm: the trainer's
     options, the model and data (their config and the sha256 of their bytes), the budget and
     the hardware (thread count aside, which does not change results)."""
     config = row.get("config") or {}
     hardware = {k: v for k, v in (config.get("hardware") or {}).items() if k != "threads"}
-    return {"trainer": config.get("trainer"), "model": config.get("model"),
-            "model_sha256": row.get("model_sha256"), "data": config.get("data"),
+    return {"trainer": arm_options(row), "model": config.get("model"),
+            "model_sha256": row.get("model_sha256"), "data": comparable_data(config.get("data")),
             "data_sha256": row.get("data_sha256"), "budget": config.get("budget"),
             "hardware": hardware}
 
@@ -65,8 +75,9 @@ def check_one_configuration(claim: Claim, rows: list[dict]) -> None:
         groups.setdefault(arm.name, {}).setdefault(key, []).append(row["run_id"])
         want = _setting_of(claim, arm)
         config = row.get("config") or {}
-        if want is not None and (stable_hash(want) != stable_hash(
-                {k: config.get(k) for k in want})
+        got = {**{k: config.get(k) for k in want}, "trainer": arm_options(row),
+               "data": comparable_data(config.get("data"))} if want is not None else None
+        if want is not None and (stable_hash(want) != stable_hash(got)
                 or row.get("data_sha256") != claim.setting.get("data_sha256")):
             raise MixedConfiguration(
                 f"claim {claim.id} (rule {claim.rule_hash[:12]}): arm '{arm.name}': trial "

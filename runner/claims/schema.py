@@ -372,10 +372,11 @@ class _ClaimParser:
             if value is not None:
                 self.check_recorded(key, value)
         if c.invariant is not None:
-            lhs, _, rhs = parse_invariant(c.invariant)
-            for path in (lhs, rhs):
-                if isinstance(path, str):
-                    self.check_recorded("invariant", path)
+            for clause in invariant_clauses(c.invariant):
+                lhs, _, rhs = parse_invariant(clause)
+                for path in (lhs, rhs):
+                    if isinstance(path, str):
+                        self.check_recorded("invariant", path)
 
     def check_recorded(self, key: str, path: str) -> None:
         """A rule must read something trials record: refuse `metrics.nope` before training."""
@@ -461,7 +462,8 @@ class _ClaimParser:
 
     def check_invariant(self, text: str) -> None:
         try:
-            parse_invariant(text)
+            for clause in invariant_clauses(text):
+                parse_invariant(clause)
         except ValueError as err:
             self.fail("invariant", str(err))
 
@@ -490,6 +492,12 @@ _SEGMENT = re.compile(r"^(\*|[A-Za-z_][\w-]*)(\[(\*|\d+)\])*$")
 
 def _valid_path(path: str) -> bool:
     return all(_SEGMENT.match(seg) for seg in path.split("."))
+
+
+def invariant_clauses(text: str) -> list[str]:
+    """'A <= B and C <= 0' -> ['A <= B', 'C <= 0']: an invariant may be a conjunction, every
+    clause checked at every element it selects."""
+    return [clause.strip() for clause in re.split(r"\s+and\s+", text.strip())]
 
 
 def parse_invariant(text: str) -> tuple[str, str, str | float]:

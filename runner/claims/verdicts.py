@@ -49,6 +49,7 @@ from runner.claims.schema import (
     Claim,
     Direction,
     Kind,
+    invariant_clauses,
     parse_invariant,
 )
 from runner.claims.stats import PairedTest, correlation
@@ -345,10 +346,15 @@ _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.l
 
 
 def invariant_violations(row: dict, text: str, tolerance: float) -> tuple[int, list[str]]:
-    """(elements checked, violations) of 'lhs OP rhs' in one row.
+    """(elements checked, violations) of 'lhs OP rhs' (or a conjunction 'A and B ...', every
+    clause counted) in one row.
 
     The slack is relative: lhs <= rhs holds if lhs <= rhs + tolerance * max(1, |rhs|).
     """
+    clauses = invariant_clauses(text)
+    if len(clauses) > 1:
+        found = [invariant_violations(row, clause, tolerance) for clause in clauses]
+        return sum(n for n, _ in found), [b for _, bad in found for b in bad]
     lhs_path, op, rhs = parse_invariant(text)
     lhs = paths.resolve(row, lhs_path)
     rhs_vals = ([(None, rhs)] * len(lhs) if isinstance(rhs, float)

@@ -120,6 +120,14 @@ class DataConfig:
     val_fraction: float = 0.1
     max_seq_len: int = 128
     max_examples: int | None = None
+    # Added after the first trials were recorded: hashed and compared only when set
+    # (runner.trial.LATE_DATA_KEYS), so earlier trials keep their hashes.
+    # The share of training examples replayed from the retention set (runner.data.replay_split).
+    replay_fraction: float | None = None
+    # Greedy generation on this many held-out prompts before and after training, each at most
+    # max_new_tokens long (runner.generation: accuracy and degenerate outputs).
+    generation_examples: int | None = None
+    max_new_tokens: int | None = None
 
 
 @dataclass
@@ -212,6 +220,10 @@ class TaskConfig:
     points: int = 1000
     pooling: Pooling = Pooling.all_tokens
     resamples: int = 1000
+    # the measured arm family_geometry: a model of a second family (a Hugging Face directory,
+    # GGUF file or hub id) and the neighbours of its kNN graph.
+    other_model: str | None = None
+    neighbours: int = 10
 
 
 @dataclass

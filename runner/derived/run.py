@@ -25,9 +25,14 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutc
     checkpoint = Checkpoint.for_run(cfg.runs_dir, config_hash(cfg),
                                     stateful={"certificate": monitor} if monitor else None)
     model = loaded.model if backend == "torch" else None
+    pullback_start = None
+    if trainer.rule.nb_lora:  # the seed's pullback metric at every evaluation (its claim)
+        trainer.pullback_every = cfg.budget.eval_every
+        pullback_start = trainer.pullback()  # the start: set-up is deterministic, also on resume
     result = train_loop(model, trainer, splits, cfg.budget, seed=cfg.seed, pad_id=pad_id,
                         console=console, on_eval=monitor.on_eval if monitor else None,
                         checkpoint=checkpoint)
+    pullback = pullback_points(pullback_start, result, trainer) if pullback_start else None
 
     # 7. Export as plain PEFT LoRA (B = c U diag(S), A = V^T, alpha = r).
     trainer.eval_mode()
@@ -50,7 +55,8 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutc
                        "max_orth_error": max((s.get("orth_error", 0.0)
                                               for s in result.step_logs), default=0.0),
                        "adapter_effective_rank_mean": sum(ranks.values()) / max(len(ranks), 1),
-                       **telemetry_metrics(result.step_logs)},
+                       **telemetry_metrics(result.step_logs),
+                       **({"pullback": pullback} if pullback else {})},
         derived=derived.to_dict(),
         certificate=history[-1] if history else None,
         step_table=result.step_logs,
@@ -69,3 +75,17 @@ def telemetry_metrics(step_logs: list[dict]) -> dict[str, float]:
     return {"frame_motion": sum(s["frame_motion_u"] + s["frame_motion_v"] for s in logs),
             "s_at_bound_fraction": logs[-1]["s_at_bound"],
             "delta_step_spread": spreads[len(spreads) // 2]}
+
+
+def pullback_points(start: dict, result, trainer) -> list[dict]:
+    """metrics.pullback: {step, median_deviation, max_deviation} at step 0, every evaluation
+    step (logged by the trainer) and the last step (measured here when it was not one)."""
+    def point(step: int, log: dict) -> dict:
+        return {"step": step, "median_deviation": log["pullback_median_deviation"],
+                "max_deviation": log["pullback_max_deviation"]}
+
+    points = [point(0, start)] + [point(s["step"], s) for s in result.step_logs
+                                  if "pullback_median_deviation" in s]
+    if points[-1]["step"] != result.steps:
+        points.append(point(result.steps, trainer.pullback()))
+    return points

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import geometry
+from geometry.pullback import pullback_metric_deviation
 from geometry.readings import (
     adapter_step_telemetry,
     nb_lora_factors,
@@ -149,6 +150,12 @@ class NbLoraAdapters(FactoredAdapters):
         self.tails = {}
         self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
         self.capture = None
+
+    @torch.no_grad()
+    def pullback_deviations(self) -> list[float]:
+        """||P - I||_F / sqrt(r) of every adapter (geometry.pullback), in float64."""
+        return [pullback_metric_deviation(self.V[key].double(), self.U[key].double())
+                for key in self.keys.values()]
 
     def factors(self, name: str):
         """(U, S, V) = (B^T, 2 S, A^T) of the NB-LoRA map: 2 B^T diag(S) A = U diag(S) V^T."""

@@ -48,6 +48,9 @@ class DerivedTrainer:
         # The last update, kept when the certificate's curvature criterion reads it.
         self.keep_direction = False
         self.last_direction = None
+        # derived_seed_code: log the pullback metric's deviation every this many steps (the
+        # evaluation points; runner.derived.run sets it), None: never.
+        self.pullback_every: int | None = None
 
     @property
     def adapters(self):
@@ -93,11 +96,19 @@ class DerivedTrainer:
             grads, eta, self.rule, keep_direction=self.keep_direction)
         if direction is not None:
             self.last_direction = direction
+        pullback = self.pullback() if self.pullback_every and \
+            self.steps % self.pullback_every == 0 else {}
         return StepLog(loss=loss_f, extra={
             "grad_norm": norm_f, **mass_log,
             "orth_error": float(orth), "adapter_norm_ratio": float(s_ratio),
-            **summarize_telemetry(telemetry, self.adapters.specs),
+            **summarize_telemetry(telemetry, self.adapters.specs), **pullback,
         })
+
+    def pullback(self) -> dict[str, float]:
+        """derived_seed_code: median and max over adapters of ||P - I||_F / sqrt(r)."""
+        devs = sorted(self.adapters.pullback_deviations())
+        return {"pullback_median_deviation": float(np.median(devs)),
+                "pullback_max_deviation": devs[-1]}
 
     def _per_matrix_step(self, loss_f: float, grads):
         """derived_matched_mass: every adapter's own MASS step (geometry.readings)."""

@@ -27,9 +27,6 @@ lacks, so a sweep over hardware=cpu,cuda,... goes on.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -46,6 +43,8 @@ from runner.claims import (
     decide_on,
     load_claim,
 )
+from runner.claims.measurements import is_measured, measured_options
+from runner.claims.registration import RULES_DIR, register_rule, registered_at
 from runner.claims.schema import claim_from_record
 from runner.config.load import load_trainer_option
 from runner.config.schema import RunConfig
@@ -53,12 +52,14 @@ from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserErro
 from runner.hardware import in_sweep, resolved, setup_hardware
 from runner.ledger import read_trials, stable_hash, utc_now, write_trial
 from runner.sweep import reason_of
+from runner.tasks.measured import MEASURED
 from runner.tasks.summary import build_pages, summary_lines
 from runner.tasks.train import check_data_paths, train_task
 from runner.tracking import enabled, mirror_verdicts
-from runner.trial import ClaimTag, Provenance, TrialRow, config_hash, plain
+from runner.trial import ClaimTag, Provenance, TrialRow, comparable_data, config_hash, plain
 
-RULES_DIR = "rules"
+__all__ = ["RULES_DIR", "claims_task", "register_rule", "run_claims", "run_trial"]
+
 # What makes an arm unrunnable *here* (not a bad config): a missing device or backend, weights
 # that are not present, an optional package that is not installed.
 UNAVAILABLE = (HardwareUnavailable, ModelError, ModuleNotFoundError)
@@ -71,6 +72,7 @@ class PlannedTrial:
     seed: int
     cfg: RunConfig | None  # None for a by-construction check
     config_hash: str
+    measured: str | None = None  # a measured arm: the measurement's name
 
 
 def claims_task(cfg: RunConfig) -> list[Verdict]:
@@ -175,7 +177,7 @@ def run_claims(cfg: RunConfig, claim_ids: list[str], *, claim_dir: Path = CLAIM_
                                  what="task=claims")
 
     # 2. Pre-registration records.
-    registered = {claim.id: _registered_at(register_rule(cfg.results_dir, claim, provenance))
+    registered = {claim.id: registered_at(register_rule(cfg.results_dir, claim, provenance))
                   for claim in claims}
 
     # 3. Trials (this job's shard of them).
@@ -202,16 +204,26 @@ def in_setting(claim: Claim, cfg: RunConfig) -> Claim:
     data_path, _ = check_data_paths(cfg)
     data_sha = hashlib.sha256(Path(data_path).read_bytes()).hexdigest()
     setting = {
-        "arms": {a.name: plain(load_trainer_option(a.trainer, a.overrides)) for a in claim.arms},
-        "model": plain(cfg.model), "data": plain(cfg.data), "data_sha256": data_sha,
+        "arms": {a.name: _arm_setting(a, cfg) for a in claim.arms},
+        "model": plain(cfg.model), "data": comparable_data(plain(cfg.data)),
+        "data_sha256": data_sha,
         "budget": plain(replace(cfg.budget, **claim.budget)),
     }
     return claim_from_record(replace(claim, setting=setting).as_dict(),
                              f"claim {claim.id} in experiment {cfg.experiment}")
 
 
+def _arm_setting(arm, cfg: RunConfig) -> dict:
+    """An arm's part of the setting: its resolved trainer options, or a measured arm's task
+    options (runner.claims.measurements)."""
+    if is_measured(arm.trainer):
+        return measured_options(arm.trainer, plain(cfg.task))
+    return plain(load_trainer_option(arm.trainer, arm.overrides))
+
+
 def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
-    """Every (arm, seed) trial of a claim with its full RunConfig and config hash."""
+    """Every (arm, seed) trial of a claim with its full RunConfig and config hash; a measured
+    arm's trial keeps the job's trainer (it trains nothing) and takes its measurement's hash."""
     if claim.kind is Kind.by_construction:
         return [PlannedTrial(claim, claim.check, seed, None,
                              stable_hash({"check": claim.check, "seed": seed}))
@@ -219,6 +231,13 @@ def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
     budget = replace(cfg.budget, **claim.budget)
     plans = []
     for arm in claim.arms:
+        if is_measured(arm.trainer):
+            for seed in claim.seeds:
+                trial_cfg = replace(cfg, seed=seed, budget=budget)
+                plans.append(PlannedTrial(claim, arm.name, seed, trial_cfg,
+                                          MEASURED[arm.trainer].trial_hash(trial_cfg),
+                                          measured=arm.trainer))
+            continue
         trainer = load_trainer_option(arm.trainer, arm.overrides)
         for seed in claim.seeds:
             trial_cfg = replace(cfg, trainer=trainer, seed=seed, budget=budget)
@@ -260,7 +279,10 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "",
         _write_check_row(trial, cfg, provenance)
         return "done"
     try:
-        train_task(trial.cfg, claim=_tag(trial), provenance=provenance)
+        if trial.measured is not None:
+            MEASURED[trial.measured].run(trial.cfg, _tag(trial), provenance)
+        else:
+            train_task(trial.cfg, claim=_tag(trial), provenance=provenance)
     except UNAVAILABLE as err:
         reason = reason_of(err)
         if not any(r.get("skip_reason") == reason for r in existing):
@@ -271,33 +293,6 @@ def run_trial(trial: PlannedTrial, cfg: RunConfig, registered_at: str = "",
 
 def _tag(trial: PlannedTrial) -> ClaimTag:
     return ClaimTag(trial.claim.id, trial.claim.rule_hash, trial.arm)
-
-
-def register_rule(results_dir: str | Path, claim: Claim,
-                  provenance: Provenance | None = None) -> Path:
-    """Write `results/rules/<id>-<hash12>.json` once (the pre-registration record)."""
-    rules = Path(results_dir) / RULES_DIR
-    rules.mkdir(parents=True, exist_ok=True)
-    final = rules / f"{claim.id}-{claim.rule_hash[:12]}.json"
-    if final.exists():
-        return final
-    provenance = provenance or Provenance.read(results_dir)
-    record = {**claim.as_dict(), "registered_at": utc_now(), "git_commit": provenance.git_commit}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=rules)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        try:
-            os.link(tmp, final)  # atomic; a concurrent job that registered first wins
-        except FileExistsError:
-            pass
-    finally:
-        os.unlink(tmp)
-    return final
-
-
-def _registered_at(path: Path) -> str:
-    return str(json.loads(path.read_text()).get("registered_at", ""))
 
 
 def _write_skipped_row(trial: PlannedTrial, reason: str, cfg: RunConfig,

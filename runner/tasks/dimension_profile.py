@@ -29,6 +29,7 @@ and a PNG beside it, and writes one trial row to the ledger for the claim `seman
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -47,6 +48,8 @@ from geometry.intrinsic_dimension import (
     twonn_estimate,
 )
 from runner.claims import decide_on, load_claim
+from runner.claims.registration import register_rule
+from runner.config.paths import resolve_data_path
 from runner.config.schema import Pooling, RunConfig
 from runner.data import Example, encode_record, is_val, read_jsonl
 from runner.errors import UserError
@@ -58,7 +61,6 @@ from runner.ledger import (
     write_trial,
 )
 from runner.models.loading import LoadedModel, load_model
-from runner.tasks.claims import register_rule
 from runner.tasks.model_info import _console, _resolve, write_report
 from runner.trial import ClaimTag, Provenance, TrialRow, config_hash
 
@@ -88,14 +90,31 @@ class LayerDimension:
 
 def dimension_profile_task(cfg: RunConfig) -> dict:
     """Profile the model's intrinsic dimension per layer; print, plot, and record a trial."""
-    console, progress = _console(), Console(stderr=True)
-    started, wall_start = utc_now(), time.perf_counter()
+    console = _console()
     _check_options(cfg)
     provenance = Provenance.read(cfg.results_dir, allow_dirty=cfg.allow_dirty,
                                  what="task=dimension_profile")
 
     # 1. The claim's rule is registered before any state is read (pre-registration).
     claim = _register_claim(cfg)
+
+    # 2-5. The profile, its report, figure and trial row; then the claim's verdict so far.
+    report = measure_profile(cfg, ClaimTag(claim.id, claim.rule_hash, CLAIM_ARM), provenance)
+    _print_verdict(cfg, claim, console)
+    return report
+
+
+def profile_trial(cfg: RunConfig, claim: ClaimTag, provenance: Provenance) -> None:
+    """One trial of a measured arm `trainer: dimension_profile` (task=claims): the profile of
+    seed `cfg.seed`, recorded for `claim` (runner.tasks.measured)."""
+    _check_options(cfg)
+    measure_profile(cfg, claim, provenance)
+
+
+def measure_profile(cfg: RunConfig, claim: ClaimTag, provenance: Provenance) -> dict:
+    """Steps 2-5 of the task: the profile, printed, plotted, and written as a trial row."""
+    console, progress = _console(), Console(stderr=True)
+    started, wall_start = utc_now(), time.perf_counter()
 
     # 2. The base model and the held-out examples.
     hw = setup_hardware(cfg.hardware, backends=("torch",), task="dimension_profile")
@@ -119,7 +138,7 @@ def dimension_profile_task(cfg: RunConfig) -> dict:
     summary = highway_summary(profile)
     wall = time.perf_counter() - wall_start
 
-    # 5. Report, figure, trial row, and the claim's verdict so far.
+    # 5. Report, figure and trial row.
     console.print(profile_table(profile, loaded.model_id, cfg.task.pooling))
     stem = f"{loaded.model_id}-{loaded.sha256[:12]}-{cfg.task.pooling.value}-s{cfg.seed}"
     out = Path(cfg.runs_dir) / "dimension_profile"
@@ -135,7 +154,6 @@ def dimension_profile_task(cfg: RunConfig) -> dict:
     row = profile_row(cfg, hw, loaded, claim, profile, summary, started, wall, provenance)
     write_trial(cfg.results_dir, row)
     console.print(f"{len(profile)} layers in {wall:.1f}s; wrote {path} and {figure}")
-    _print_verdict(cfg, claim, console)
     return report
 
 
@@ -343,18 +361,27 @@ def _register_claim(cfg: RunConfig):
     return claim
 
 
-def profile_row(cfg: RunConfig, hw: HardwareInfo, loaded: LoadedModel, claim,
+def data_file_sha256(cfg: RunConfig) -> str:
+    """The sha256 of the data file the measurement read (as task=claims registers it)."""
+    return hashlib.sha256(Path(resolve_data_path(cfg.data.path)).read_bytes()).hexdigest()
+
+
+def profile_hash(cfg: RunConfig) -> str:
+    """The config hash of a profile trial: the run's config and the profile's options."""
+    return stable_hash({"config": config_hash(cfg), "profile": _options(cfg)})
+
+
+def profile_row(cfg: RunConfig, hw: HardwareInfo, loaded: LoadedModel, claim: ClaimTag,
                 profile: list[LayerDimension], summary: dict, started: str, wall: float,
                 provenance: Provenance) -> dict:
     """One ledger row: the profile under metrics.id_profile, the decision quantities under
     metrics.semantic_highway, tagged with the claim's id, rule hash and arm."""
-    chash = stable_hash({"config": config_hash(cfg), "profile": _options(cfg)})
     metrics = {"wall_seconds": wall, **_options(cfg),
                "id_profile": [asdict(p) for p in profile], "semantic_highway": summary}
-    return TrialRow.measured(cfg, hw, provenance, arm="dimension_profile", chash=chash,
-                             started=started, loaded=loaded,
-                             claim=ClaimTag(claim.id, claim.rule_hash, CLAIM_ARM),
-                             metrics=metrics).as_dict()
+    return TrialRow.measured(cfg, hw, provenance, arm="dimension_profile",
+                             chash=profile_hash(cfg), started=started, loaded=loaded,
+                             claim=claim, metrics=metrics,
+                             data_sha256=data_file_sha256(cfg)).as_dict()
 
 
 def _print_verdict(cfg: RunConfig, claim, console: Console) -> None:

@@ -17,6 +17,7 @@ from runner.config.schema import TRAINERS, RunConfig, TrainerFamily
 from runner.data import DataError, batches, load_splits
 from runner.derived import run_derived
 from runner.errors import HardwareUnavailable
+from runner.generation import generation_metrics, generation_pairs, score_generations
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
 from runner.models.backends._spec import SUPPORTED_ARCHS
@@ -66,6 +67,7 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
             data_path, loaded.tokenizer,
             max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
             retention_path=retention_path, max_examples=cfg.data.max_examples,
+            replay_fraction=cfg.data.replay_fraction,
         )
     if not splits.train or not splits.val:
         raise DataError(f"{cfg.data.path}: too few examples for a train/validation split")
@@ -75,6 +77,13 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
     cut = splits.truncation_line(cfg.data.path, cfg.data.max_seq_len)
     if cut:
         console.print(f"[yellow]{cut}[/]")
+
+    # 1b. Greedy generations on held-out prompts before training (data.generation_examples).
+    pairs = generation_pairs(data_path, cfg.data)
+    if pairs:
+        with progress.phase(console, f"generating for {len(pairs)} held-out prompts"):
+            before, _ = score_generations(loaded.model, loaded.tokenizer, pairs,
+                                          cfg.data.max_new_tokens, hw.torch_device)
 
     # 2. Train with the configured trainer (a grid trains once per learning rate), reporting
     #    every step to the tracker when one is configured.
@@ -92,8 +101,13 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
             reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
                            if cfg.verify_adapter else None)
 
-        # 4. One trial row in the ledger.
+        # 4. One trial row in the ledger (with the generations after training, if asked).
         metrics = train_metrics(result, time.perf_counter() - wall_start, reload_diff)
+        if pairs:
+            with progress.phase(console, f"generating for {len(pairs)} held-out prompts"):
+                after, gens = score_generations(model, loaded.tokenizer, pairs,
+                                                cfg.data.max_new_tokens, hw.torch_device)
+            metrics["generation"] = generation_metrics(before, after, gens)
         row = TrialRow.trained(cfg, hw, provenance, run_id=run_id, chash=chash, started=started,
                                loaded=loaded, splits=splits, outcome=outcome, metrics=metrics,
                                adapter_dir=adapter_dir, claim=claim).as_dict()
@@ -227,6 +241,8 @@ def train_metrics(result: TrainResult, wall: float, reload_diff: float | None) -
         "val_loss_best": min(e.val_loss for e in result.evals),
         "retention_loss_initial": first.retention_loss,
         "retention_loss_final": last.retention_loss,
+        "retention_loss_increase": None if first.retention_loss is None
+        else last.retention_loss - first.retention_loss,
         "train_seconds": result.train_seconds,
         "wall_seconds": wall,
         "tokens_per_second": result.tokens / max(result.train_seconds, 1e-9),
