@@ -38,15 +38,17 @@ def base_model_id(model: ModelConfig) -> str:
 def save_adapter(model, adapter_dir: Path, base_id: str) -> None:
     """PEFT's `save_pretrained` into a temporary folder beside `adapter_dir`, with
     `base_model_name_or_path` set to `base_id`, then renamed into place (a kill mid-write leaves
-    no half-written adapter)."""
+    no half-written adapter). The model card follows once the trial's row exists
+    (`write_model_card`)."""
     adapter_dir = Path(adapter_dir)
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
     try:
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = base_id
+        # Set in the file only: PEFT's save looks the recorded base model up (on the hub when it
+        # is no local path) to see whether the embeddings changed.
         model.save_pretrained(tmp)
-        set_base_model(tmp, base_id)  # PEFT may fill it from the loaded model's own path
+        set_base_model(tmp, base_id)
+        (tmp / CARD_FILE).unlink(missing_ok=True)  # PEFT's stub names the cache path; see below
         if adapter_dir.exists():
             shutil.rmtree(adapter_dir)
         os.replace(tmp, adapter_dir)
