@@ -237,3 +237,38 @@ def test_missing_adapter_is_one_line_and_a_nonzero_exit(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: task.adapter={tmp_path / 'nope'}: no such directory")
     assert not (tmp_path / "runs" / "export").exists()
+
+
+def test_gguf_holds_the_merged_weights(trained: dict, tmp_path: Path) -> None:
+    """model.gguf: gguf's reader finds every merged tensor under llama.cpp's name (q/k rows in
+    llama.cpp's rotary order), the RoPE base, and transformers' GGUF loader gives the merged
+    model's logits."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForCausalLM
+
+    from runner.tasks.export_gguf import from_gguf_layout
+
+    out = tmp_path / "export"
+    report = run_job(compose_config(["task=export", *trained["model"], f"task.output={out}",
+                                     f"task.adapter={trained['adapter']}",
+                                     "task.formats=[hf,gguf]", *trained["overrides"]]))
+    assert not (out / "mlx").exists() and report["max_abs_logit_diff"]["gguf"] <= 1e-5
+    merged = load_file(out / "hf" / "model.safetensors")
+    config = json.loads((out / "hf" / "config.json").read_text())
+    reader = gguf.GGUFReader(str(out / "model.gguf"))
+    assert reader.fields["llama.rope.freq_base"].contents() == ROPE_THETA
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+    assert len(stored) == len(merged)
+    for name, weight in merged.items():
+        tensor = stored[names.get_name(name, try_suffixes=(".weight", ".bias"))]
+        assert np.array_equal(from_gguf_layout(name, tensor, config), weight), name
+    # q_proj really is reordered (the inverse above is not the identity on it)
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not np.array_equal(stored["blk.0.attn_q.weight"], merged[q])
+    from_gguf = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf").eval()
+    from_hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = probe_ids(from_hf)
+    assert torch.equal(logits_of(from_gguf, ids), logits_of(from_hf, ids))  # same float32 graph

@@ -17,8 +17,8 @@ loaded with PEFT onto the float32 base and merged (`merge_and_unload`); under `t
   architecture's hyperparameters (gguf-py's writer; runner.tasks.export_gguf).
 * `export.json`: what was exported from what, and each check below.
 
-Every folder is checked before anything is kept: the hf folder is reloaded by transformers and
-the mlx folder by mlx-lm (when installed), and their logits on a fixed probe batch must equal
+Every output is checked before anything is kept: the hf folder and the GGUF file are reloaded by
+transformers and the mlx folder by mlx-lm (when installed), and their logits on a fixed probe batch must equal
 the PEFT-wrapped model's within `LOGITS_TOLERANCE`. The export is written to a temporary folder
 beside the output and renamed into place, so a failure leaves nothing behind.
 """
@@ -40,6 +40,7 @@ from runner.hardware import setup_hardware
 from runner.ledger import git_commit, utc_now
 from runner.models.loading import LoadedModel, load_model, sha256_file
 from runner.models.tokenizers import ByteTokenizer
+from runner.tasks.export_gguf import write_gguf
 from runner.tasks.lora_svd import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -54,6 +55,7 @@ from runner.training.adapter import CARD_FILE, base_model_id
 # which moves logits by about 1e-5; a wrong config (e.g. another RoPE base) moves them by >1.
 LOGITS_TOLERANCE = 1e-3
 PROBE_SHAPE = (2, 24)  # (batch, tokens) of the fixed probe
+GGUF_FILE = "model.gguf"
 
 
 def export_task(cfg: RunConfig) -> dict:
@@ -194,10 +196,9 @@ def write_formats(root: Path, formats: list[ExportFormat], merged, loaded: Loade
             if mlx_logits is not None:
                 checks["mlx"] = check_logits("mlx", mlx_logits, reference)
     if ExportFormat.gguf in formats:
-        from runner.tasks.export_gguf import write_gguf
-
         with progress.phase(console, "writing model.gguf"):
-            write_gguf(root / "model.gguf", hf, base_id)
+            write_gguf(root / GGUF_FILE, hf, base_id)
+            checks["gguf"] = check_logits("gguf", logits_of(reload_gguf(root), probe), reference)
     if ExportFormat.hf not in formats:
         shutil.rmtree(hf)
     return checks
@@ -214,6 +215,14 @@ def reload_hf(folder: Path):
 
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                 use_safetensors=True).eval()
+
+
+def reload_gguf(root: Path):
+    """The GGUF read back by transformers' own GGUF loader (an independent reader of the file)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(root, gguf_file=GGUF_FILE,
+                                                dtype=torch.float32).eval()
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
