@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
