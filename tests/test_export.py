@@ -272,3 +272,36 @@ def test_gguf_holds_the_merged_weights(trained: dict, tmp_path: Path) -> None:
     from_hf = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     ids = probe_ids(from_hf)
     assert torch.equal(logits_of(from_gguf, ids), logits_of(from_hf, ids))  # same float32 graph
+
+
+@pytest.mark.slow
+def test_smollm2_export_matches_torch_in_mlx_lm(tmp_path: Path) -> None:
+    """The embedded SmolLM2-135M (RoPE base 100000, 30 blocks) with a random LoRA on every
+    projection: the merged folders reproduce PEFT's logits, mlx-lm's within 1e-3."""
+    pytest.importorskip("mlx_lm")
+    from peft import LoraConfig, get_peft_model
+
+    from runner.config.load import to_run_config
+    from runner.models.loading import load_model
+    from runner.training.adapter import base_model_id, save_adapter
+
+    cfg = to_run_config(compose_config(["model=smollm2_135m"]))
+    loaded = load_model(cfg.model)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, task_type="CAUSAL_LM",
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                      "up_proj", "down_proj"])
+    model = get_peft_model(loaded.model, lora)
+    adapter = tmp_path / "run" / "adapter"
+    save_adapter(model, adapter, base_model_id(cfg.model))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    report = run_job(compose_config([
+        "task=export", "model=smollm2_135m", f"task.adapter={adapter.parent}",
+        "task.formats=[hf,mlx,gguf]", f"task.output={tmp_path / 'export'}",
+        f"runs_dir={tmp_path / 'runs'}"]))
+    diffs = report["max_abs_logit_diff"]
+    # a random LoRA on 30 blocks: the merge's float32 reordering moves logits by about 1e-4
+    assert max(diffs[f] for f in ("hf", "mlx", "gguf")) <= LOGITS_TOLERANCE
+    mlx_config = json.loads((tmp_path / "export" / "mlx" / "config.json").read_text())
+    assert mlx_config["rope_theta"] == 100000.0
