@@ -231,7 +231,8 @@ def test_bad_adapters_are_refused_and_nothing_is_written(trained: dict,
 def test_missing_adapter_is_one_line_and_a_nonzero_exit(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "runner", "task=export", f"task.adapter={tmp_path / 'nope'}",
-         f"runs_dir={tmp_path / 'runs'}"],
+         f"runs_dir={tmp_path / 'runs'}", f"hydra.run.dir={tmp_path}/hydra",
+         "hydra.output_subdir=null"],
         capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (

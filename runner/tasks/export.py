@@ -105,6 +105,8 @@ def export_task(cfg: RunConfig) -> dict:
         raise
     for name, diff in checks.items():
         console.print(f"{name}: max |logit diff| vs PEFT {diff:.2e}")
+    if ExportFormat.mlx in formats and "mlx" not in checks:
+        console.print("mlx: not checked here (mlx-lm is not installed: pip install -e '.[mlx]')")
     console.print(f"[bold]exported[/] {', '.join(f.value for f in formats)} to {output}")
     return {**manifest, "output": str(output)}
 
