@@ -49,6 +49,7 @@ TASKS = {
     TaskName.claims: "runner.tasks.claims:claims_task",
     TaskName.bench: "runner.tasks.bench:bench_task",
     TaskName.dimension_profile: "runner.tasks.dimension_profile:dimension_profile_task",
+    TaskName.export: "runner.tasks.export:export_task",
 }
 
 

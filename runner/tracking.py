@@ -1,4 +1,5 @@
-"""`tracking=...`: follow trials while they train, in Weights & Biases (offline) or CSV files.
+"""`tracking=...`: follow trials while they train, in Weights & Biases (offline), TensorBoard
+or CSV files.
 
 The ledger under `results/` stays the source of truth; a tracker is a convenience for people who
 browse or plot runs. Each trial is one tracked run, opened before training starts
@@ -13,6 +14,11 @@ verdicts of a claims task become one more run (`mirror_verdicts`).
   `steps.csv` (long format, one value a line: `loop,step,key,value`; `loop` counts the
   training loops of one trial, e.g. the points of a learning-rate grid), `config.json` and, at
   the end, `summary.json`. Claims write `claims-<experiment>/verdicts.csv`.
+* `tracking=tensorboard`: event files under `<runs_dir>/tensorboard/<run id>/` (`tensorboard
+  --logdir <runs_dir>/tensorboard`), written through `torch.utils.tensorboard`: every value a
+  scalar under its own key, the config as text, the final metrics as `summary/<key>`. A trial
+  with several training loops writes loop k > 0 into `loop-<k>/` (a run of its own, since each
+  loop counts its steps from 1). Claims write the verdict table as text to `claims-<experiment>`.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ def enabled(cfg: RunConfig) -> bool:
                           f"(got '{cfg.tracking.mode}'); upload later with `wandb sync`")
     if cfg.tracking.backend == TrackingBackend.wandb:
         _wandb()  # installed?
+    if cfg.tracking.backend == TrackingBackend.tensorboard:
+        _summary_writer()
     return True
 
 
@@ -107,6 +115,8 @@ def trial_summary(row: dict) -> dict[str, Any]:
 def _open(cfg: RunConfig, name: str, config: dict, tags: list[str]) -> TrackedRun:
     if cfg.tracking.backend == TrackingBackend.csv:
         return CsvRun(Path(cfg.runs_dir) / "csv" / name, config)
+    if cfg.tracking.backend == TrackingBackend.tensorboard:
+        return TensorBoardRun(Path(cfg.runs_dir) / "tensorboard" / name, config)
     return WandbRun(cfg, name, config, tags)
 
 
@@ -193,6 +203,55 @@ def read_steps(path: str | Path) -> list[tuple[int, int, str, float]]:
 
 
 # ---------------------------------------------------------------------------------------------
+# TensorBoard event files
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tracking=tensorboard: the tensorboard package is not installed "
+                          "(pip install -e '.[tracking]')") from None
+    return SummaryWriter
+
+
+class TensorBoardRun:
+    FLUSH_SECONDS = 5  # event files on disk within seconds (TensorBoard reads them mid-run)
+
+    def __init__(self, directory: Path, config: dict):
+        self.directory = directory
+        self.loop = -1
+        self.writer = self._writer(directory)
+        self.writer.add_text("config", "```json\n" + json.dumps(
+            config, indent=2, sort_keys=True, default=str) + "\n```")
+
+    def _writer(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        return _summary_writer()(log_dir=str(directory), flush_secs=self.FLUSH_SECONDS)
+
+    def start_loop(self) -> None:
+        self.loop += 1
+        if self.loop > 0:  # a new loop counts steps from 1 again: a run of its own
+            self.writer.close()
+            self.writer = self._writer(self.directory / f"loop-{self.loop}")
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key in sorted(values):
+            self.writer.add_scalar(key, values[key], global_step=step)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for key, value in sorted(summary.items()):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                self.writer.add_scalar(f"summary/{key}", value, global_step=0)
+            else:
+                self.writer.add_text(f"summary/{key}", str(value))
+        self.writer.close()
+
+    def abandon(self) -> None:
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # Verdicts
 
 
@@ -210,6 +269,13 @@ def mirror_verdicts(cfg: RunConfig, verdicts: list) -> None:
             writer = csv.writer(fh, lineterminator="\n")
             writer.writerow(VERDICT_COLUMNS)
             writer.writerows(rows)
+        return
+    if cfg.tracking.backend == TrackingBackend.tensorboard:
+        writer = _summary_writer()(log_dir=str(Path(cfg.runs_dir) / "tensorboard" / name))
+        lines = ["| " + " | ".join(VERDICT_COLUMNS) + " |", "|" + "---|" * len(VERDICT_COLUMNS)]
+        lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
+        writer.add_text("verdicts", "\n".join(lines))
+        writer.close()
         return
     run = _wandb_init(cfg, name, {"claims": list(cfg.claims)}, [cfg.experiment, "claims"])
     table = _wandb().Table(columns=list(VERDICT_COLUMNS))

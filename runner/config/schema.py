@@ -51,6 +51,7 @@ class TaskName(str, Enum):
     validate_derived = "validate_derived"
     bench = "bench"
     dimension_profile = "dimension_profile"
+    export = "export"
 
 
 class AdapterInit(str, Enum):
@@ -68,6 +69,13 @@ class TrackingBackend(str, Enum):
     none = "none"  # the ledger is the record
     wandb = "wandb"  # Weights & Biases, offline (runner.tracking)
     csv = "csv"  # CSV files under <runs_dir>/csv/
+    tensorboard = "tensorboard"  # TensorBoard event files under <runs_dir>/tensorboard/
+
+
+class ExportFormat(str, Enum):
+    hf = "hf"  # a merged Hugging Face model folder (transformers)
+    mlx = "mlx"  # the merged weights with a config mlx-lm reads (mlx_lm.load)
+    gguf = "gguf"  # one GGUF file of the merged float32 weights (gguf-py's writer)
 
 
 class Schedule(str, Enum):
@@ -200,7 +208,9 @@ class BudgetConfig:
 class TaskConfig:
     name: TaskName = MISSING
     top: int = 0  # model_info, lora_svd: rows to print (0 = all)
-    adapter: str | None = None  # lora_svd: a PEFT adapter directory (adapter_config.json + weights)
+    # lora_svd, export: a PEFT adapter directory (adapter_config.json + weights); export also
+    # takes the trial's run folder that holds it as adapter/
+    adapter: str | None = None
     trials: int = 5  # validate_derived: seeded derived runs searched for a counterexample
     # claims: this job trains only the trials whose config hash falls in shard `shard` of
     # `shards` (by hash, so a trial shared by several claims stays in one job); run one job per
@@ -224,6 +234,11 @@ class TaskConfig:
     # GGUF file or hub id) and the neighbours of its kNN graph.
     other_model: str | None = None
     neighbours: int = 10
+    # export: what to write from the adapter at `adapter`, and where (default:
+    # <runs_dir>/export/<the trial's id>); an existing folder is never overwritten.
+    formats: list[ExportFormat] = field(
+        default_factory=lambda: [ExportFormat.hf, ExportFormat.mlx])
+    output: str | None = None
 
 
 @dataclass

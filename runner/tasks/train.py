@@ -22,6 +22,7 @@ from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
 from runner.models.backends._spec import SUPPORTED_ARCHS
 from runner.models.loading import LoadedModel, check_backend_architecture, load_model, model_id_of
+from runner.training.adapter import base_model_id, save_adapter, write_model_card
 from runner.training.baseline import BaselineTrainer, attach_lora
 from runner.training.checkpoint import Checkpoint, remove_checkpoints
 from runner.training.loop import TrainResult, peak_rss_mb, train_loop
@@ -94,10 +95,11 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
         outcome = run_trainer(cfg, loaded, splits, pad_id, console)
         model, result = outcome.model, outcome.result
 
-        # 3. Save the adapter in PEFT's format and check PEFT reloads it to the same logits.
+        # 3. Save the adapter in PEFT's format, naming the base model by its id, and check
+        #    PEFT reloads it to the same logits.
         adapter_dir = Path(cfg.runs_dir) / run_id / "adapter"
         with progress.phase(console, f"saving the adapter to {adapter_dir}"):
-            model.save_pretrained(adapter_dir)
+            save_adapter(model, adapter_dir, base_model_id(cfg.model))
             reload_diff = (verify_adapter(model, loaded, adapter_dir, splits.val[:4], pad_id)
                            if cfg.verify_adapter else None)
 
@@ -112,6 +114,7 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
                                loaded=loaded, splits=splits, outcome=outcome, metrics=metrics,
                                adapter_dir=adapter_dir, claim=claim).as_dict()
         path = write_trial(cfg.results_dir, row)
+        write_model_card(adapter_dir, row, path)  # README.md: the trial, its values and claim
         remove_checkpoints(cfg.runs_dir, chash)  # the trial is in the ledger: nothing to resume
         if run is not None:
             run.finish(tracking.trial_summary(row))
