@@ -22,8 +22,10 @@ from runner.tasks.train import config_hash
 LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+) "
                        r"reading=derived_matched_mass reference=(adamw|peft_stock)")
 THROUGHPUT_ARMS = {"adamw", "peft_stock", "adamw_all_linear", "prodigy", "schedulefree",
-                   "derived", "derived_matched_mass", "derived_tail_start", "derived_uniform",
-                   "derived_seed_code", "adamw_derived_shape"}
+                   "derived", "derived_matched_mass", "adamw_derived_shape"}
+QUALITY_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived",
+                "derived_matched_mass", "derived_tail_start", "derived_uniform",
+                "derived_seed_code", "adamw_grid"}
 SMALL_TINY = ["task=bench", "model=tiny_llama", "hardware.threads=1", "task.repeats=2",
               "task.steps=2", "task.quality_tokens=800", "data.max_examples=120"]
 
@@ -79,7 +81,7 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     reading = next(t for t in stored["throughput"] if t["arm"] == "derived_matched_mass")
     assert stored["summary"]["same_shape_tok_s_ratio"] == pytest.approx(
         reading["tok_s_median"] / same["tok_s_median"])
-    assert {"adamw_derived_shape", "peft_stock"}.isdisjoint(q["arm"] for q in stored["quality"])
+    assert {q["arm"] for q in stored["quality"]} == QUALITY_ARMS
     for t in stored["throughput"]:  # the whole process's peak spans every phase
         assert t["peak_mb"] == t["process_peak_mb"] >= max(t["load_peak_mb"], t["train_peak_mb"])
     grid = next(q for q in stored["quality"] if q["arm"] == "adamw_grid")

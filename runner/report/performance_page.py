@@ -38,8 +38,8 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
 - **peak MB**: the trainer process's whole peak resident memory, over every phase: loading the
   model, setting up the trainer (for the derived readings: the derivation, the residual-scale
   calibration and the noise-scale probe) and the steps, read phase by phase from VmHWM (reset
-  between phases) and `ru_maxrss`. Runs from before 2026-12 showed the peak after loading
-  (set-up and steps) instead, now in the row as `train_peak_mb`.
+  between phases) and `ru_maxrss`. The peak after loading (set-up and steps) is in the row as
+  `train_peak_mb`; rows without that field show it as their peak MB.
 - **MFU**: achieved model FLOP/s over this machine's peak, measured in the same run as the best
   of several large float32 `torch.matmul`s at the same thread count, timed before and after
   the throughput runs (a shared or throttled machine can run one burst slower than the
@@ -127,6 +127,7 @@ def _section(row: dict) -> list[str]:
     s, run = row["settings"], row["run_id"]
     target = row.get("quality_target")
 
+    summary = row["summary"]
     base = next(t for t in row["throughput"] if t["arm"] == summary.get("reference",
                                                                           row["baseline"]))
     derived = next(t for t in row["throughput"] if t["arm"] == summary.get("reading", "derived"))

@@ -108,7 +108,10 @@ ARMS = (
     Arm("adamw_all_linear", "adamw", all_linear=True),
     Arm("prodigy", "prodigy"),
     Arm("schedulefree", "schedulefree"),
-    *(Arm(name, name, quick=name == RECOMMENDED) for name in DERIVED_READINGS),
+    # Every reading trains in the quality phase; the readings' steps differ only in their step
+    # rule's arithmetic, so the throughput phase times the recommended one and `derived`.
+    *(Arm(name, name, throughput=name in ("derived", RECOMMENDED), quick=name == RECOMMENDED)
+      for name in DERIVED_READINGS),
     # The derived trainer's own adapter shapes (ranks 1-276 on all 210 matrices of SmolLM2)
     # under PEFT + AdamW: the peer for "at the same rank and targets".
     Arm(SAME_SHAPE, "adamw", derived_shape=True, quality=False, quick=True),
