@@ -19,9 +19,13 @@ from runner.report.performance_page import build_performance
 from runner.tasks.bench import ARMS, QUICK, bench_settings, fixed_batches, summary_line
 from runner.tasks.train import config_hash
 
-LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+)")
-THROUGHPUT_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived",
-                   "adamw_derived_shape"}
+LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+) "
+                       r"reading=derived_matched_mass reference=(adamw|peft_stock)")
+THROUGHPUT_ARMS = {"adamw", "peft_stock", "adamw_all_linear", "prodigy", "schedulefree",
+                   "derived", "derived_matched_mass", "adamw_derived_shape"}
+QUALITY_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived",
+                "derived_matched_mass", "derived_tail_start", "derived_uniform",
+                "derived_seed_code", "adamw_grid"}
 SMALL_TINY = ["task=bench", "model=tiny_llama", "hardware.threads=1", "task.repeats=2",
               "task.steps=2", "task.quality_tokens=800", "data.max_examples=120"]
 
@@ -47,7 +51,7 @@ def test_last_line_is_the_summary(bench) -> None:
     last = stdout.rstrip("\n").splitlines()[-1]
     match = LAST_LINE.fullmatch(last)
     assert match, last
-    values = [float(v) for v in match.groups()]
+    values = [float(v) for v in match.groups()[:4]]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert last == summary_line(row["summary"])
     assert "fixed batches of 4 x 128 tokens" in stdout  # batch x data.max_seq_len, stated
@@ -74,11 +78,17 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     assert same["adapters"].startswith("derived shape:")
     # (U: out x r, V: in x r, S: r) against PEFT's (B: out x r, A: r x in)
     assert same["trainable_params"] == derived["trainable_params"] - derived["rank_total"] > 0
+    reading = next(t for t in stored["throughput"] if t["arm"] == "derived_matched_mass")
     assert stored["summary"]["same_shape_tok_s_ratio"] == pytest.approx(
-        derived["tok_s_median"] / same["tok_s_median"])
-    assert "adamw_derived_shape" not in {q["arm"] for q in stored["quality"]}
+        reading["tok_s_median"] / same["tok_s_median"])
+    assert {q["arm"] for q in stored["quality"]} == QUALITY_ARMS
+    for t in stored["throughput"]:  # the whole process's peak spans every phase
+        assert t["peak_mb"] == t["process_peak_mb"] >= max(t["load_peak_mb"], t["train_peak_mb"])
     grid = next(q for q in stored["quality"] if q["arm"] == "adamw_grid")
     assert grid["tuning_tokens"] == grid["grid_points"] * grid["tokens"]  # same budget per point
+    # the target is the grid's final validation loss, which the grid reaches at its last point
+    assert stored["quality_target"] == {"val_loss": grid["val_loss_final"], "source": "adamw_grid"}
+    assert grid["to_target"]["tokens"] <= grid["tokens"]
     for q in stored["quality"]:
         assert q["tokens"] >= s["quality_tokens"] or q["stop_reason"] != "budget"
         assert q["curve"][0]["tokens"] == 0 and len(q["curve"]) >= 2
@@ -132,7 +142,8 @@ def test_quick_runs_only_the_summary_arms_and_prints_the_line(tmp_path: Path) ->
     assert LAST_LINE.fullmatch(stdout.rstrip("\n").splitlines()[-1])
     assert {t["arm"] for t in row["throughput"]} == {a.name for a in ARMS
                                                      if a.quick and a.throughput}
-    assert {q["arm"] for q in row["quality"]} == {"adamw", "derived"}
+    assert {q["arm"] for q in row["quality"]} == {"adamw", "derived_matched_mass"}
+    assert row["quality_target"]["source"] == "adamw"  # no grid in quick: the best baseline
     s = row["settings"]
     assert (s["repeats"], s["steps"], s["quality_tokens"]) == (
         QUICK["repeats"], QUICK["steps"], QUICK["quality_tokens"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import geometry
 from geometry.readings import matched_steps
@@ -33,6 +33,7 @@ class DerivedSetup:
     noise: geometry.NoiseScale
     derive_seconds: float  # rows 1-7 and 9-14 from the weights
     setup_seconds: float  # all 15 rows: the weights, the residual scales and the noise scale
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # setup_seconds, by step
 
 
 def enum_value(x) -> str:
@@ -96,6 +97,11 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     derived = derive(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
                      enum_value(cfg.hardware.dtype), tcfg.erank_variant)
     derive_seconds = time.perf_counter() - started
+    phases, mark = {"weights": derive_seconds}, time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        phases[name], mark = time.perf_counter() - mark, time.perf_counter()
 
     # 2. Residual scales (row 15) on a calibration batch of the base model.
     say(console, f"deriving: residual scales on a calibration batch (derived in "
@@ -103,11 +109,13 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     blocks = target_blocks(derived)
     calib = calibration_batch(splits.train, pad_id, tcfg.micro_batch)
     scales = {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
+    lap("residual_scales")
 
     # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0; the S~ = c S
     #    readings carry no residual scale).
     ops.attach(adapter_specs(derived, scales, scaled=rule.scaled), enum_value(tcfg.init),
                cfg.seed, rule)
+    lap("attach")
 
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
     #    the batches per epoch that batch size gives (row 1). Every reading measures it at
@@ -119,7 +127,9 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
                                 tcfg.micro_batch, cfg.seed)
     derived = with_measured_records(derived, n_train, noise, scales, blocks)
     records = derived.records
+    lap("noise_probe")
     ops.apply_start(rule, cfg.seed)
+    lap("start")
 
     # 5. The trainer: MASS steps between the derived floor and ceiling (per matrix, N the
     #    run's steps, for derived_matched_mass).
@@ -132,10 +142,11 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     ops.warm_up(trainer, calibration_batch(splits.train, pad_id,
                                            min(trainer.batch_size, tcfg.micro_batch)))
     setup_seconds = time.perf_counter() - started
+    lap("trainer")
     if console is not None:
         ranks = [s.rank for s in ops.adapters.specs.values()]
         console.print(f"derived ({ops.name}): {len(ranks)} target matrices, ranks {min(ranks)}-"
                       f"{max(ranks)}, batch {trainer.batch_size} (B_simple {noise.b_simple:.1f}),"
                       f" MASS ceiling {records.mass_ceiling.value:.3g}, derived in "
                       f"{derive_seconds:.2f}s")
-    return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds)
+    return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds, phases)

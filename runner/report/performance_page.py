@@ -24,18 +24,36 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   with the min-max spread. Since 2026-11-27 (runs from `20261127T165200` on) the repetitions
   are interleaved across the trainers (every trainer's first, then every trainer's second), so
   a change in the machine's speed reaches all of them; earlier runs took each trainer's
-  repetitions back to back. Evaluation is not timed. The ratio is to PEFT LoRA + AdamW, r=8,
-  alpha=16 on q/v (`adamw`).
-- **peak MB**: the trainer process's peak resident memory while setting up and training (the
-  peak is reset after the model is loaded, so the loading transient is left out; the model's
-  resident weights are included). The whole-process peak is in the row as `process_peak_mb`.
+  repetitions back to back. Evaluation is not timed. The ratio is to the faster of two q/v
+  references measured in the same run: the project's PEFT LoRA + AdamW, r=8, alpha=16, dropout
+  0.05 on q/v (`adamw`), and the stock recipe (`peft_stock`, runner/tasks/bench_reference.py:
+  `get_peft_model` with `LoraConfig(r=8, target_modules=["q_proj", "v_proj"])` at PEFT's
+  defaults, the Hugging Face loss, `torch.optim.AdamW` at its defaults but the learning rate, no
+  code of this project around it). Runs before `peft_stock` existed compare with `adamw` only.
+  What still separates the two: `adamw` keeps the trial configuration's LoRA dropout of 0.05
+  (one Bernoulli mask and one multiply over each adapted projection's input, forward and
+  backward; PEFT's default is no dropout), and its step checks the loss and the gradient norm
+  for divergence; the learning-rate scheduler, the train-mode switch and the gradient norm
+  are computed without an extra pass over the weights or gradients.
+- **peak MB**: the trainer process's whole peak resident memory, over every phase: loading the
+  model, setting up the trainer (for the derived readings: the derivation, the residual-scale
+  calibration and the noise-scale probe) and the steps, read phase by phase from VmHWM (reset
+  between phases) and `ru_maxrss`. The peak after loading (set-up and steps) is in the row as
+  `train_peak_mb`; rows without that field show it as their peak MB.
 - **MFU**: achieved model FLOP/s over this machine's peak, measured in the same run as the best
   of several large float32 `torch.matmul`s at the same thread count, timed before and after
   the throughput runs (a shared or throttled machine can run one burst slower than the
   training that follows). Model FLOPs: {formula}
-- **derive steps**: the derived trainer's set-up time for all 15 hyperparameters (from the
-  weights, the residual-scale calibration and the gradient-noise-scale probe) divided by one
-  baseline step; the weights-only part is shown beside it.
+- **derive steps**: the recommended derived reading's set-up time for all 15 hyperparameters
+  (from the weights, the residual-scale calibration and the gradient-noise-scale probe) divided
+  by one step of the faster q/v reference; the weights-only part and each set-up phase are shown
+  beside it.
+- **time to target**: the training tokens and seconds each quality arm needed to first reach
+  the target validation loss (the AdamW grid's final one when the grid ran, else the best
+  baseline's final one), interpolated linearly between evaluations, with the derived readings'
+  set-up added in brackets; "never" when it did not within the budget. Only the same run's
+  losses set the target: the bench evaluates a capped validation subset, so a ledger trial's
+  loss is on another scale.
 - **quality per compute**: every trainer trains on the same budget of training tokens with the
   shared train loop; validation loss at the end, and the tokens and seconds it spent including
   tuning (the AdamW grid trains every grid point on the full budget). The derived trainer's
@@ -76,7 +94,8 @@ def performance_page(rows: list[dict], latest: list[dict]) -> str:
     for row in latest:
         parts += _section(row)
     parts += ["## All bench runs", "",
-              "The derived trainer against PEFT AdamW r=8 q/v, as the summary line of each run; "
+              "The recommended derived reading against the faster q/v reference (runs before "
+              "`peft_stock`: `derived` against `adamw`), as the summary line of each run; "
               "*vs same shape*: its tokens/s over `adamw_derived_shape`'s; *peak*: the run's "
               "measured matmul GFLOP/s. Runs on the same machine that differ in *peak* ran on a "
               "machine whose speed changed, and a ratio is only as steady as the machine was "
@@ -98,16 +117,22 @@ def _vs_same_shape(row: dict) -> float | None:
     """The derived arm's tokens/s over PEFT AdamW's at the derived ranks and targets (None when
     the run has no such arm)."""
     arms = {t["arm"]: t for t in row["throughput"]}
-    if "derived" not in arms or "adamw_derived_shape" not in arms:
+    reading = row["summary"].get("reading", "derived")
+    if reading not in arms or "adamw_derived_shape" not in arms:
         return None
-    return arms["derived"]["tok_s_median"] / arms["adamw_derived_shape"]["tok_s_median"]
+    return arms[reading]["tok_s_median"] / arms["adamw_derived_shape"]["tok_s_median"]
 
 
 def _section(row: dict) -> list[str]:
     s, run = row["settings"], row["run_id"]
-    base = next(t for t in row["throughput"] if t["arm"] == row["baseline"])
-    derived = next(t for t in row["throughput"] if t["arm"] == "derived")
+    target = row.get("quality_target")
+
     summary = row["summary"]
+    base = next(t for t in row["throughput"] if t["arm"] == summary.get("reference",
+                                                                          row["baseline"]))
+    derived = next(t for t in row["throughput"] if t["arm"] == summary.get("reading", "derived"))
+    step = next(t for t in row["throughput"] if t["arm"] == summary.get("step_reference",
+                                                                          base["arm"]))
     peak = row["peak_matmul"]
     head = [f"## {row['model_id']} on {row['hardware']} (threads={row['threads']}, "
             f"batch {_shape(row)}{', quick' if s['quick'] else ''})", "",
@@ -118,7 +143,9 @@ def _section(row: dict) -> list[str]:
             f"float32 {peak['n']}^3 matmuls).", "",
             f"`bench: tok_s_ratio={summary['tok_s_ratio']:.3g} "
             f"mem_ratio={summary['mem_ratio']:.3g} derive_steps={summary['derive_steps']:.3g} "
-            f"mfu={summary['mfu']:.3g}`", ""]
+            f"mfu={summary['mfu']:.3g}"
+            + (f" reading={summary['reading']} reference={summary['reference']}"
+               if "reading" in summary else "") + "`", ""]
     throughput = table(
         ["trainer", "adapters", "tok/s (median)", "min-max", "ratio", "peak MB", "ratio", "MFU"],
         [[t["arm"], t["adapters"], num(t["tok_s_median"], 0),
@@ -126,10 +153,14 @@ def _section(row: dict) -> list[str]:
           num(t["tok_s_median"] / base["tok_s_median"], 3), num(t["peak_mb"], 0),
           num(t["peak_mb"] / base["peak_mb"], 3), num(t["mfu"], 4)]
          for t in row["throughput"]])
-    derive = (f"Derivation: all 15 hyperparameters in {derived['setup_seconds']:.3f} s "
-              f"(from the weights alone {derived['derive_seconds']:.3f} s) against one baseline "
-              f"step of {base['step_seconds_median']:.4f} s: {summary['derive_steps']:.3g} steps "
-              f"({summary['derive_weights_steps']:.3g} for the weights alone).")
+    phases = "; ".join(f"{k.replace('_', ' ')} {v:.3f} s"
+                       for k, v in derived.get("setup_phases", {}).items())
+    derive = (f"Derivation (`{derived['arm']}`): all 15 hyperparameters in "
+              f"{derived['setup_seconds']:.3f} s (from the weights alone "
+              f"{derived['derive_seconds']:.3f} s{'; by phase: ' + phases if phases else ''}) "
+              f"against one `{step['arm']}` step of {step['step_seconds_median']:.4f} s: "
+              f"{summary['derive_steps']:.3g} steps ({summary['derive_weights_steps']:.3g} for "
+              f"the weights alone).")
     if "same_shape_tok_s_ratio" in summary:
         derive += (f" At the same ranks and targets (`adamw_derived_shape`), the derived trainer "
                    f"runs at {summary['same_shape_tok_s_ratio']:.3g}x its tokens/s with "
@@ -139,16 +170,28 @@ def _section(row: dict) -> list[str]:
                    f"during its set-up and {derived['steps_peak_mb']:,.0f} MB during its steps.")
     quality = table(
         ["trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
-         "s incl. tuning", "stop"],
+         "s incl. tuning", *(["to target: tokens", "s (+ set-up)"] if target else []), "stop"],
         [[q["arm"], num(q["tokens"], 0), num(q["val_loss_initial"], 4),
           num(q["val_loss_final"], 4), num(q["train_seconds"], 2),
-          num(q["tuning_tokens"], 0), num(q["tuning_seconds"], 2), q["stop_reason"]]
+          num(q["tuning_tokens"], 0), num(q["tuning_seconds"], 2),
+          *(_to_target(q) if target else []), q["stop_reason"]]
          for q in row["quality"]])
+    target_line = ([f"Target: validation loss {target['val_loss']:.4f}, `{target['source']}`'s "
+                    "final one.", ""] if target else [])
     return [*head, "### Throughput and memory", "", throughput, "",
             f"![throughput]({FIG_DIR}/{run}-throughput.png)", "", derive, "",
             f"### Quality per compute ({s['quality_tokens']:,} training tokens each)", "",
-            quality, "", f"![validation loss]({FIG_DIR}/{run}-val_loss.png)", "",
+            *target_line, quality, "", f"![validation loss]({FIG_DIR}/{run}-val_loss.png)", "",
             *_time_spent(row)]
+
+
+def _to_target(q: dict) -> list[str]:
+    hit = q["to_target"]
+    if hit is None:
+        return ["never", "never"]
+    extra = hit["seconds_with_setup"] - hit["seconds"]
+    return [num(hit["tokens"], 0), num(hit["seconds"], 2)
+            + (f" ({num(hit['seconds_with_setup'], 2)})" if extra else "")]
 
 
 def _time_spent(row: dict) -> list[str]:

@@ -11,9 +11,15 @@ measured in one run on this machine.
    hyperparameters) is timed there too.
 3. Quality per compute: every trainer (and the AdamW learning-rate grid, with its tuning cost)
    trains on the same token budget with the shared train loop; validation loss against tokens.
-4. One row under `<results_dir>/bench/` (read by `make results` into docs/performance.md, apart
+4. Time to target: the tokens and seconds each quality arm needed to reach the target
+   validation loss (the AdamW grid's final one when the grid ran, else the best baseline's), by
+   linear interpolation between evaluations, or never within the budget.
+5. One row under `<results_dir>/bench/` (read by `make results` into docs/performance.md, apart
    from the trials), the tables, and last the summary line
-   `bench: tok_s_ratio=X mem_ratio=Y derive_steps=Z mfu=W` (derived trainer / PEFT AdamW q/v).
+   `bench: tok_s_ratio=X mem_ratio=Y derive_steps=Z mfu=W reading=R reference=F` (the
+   recommended derived reading R against the honest reference: the faster of the project's PEFT
+   AdamW q/v arm and the stock PEFT recipe, runner/tasks/bench_reference.py, for tokens/s; the
+   smaller whole-process peak and the shorter step of the two for memory and set-up).
 
 Model FLOPs are 6·N·T (FLOPS_FORMULA). The derived trainer has no rank or target options: it
 runs with the rank and targets it derives, which the output says next to its numbers.
@@ -46,13 +52,25 @@ from runner.errors import ConfigError
 from runner.hardware import setup_hardware
 from runner.ledger import new_run_id, utc_now
 from runner.models.loading import load_model
-from runner.tasks.bench_process import reset_peak_rss, ru_maxrss_mb, vm_hwm_mb, worker_process
+from runner.tasks.bench_process import (
+    reset_peak_rss,
+    ru_maxrss_mb,
+    vm_hwm_mb,
+    whole_process_peak,
+    worker_process,
+)
+from runner.tasks.bench_reference import StockPeftTrainer
 from runner.tasks.train import check_data_paths, run_trainer
 from runner.training.baseline import BaselineTrainer, attach_lora
 from runner.trial import Provenance, config_hash
 
 BENCH_DIR = "bench"
-BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of every ratio
+BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of the tables' ratios
+STOCK = "peft_stock"  # the stock PEFT + AdamW recipe (runner/tasks/bench_reference.py)
+REFERENCES = (BASELINE, STOCK)  # the q/v references; the summary takes the best of them
+RECOMMENDED = "derived_matched_mass"  # the reading the README recommends: the summary's numerator
+DERIVED_READINGS = ("derived", "derived_matched_mass", "derived_tail_start", "derived_uniform",
+                    "derived_seed_code")
 SAME_SHAPE = "adamw_derived_shape"  # PEFT LoRA + AdamW at the derived ranks and targets
 # task.quick=true (make bench QUICK=1): caps on the settings, and only the arms the summary line
 # needs (Arm.quick); evaluation only before and after training.
@@ -76,6 +94,7 @@ class Arm:
     trainer: str  # the conf/trainer option it runs at its committed settings
     all_linear: bool = False  # PEFT LoRA on every Linear of the decoder blocks instead of q/v
     derived_shape: bool = False  # PEFT LoRA with the derived trainer's per-module ranks/targets
+    stock: bool = False  # the stock PEFT recipe, outside the project's trainer and loop
     throughput: bool = True  # adamw_grid's step is AdamW's: measured for quality only
     quality: bool = True  # the derived-shape peer is a throughput and memory reference only
     quick: bool = False  # also run under task.quick=true
@@ -83,10 +102,16 @@ class Arm:
 
 ARMS = (
     Arm(BASELINE, "adamw", quick=True),
+    # The stock recipe's loss curve would differ from adamw's only by its LoRA dropout and alpha:
+    # a speed and memory reference, not a quality arm.
+    Arm(STOCK, "adamw", stock=True, quality=False, quick=True),
     Arm("adamw_all_linear", "adamw", all_linear=True),
     Arm("prodigy", "prodigy"),
     Arm("schedulefree", "schedulefree"),
-    Arm("derived", "derived", quick=True),
+    # Every reading trains in the quality phase; the readings' steps differ only in their step
+    # rule's arithmetic, so the throughput phase times the recommended one and `derived`.
+    *(Arm(name, name, throughput=name in ("derived", RECOMMENDED), quick=name == RECOMMENDED)
+      for name in DERIVED_READINGS),
     # The derived trainer's own adapter shapes (ranks 1-276 on all 210 matrices of SmolLM2)
     # under PEFT + AdamW: the peer for "at the same rank and targets".
     Arm(SAME_SHAPE, "adamw", derived_shape=True, quality=False, quick=True),
@@ -146,12 +171,18 @@ def bench_task(cfg: RunConfig) -> dict:
                 quality.append(measure_quality(cfg, arm, settings, Path(runs_dir)))
                 bar.advance(task)
 
-    # 4. Ratios, the row, the tables, the summary line.
+    # 4. Time to the target validation loss, per quality arm.
+    target = add_time_to_target(quality)
+
+    # 5. Ratios, the row, the tables, the summary line.
     for row in throughput:
         row["mfu"] = 6 * row["n_params"] * row["tok_s_median"] / peak["flops_per_second"]
     summary = summarize({r["arm"]: r for r in throughput})
+    summary["to_target"] = next((q["to_target"] for q in quality if q["arm"] == RECOMMENDED),
+                                None)
     row = _bench_row(cfg, hw, provenance, settings, peak, throughput, quality, summary, started,
                      wall)
+    row["quality_target"] = target
     path = write_bench_row(cfg.results_dir, row)
     _print_tables(row, path)
     print(summary_line(summary), flush=True)
@@ -174,24 +205,88 @@ def bench_settings(cfg: RunConfig) -> BenchSettings:
     )
 
 
+def best_reference(by_arm: dict[str, dict], key: str, best=max) -> str:
+    """The reference arm (of REFERENCES present) with the best ``key``: the honest denominator
+    is the one least flattering to the derived trainer."""
+    present = [name for name in REFERENCES if name in by_arm]
+    if not present:
+        raise ValueError(f"no reference arm ({', '.join(REFERENCES)}) among the throughput rows")
+    return best(present, key=lambda name: by_arm[name][key])
+
+
 def summarize(by_arm: dict[str, dict]) -> dict:
-    """The derived trainer against the baseline: the four numbers of the summary line."""
-    base, derived = by_arm[BASELINE], by_arm["derived"]
+    """The recommended derived reading against the honest reference: the summary line's numbers.
+
+    tokens/s against the faster reference, memory against the smaller whole-process peak, set-up
+    against the shorter reference step."""
+    derived = by_arm[RECOMMENDED]
+    ref = best_reference(by_arm, "tok_s_median")
+    mem_ref = best_reference(by_arm, "process_peak_mb", best=min)
+    step_ref = best_reference(by_arm, "step_seconds_median", best=min)
+    step = by_arm[step_ref]["step_seconds_median"]
     return {
-        "tok_s_ratio": derived["tok_s_median"] / base["tok_s_median"],
-        "mem_ratio": derived["peak_mb"] / base["peak_mb"],
-        "derive_steps": derived["setup_seconds"] / base["step_seconds_median"],
-        "derive_weights_steps": derived["derive_seconds"] / base["step_seconds_median"],
+        "reading": RECOMMENDED, "reference": ref, "mem_reference": mem_ref,
+        "step_reference": step_ref,
+        "tok_s_ratio": derived["tok_s_median"] / by_arm[ref]["tok_s_median"],
+        "mem_ratio": derived["process_peak_mb"] / by_arm[mem_ref]["process_peak_mb"],
+        "train_mem_ratio": derived["train_peak_mb"] / by_arm[mem_ref]["train_peak_mb"],
+        "derive_steps": derived["setup_seconds"] / step,
+        "derive_weights_steps": derived["derive_seconds"] / step,
         "mfu": derived["mfu"],
+        **{f"vs_{name}_tok_s_ratio": derived["tok_s_median"] / by_arm[name]["tok_s_median"]
+           for name in REFERENCES if name in by_arm},
         **({"same_shape_tok_s_ratio": derived["tok_s_median"] / by_arm[SAME_SHAPE]["tok_s_median"],
-            "same_shape_mem_ratio": derived["peak_mb"] / by_arm[SAME_SHAPE]["peak_mb"]}
+            "same_shape_mem_ratio": derived["train_peak_mb"] / by_arm[SAME_SHAPE]["train_peak_mb"]}
            if SAME_SHAPE in by_arm else {}),
     }
 
 
 def summary_line(summary: dict) -> str:
     return ("bench: " + " ".join(f"{k}={summary[k]:.3g}" for k in
-                                 ("tok_s_ratio", "mem_ratio", "derive_steps", "mfu")))
+                                 ("tok_s_ratio", "mem_ratio", "derive_steps", "mfu"))
+            + f" reading={summary['reading']} reference={summary['reference']}")
+
+
+def time_to_target(curve: list[dict], target: float) -> dict | None:
+    """Tokens and training seconds at which the validation curve first reaches ``target``,
+    linearly interpolated between the two evaluations around the crossing; None if it never
+    does. ``curve``: evaluation points in training order, each with tokens, seconds, val_loss."""
+    for i, point in enumerate(curve):
+        if not point["val_loss"] <= target:  # (a NaN loss never reaches it)
+            continue
+        prev = curve[i - 1] if i else None
+        if prev is None or not math.isfinite(prev["val_loss"]):  # nothing to interpolate from
+            return {"tokens": float(point["tokens"]), "seconds": float(point["seconds"])}
+        frac = (prev["val_loss"] - target) / (prev["val_loss"] - point["val_loss"])
+        return {k: prev[k] + frac * (point[k] - prev[k]) for k in ("tokens", "seconds")}
+    return None
+
+
+def quality_target(quality: list[dict]) -> dict:
+    """The validation loss every arm is timed to: the tuned AdamW grid's final one when the grid
+    ran, else the best final one among the baselines (the arms that are not derived readings).
+
+    Only this run's values qualify: the bench evaluates on its own capped validation subset and
+    token budget, so a ledger trial's loss is not on the same scale."""
+    by_arm = {q["arm"]: q for q in quality}
+    if "adamw_grid" in by_arm:
+        return {"val_loss": by_arm["adamw_grid"]["val_loss_final"], "source": "adamw_grid"}
+    baselines = [q for q in quality if q["trainer"] not in DERIVED_READINGS]
+    if not baselines:
+        raise ValueError("no baseline among the quality arms to set the target")
+    best = min(baselines, key=lambda q: q["val_loss_final"])
+    return {"val_loss": best["val_loss_final"], "source": best["arm"]}
+
+
+def add_time_to_target(quality: list[dict]) -> dict:
+    """Each quality row gains ``to_target`` (tokens, seconds, and seconds with its set-up) or
+    None; returns the target."""
+    target = quality_target(quality)
+    for q in quality:
+        hit = time_to_target(q["curve"], target["val_loss"])
+        q["to_target"] = None if hit is None else {
+            **hit, "seconds_with_setup": hit["seconds"] + q.get("setup_seconds", 0.0)}
+    return target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,11 +381,13 @@ def _throughput_report() -> dict:
     tokens = settings.steps * settings.tokens_per_step
     tok_s = [tokens / s for s in seconds]
     steps_peak = vm_hwm_mb() if tracked else None
-    # The trainer's peak spans its set-up and its steps; the same-shape peer's set-up derives
-    # the derived trainer's shapes, which is not its own cost, so only its steps count.
+    # The trainer's peak after loading spans its set-up and its steps; the same-shape peer's
+    # set-up derives the derived trainer's shapes, which is not its own cost, so only its steps
+    # count there. The whole-process peak spans every phase, loading included.
     train_peak = (None if not tracked else steps_peak if arm.derived_shape
                   else max(a["setup_peak"], steps_peak))
-    process_peak = max(a["load_peak"], ru_maxrss_mb(), train_peak or 0.0)
+    process_peak = whole_process_peak([a["load_peak"], a["setup_peak"], steps_peak,
+                                       ru_maxrss_mb()])
     return {
         "arm": arm.name, "trainer": arm.trainer, **a["info"],
         "model_sha256": a["model_sha256"], "data_sha256": a["data_sha256"],
@@ -299,8 +396,8 @@ def _throughput_report() -> dict:
         "repeat_seconds": seconds, "tok_s": tok_s,
         "tok_s_median": statistics.median(tok_s), "tok_s_min": min(tok_s),
         "tok_s_max": max(tok_s), "step_seconds_median": statistics.median(seconds) / settings.steps,
-        "peak_mb": train_peak if train_peak is not None else process_peak,
-        "peak_mb_scope": "training" if train_peak is not None else "process",
+        "peak_mb": process_peak, "peak_mb_scope": "process",
+        "train_peak_mb": train_peak if train_peak is not None else process_peak,
         "process_peak_mb": process_peak, "load_peak_mb": a["load_peak"],
         "setup_peak_mb": a["setup_peak"], "steps_peak_mb": steps_peak,
         "all_finite": all(math.isfinite(x) for x in a["losses"]),
@@ -330,8 +427,10 @@ def measure_quality(cfg: RunConfig, arm: Arm, settings: BenchSettings, runs_dir:
         "train_seconds": r.train_seconds, "eval_seconds": r.eval_seconds,
         "wall_seconds": time.perf_counter() - wall, "stop_reason": r.stop_reason,
         "val_loss_initial": r.evals[0].val_loss, "val_loss_final": r.evals[-1].val_loss,
-        "curve": [{"tokens": e.tokens, "val_loss": e.val_loss} for e in r.evals],
         "eval_every": budget.eval_every, "eval_examples": budget.eval_examples,
+        "curve": [{"tokens": e.tokens, "seconds": e.seconds, "val_loss": e.val_loss}
+                  for e in r.evals],
+        "setup_seconds": extra.get("setup_seconds", 0.0),
         "tuning_tokens": extra.get("tuning_tokens", r.tokens),
         "tuning_seconds": extra.get("tuning_seconds", r.train_seconds),
         "best_lr": extra.get("best_lr"), "grid_points": extra.get("grid_points"),
@@ -369,7 +468,7 @@ def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None,
     stopping certificate off.
     """
     overrides: dict = {}
-    if arm.trainer == "derived":
+    if arm.trainer in DERIVED_READINGS:
         overrides["certificate"] = certificate
         if rows_per_pass:
             overrides["micro_batch"] = rows_per_pass
@@ -383,13 +482,17 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
     """A ready trainer and what to say about its adapters (rank, targets, set-up cost)."""
     trainer_cfg = _trainer_config(arm, loaded.model, rows_per_pass)
     quiet = Console(file=io.StringIO())
-    if arm.trainer == "derived":
+    if arm.stock:  # the stock recipe: the learning rate is the only setting it takes from here
+        trainer = StockPeftTrainer(loaded.model, trainer_cfg.lr, rows_per_pass)
+        return trainer, {"adapters": trainer.adapters, "optimizer": "adamw", "lr": trainer_cfg.lr}
+    if arm.trainer in DERIVED_READINGS:
         setup = setup_derived(replace(cfg, trainer=trainer_cfg), loaded, splits, pad_id, quiet)
         ranks = [s.rank for s in setup.trainer.adapters.specs.values()]
         return setup.trainer, {
             "adapters": f"derived: rank {min(ranks)}-{max(ranks)} on {len(ranks)} matrices",
             "derive_seconds": setup.derive_seconds, "setup_seconds": setup.setup_seconds,
             "derived_batch_size": setup.trainer.batch_size, "rank_total": sum(ranks),
+            "setup_phases": setup.phase_seconds,
         }
     patterns, adapters = None, None
     if arm.derived_shape:  # the shapes come from the derivation (not timed: not this arm's cost)
@@ -480,31 +583,40 @@ def _print_tables(row: dict, path: Path) -> None:
               f"{' (quick)' if s['quick'] else ''}; peak matmul "
               f"{row['peak_matmul']['flops_per_second'] / 1e9:.1f} GFLOP/s "
               f"(float32 {row['peak_matmul']['n']}^3)", highlight=False)
-    base = next(r for r in row["throughput"] if r["arm"] == BASELINE)
-    table = Table(title="throughput and memory (ratios to PEFT AdamW r=8 q/v)")
+    summary = row["summary"]
+    ref = next(r for r in row["throughput"] if r["arm"] == summary["reference"])
+    table = Table(title=f"throughput and memory (ratios to {ref['arm']}: {ref['adapters']}, the "
+                        "faster q/v reference; peak MB: the whole process, loading included)")
     for col in ("trainer", "adapters", "tok/s median", "min-max", "ratio", "peak MB", "ratio",
                 "MFU"):
         table.add_column(col)
     for r in row["throughput"]:
         table.add_row(r["arm"], r["adapters"], f"{r['tok_s_median']:.0f}",
                       f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}",
-                      f"{r['tok_s_median'] / base['tok_s_median']:.3f}", f"{r['peak_mb']:.0f}",
-                      f"{r['peak_mb'] / base['peak_mb']:.3f}", f"{r['mfu']:.4f}")
+                      f"{r['tok_s_median'] / ref['tok_s_median']:.3f}", f"{r['peak_mb']:.0f}",
+                      f"{r['peak_mb'] / ref['peak_mb']:.3f}", f"{r['mfu']:.4f}")
     out.print(table)
-    table = Table(title=f"quality per compute ({s['quality_tokens']} training tokens each)")
+    target = row["quality_target"]
+    table = Table(title=f"quality per compute ({s['quality_tokens']} training tokens each; target "
+                        f"val {target['val_loss']:.4f}, {target['source']}'s final)")
     for col in ("trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
-                "s incl. tuning", "stop"):
+                "s incl. tuning", "to target: tokens", "s (+ set-up)", "stop"):
         table.add_column(col)
     for q in row["quality"]:
+        hit = q["to_target"]
         table.add_row(q["arm"], str(q["tokens"]), f"{q['val_loss_initial']:.4f}",
                       f"{q['val_loss_final']:.4f}", f"{q['train_seconds']:.1f}",
-                      str(q["tuning_tokens"]), f"{q['tuning_seconds']:.1f}", q["stop_reason"])
+                      str(q["tuning_tokens"]), f"{q['tuning_seconds']:.1f}",
+                      "never" if hit is None else f"{hit['tokens']:.0f}",
+                      "never" if hit is None else
+                      f"{hit['seconds']:.1f} ({hit['seconds_with_setup']:.1f})", q["stop_reason"])
     out.print(table)
-    derived = next(r for r in row["throughput"] if r["arm"] == "derived")
-    out.print(f"derived trainer: rank and targets are derived ({derived['adapters']}), not set "
+    derived = next(r for r in row["throughput"] if r["arm"] == summary["reading"])
+    step = next(r for r in row["throughput"] if r["arm"] == summary["step_reference"])
+    phases = ", ".join(f"{k} {v:.2f}s" for k, v in derived.get("setup_phases", {}).items())
+    out.print(f"{derived['arm']}: rank and targets are derived ({derived['adapters']}), not set "
               f"to the baseline's; set-up of all 15 hyperparameters "
-              f"{derived['setup_seconds']:.2f}s (from the weights alone "
-              f"{derived['derive_seconds']:.2f}s); one baseline step "
-              f"{base['step_seconds_median']:.3f}s", highlight=False)
+              f"{derived['setup_seconds']:.2f}s ({phases}); one {step['arm']} step "
+              f"{step['step_seconds_median']:.3f}s", highlight=False)
     out.print(f"model FLOPs: {FLOPS_FORMULA}", highlight=False)
     out.print(f"bench row {path}; `make results` renders docs/performance.md", highlight=False)

@@ -58,11 +58,29 @@ def reset_peak_rss() -> bool:
 
 
 def vm_hwm_mb() -> float | None:
-    """Peak resident set since the last reset (VmHWM, KiB in /proc/self/status)."""
+    """Peak resident set since the last reset (VmHWM in /proc/self/status)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+        return parse_vm_hwm_mb(Path("/proc/self/status").read_text())
     except OSError:
-        pass
+        return None
+
+
+def parse_vm_hwm_mb(status: str) -> float | None:
+    """VmHWM of a /proc/<pid>/status text, in MB (the kernel writes kB); None if absent."""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            value, unit = line.split()[1:3]
+            if unit != "kB":
+                raise ValueError(f"VmHWM in unexpected unit {unit!r}")
+            return int(value) / 1024.0
     return None
+
+
+def whole_process_peak(readings: list[float | None]) -> float:
+    """The process's peak over every phase, from the peaks read phase by phase (the peak is
+    reset between phases, so no one reading spans them all); None readings (a phase whose peak
+    could not be read apart) are skipped."""
+    known = [r for r in readings if r is not None]
+    if not known:
+        raise ValueError("no memory reading to take the peak of")
+    return max(known)

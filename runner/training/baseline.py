@@ -77,14 +77,17 @@ class BaselineTrainer:
             self.optimizer, lambda s: lr_factor(s, total_steps, cfg)
         )
         self.total_steps = total_steps
+        self.training = False  # whether train_mode is in force (model and optimizer)
 
     def train_mode(self) -> None:
         """Schedule-Free evaluates at a different point (x) than it trains at (y)."""
+        self.training = True
         self.model.train()
         if hasattr(self.optimizer, "train"):
             self.optimizer.train()
 
     def eval_mode(self) -> None:
+        self.training = False
         self.model.eval()
         if hasattr(self.optimizer, "eval"):
             self.optimizer.eval()
@@ -109,16 +112,15 @@ class BaselineTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def step(self, batch) -> StepLog:
-        self.train_mode()
+        if not (self.training and self.model.training):  # a walk over every module: once, and
+            self.train_mode()                            # again only after an evaluation
         out = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          labels=batch.labels)
         loss = out.loss
         if not torch.isfinite(loss):
             return StepLog(loss=float(loss.detach()))
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.params, self.cfg.max_grad_norm if self.cfg.max_grad_norm else float("inf")
-        )
+        grad_norm = self._grad_norm()
         if not torch.isfinite(grad_norm):  # diverged: weights and optimizer stay as they are
             self.optimizer.zero_grad(set_to_none=True)
             return StepLog(loss=float(loss.detach()), extra={"grad_norm": float(grad_norm)})
@@ -127,3 +129,11 @@ class BaselineTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepLog(loss=float(loss.detach()), extra={"lr": lr, "grad_norm": float(grad_norm)})
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' total 2-norm, clipped to ``max_grad_norm`` when one is set. Without
+        one only the norm is computed: clipping to infinity would multiply every gradient by
+        exactly 1, a pass over them that changes nothing."""
+        if self.cfg.max_grad_norm:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
