@@ -7,7 +7,8 @@ the bench rows under `results/bench/`, and writes:
 - the README's claims section, `docs/claims.md` and `results/claims.json` (claims_pages);
 - `docs/experiments/<experiment>.md` with figures under `docs/experiments/figures/`
   (experiment_pages);
-- `docs/performance.md` with figures under `docs/performance/` (performance_page).
+- `docs/performance.md` with figures under `docs/performance/` (performance_page);
+- the recommended reading in the README and `docs/derivations.md` (readings_page).
 Output depends only on the ledger's content (sorted, no timestamps, floats rounded, PNGs
 without metadata), and a file is only rewritten when its bytes change, so a second run, or a
 run on another machine with the same package versions, changes nothing.
@@ -24,6 +25,7 @@ from runner.report import claims_pages, experiment_pages
 from runner.report.format import write_all
 from runner.report.ledger import LedgerError, read_trials, registered_claims
 from runner.report.performance_page import build_performance
+from runner.report.readings_page import build_readings
 from runner.report.runs_page import build_runs
 
 EXPERIMENTS_DIR = "experiments"
@@ -64,6 +66,8 @@ def build_all(results_dir: Path, docs_dir: Path, readme: Path,
     changed += [p for p in build_claims(results_dir, docs_dir, readme, claims_json)
                 if p not in changed]
     changed += build_performance(results_dir, docs_dir)
+    changed += [p for p in build_readings(results_dir, readme, docs_dir / "derivations.md")
+                if p not in changed]
     return changed
 
 

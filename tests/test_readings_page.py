@@ -1,0 +1,57 @@
+"""The recommended reading is computed from the ledger: ranking, provisional vs recommended,
+shared trials counted once, and the block written between its markers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runner.derived.step import READINGS
+from runner.report.readings_page import BEGIN, END, FAIR, SEEDS, build_readings, readings_block
+
+
+def row(arm: str, seed: int, loss: float, experiment: str = FAIR, **extra) -> dict:
+    return {"run_id": f"{arm}-{seed}-{extra.get('shared_from', '')}", "experiment": experiment,
+            "arm": arm, "claim_arm": arm, "seed": seed, "status": "ok",
+            "config_hash": f"{arm}{seed}", "metrics": {"val_loss_final": loss, "tokens": 16000,
+                                                      "train_seconds": 100.0}, **extra}
+
+
+def test_best_reading_is_provisional_until_every_reading_has_all_seeds() -> None:
+    rows = [row("derived_matched_mass", s, 3.30 + 0.01 * s) for s in range(SEEDS)]
+    rows += [row("derived", s, 3.48) for s in range(SEEDS)]
+    rows += [row("sgd", s, 3.45) for s in range(SEEDS)]
+    rows += [row("adamw_grid", s, 2.95) for s in range(SEEDS)]
+    text = readings_block(rows)
+    assert "**Provisionally best reading: `derived_matched_mass`**" in text
+    assert "0.1600 nats below the next reading (`derived`)" in text  # 3.48 - 3.32
+    assert "+0.1300 nats against plain SGD" in text
+    assert "-0.3700 nats against the best other baseline (`adamw_grid`)" in text
+    assert "`derived_uniform` has 0 of 5 seeds" in text
+    complete = rows + [row(r, s, 3.5) for r in READINGS
+                       if r not in ("derived", "derived_matched_mass") for s in range(SEEDS)]
+    text = readings_block(complete)
+    assert "**Recommended reading: `derived_matched_mass`**" in text and "Provisional" not in text
+
+
+def test_a_shared_trial_counts_once_and_other_experiments_not_at_all() -> None:
+    rows = [row("derived_uniform", 0, 3.5), row("derived_uniform", 0, 3.5, shared_from="x"),
+            row("derived_uniform", 1, 3.0, experiment="smollm2_claims")]
+    assert "| `derived_uniform` | reading | 1 | 3.5000 ± 0.0000 |" in readings_block(rows)
+
+
+def test_no_fair_trials_says_so() -> None:
+    assert "no reading is recommended" in readings_block([row("derived", 0, 3.0, "quickstart")])
+
+
+def test_block_goes_between_markers_in_readme_and_derivations(tmp_path: Path) -> None:
+    (tmp_path / "trials").mkdir()
+    r = row("derived_tail_start", 0, 3.4)
+    (tmp_path / "trials" / "a.json").write_text(json.dumps(r))
+    readme, derivations = tmp_path / "README.md", tmp_path / "derivations.md"
+    for path in (readme, derivations):
+        path.write_text(f"intro\n{BEGIN}\nold\n{END}\nrest\n")
+    assert set(build_readings(tmp_path, readme, derivations)) == {readme, derivations}
+    assert "(docs/claims.md)" in readme.read_text() and "old" not in readme.read_text()
+    assert "(claims.md)" in derivations.read_text()
+    assert build_readings(tmp_path, readme, derivations) == []  # byte-stable
