@@ -44,6 +44,8 @@ HASHED_TASK_KEYS = ("name", "top", "adapter", "trials")
 UNHASHED_HARDWARE_KEYS = ("threads",)  # the same trial on more cores: same result
 # Data options added after the first trials were recorded: hashed and compared only when set.
 LATE_DATA_KEYS = ("replay_fraction", "generation_examples", "max_new_tokens")
+# The same for claim_overrides (first_seed: a confirmatory experiment's seeds).
+LATE_OVERRIDE_KEYS = ("first_seed",)
 PATCH_DIR = "patches"
 
 # Every metric a trained trial records under `metrics.` (the claims schema refuses a rule whose
@@ -92,6 +94,9 @@ def hashed_config(config: dict) -> dict:
     out = {k: config[k] for k in HASHED_KEYS if k in config}
     if "data" in out:
         out["data"] = comparable_data(out["data"])
+    if isinstance(out.get("claim_overrides"), dict):
+        out["claim_overrides"] = {k: v for k, v in out["claim_overrides"].items()
+                                  if not (k in LATE_OVERRIDE_KEYS and v is None)}
     if "task" in out:
         out["task"] = {k: v for k, v in out["task"].items() if k in HASHED_TASK_KEYS}
     if "hardware" in out:

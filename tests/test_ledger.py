@@ -187,3 +187,31 @@ def test_wandb_online_mode_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="tracking.mode"):
         to_run_config(compose_config(["tracking=wandb", "tracking.mode=online"]))
+
+
+def test_committed_trials_keep_their_config_hash() -> None:
+    """Golden: every trained trial in the committed ledger, rebuilt from its stored config with
+    today's schema, hashes to the config_hash it was recorded with -- a new config key left in
+    the hash (instead of LATE_* in runner.trial) would orphan them all, and task=claims would
+    train them again."""
+    from omegaconf import OmegaConf, open_dict
+    from support import compose_config
+
+    from runner.config.load import to_run_config
+    from runner.trial import config_hash
+
+    checked = 0
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted((root / "results" / "trials").glob("*.json")):
+        row = json.loads(path.read_text())
+        if row.get("status") == "skipped" or row.get("shared_from") or "metrics" not in row \
+                or "val_loss_final" not in row["metrics"]:
+            continue
+        stored = row["config"]
+        base = compose_config([f"trainer={stored['trainer']['name']}",
+                               f"model={stored['model']['id']}"])
+        with open_dict(base):
+            cfg = OmegaConf.merge(base, stored)
+        assert config_hash(to_run_config(cfg)) == row["config_hash"], path.name
+        checked += 1
+    assert checked >= 30
