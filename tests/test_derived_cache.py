@@ -174,3 +174,24 @@ def _untimed(value, drop: frozenset | set = frozenset()):
     if isinstance(value, list):
         return [_untimed(v, drop) for v in value]
     return value
+
+
+@pytest.mark.parametrize("hardware", ["jax_cpu", "mlx"])
+def test_array_backends_read_their_own_entries_bitwise(hardware: str, tmp_path: Path) -> None:
+    """MLX and JAX store and read their own frames (numpy through safetensors) bit for bit."""
+    pytest.importorskip("jax" if hardware == "jax_cpu" else "mlx.core")
+    from runner.hardware import setup_hardware
+
+    runs, seen = tmp_path / "runs", []
+    for _ in range(2):
+        cfg, loaded, splits, pad = _inputs(runs, (f"hardware={hardware}",
+                                                  "trainer.certificate=false"))
+        setup_hardware(cfg.hardware)
+        s = setup_derived(cfg, loaded, splits, pad, None)
+        seen.append((s.cache, json.dumps(s.derived.to_dict(), sort_keys=True), s.noise,
+                     {n: [np.asarray(x) for x in t] for n, t in s.trainer.ops.host_usv().items()}))
+    (cache0, derived0, noise0, usv0), (cache1, derived1, noise1, usv1) = seen
+    assert (cache0, cache1) == ("miss", "hit")
+    assert derived0 == derived1 and noise0 == noise1
+    assert usv0.keys() == usv1.keys()
+    assert all(np.array_equal(a, b) for n in usv0 for a, b in zip(usv0[n], usv1[n], strict=True))

@@ -210,8 +210,11 @@ def residual_scales_cached(ops, cache: SetupCache | None, blocks: list[str],
 def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: int,
                   rule) -> None:
     """``ops.attach``, the starting frames (U, V per matrix) read from ``cache`` when stored;
-    a random start depends on the seed and is drawn every time."""
-    if cache is None or init == "random":
+    a random start depends on the seed and is drawn every time. The tail start computes its
+    frames every time: with frames read back (bitwise equal, in other allocations) its
+    certificate's generation statistics differ in the last bits on torch (cause not found), and
+    a resumed run must reproduce an uninterrupted one exactly."""
+    if cache is None or init == "random" or rule.start.value == "tail":
         ops.attach(specs, init, seed, rule)
         return
     inputs = {"init": init, "frames": {n: [s.rank, s.first_index] for n, s in specs.items()}}
