@@ -426,6 +426,31 @@ def derive_hyperparameters(
                              erank_variant=erank_variant, spectrum=spectrum)
 
     layers = tuple(map_fn(one, weights.items()))
+    return derive_from_layers(layers, n_train=n_train, batches_per_epoch=batches_per_epoch,
+                              dtype_eps=dtype_eps, noise=noise, residual_scales=residual_scales,
+                              stopping_window=stopping_window, erank_variant=erank_variant)
+
+
+def derive_from_layers(
+    layers: Iterable[LayerGeometry], *, n_train: int, batches_per_epoch: int, dtype_eps: float,
+    noise: NoiseScale | None = None, residual_scales: Mapping[str, float] | None = None,
+    stopping_window: int = 5, erank_variant: ErankVariant = "roy_vetterli",
+) -> DerivedHyperparameters:
+    """Steps 2 and 3 of :func:`derive_hyperparameters` from per-matrix geometry already
+    computed by :func:`analyze_layer` with the same ``n_train``, ``dtype_eps`` and
+    ``erank_variant`` (e.g. kept from an earlier run on the same weights): the global
+    sigma_k,min / sigma_max and the 15 records.
+
+    **Source**: SEED-SPEC, "The 15 derivations" (our reading column).
+
+    **Invariants**: ``derive_from_layers(analyze_layer(...) for each matrix, ...)`` equals
+    ``derive_hyperparameters(...)`` (``test_derive_from_layers_is_derive_hyperparameters``).
+    """
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers must contain at least one matrix")
+    if n_train < 1 or batches_per_epoch < 1 or not dtype_eps > 0:
+        raise ValueError("need n_train >= 1, batches_per_epoch >= 1 and dtype_eps > 0")
     # 2. global spectral scale over targeted matrices
     targets = [g for g in layers if g.target] or list(layers)
     sk_min = min(g.sigma_k for g in targets)

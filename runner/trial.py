@@ -57,7 +57,9 @@ TRAIN_METRICS = (
     "adapter_reload_max_abs_diff",
 )
 GRID_METRICS = ("grid", "best_lr", "tuning_tokens", "tuning_seconds", "grid_points")
-DERIVED_METRICS = ("derive_seconds", "setup_seconds")
+# setup_cache: whether the set-up's seed-independent steps came from runner.derived.cache
+# ("hit", "miss" or "partial").
+DERIVED_METRICS = ("derive_seconds", "setup_seconds", "setup_cache")
 CHECK_METRICS = ("value", "expected", "abs_error", "tolerance")
 # task=dimension_profile (runner/tasks/dimension_profile.py): its options and the profile.
 PROFILE_METRICS = ("id_profile", "semantic_highway", "points", "pooling", "resamples",

@@ -33,8 +33,9 @@ DERIVED = [TRAIN, ONE_THREAD, "trainer=derived", "budget.max_tokens=1200", "budg
 GRID = [TRAIN, ONE_THREAD, "trainer=adamw_grid", "trainer.lr_grid=[1e-4,1e-3]",
         "budget.max_tokens=1500", "budget.eval_every=2", "budget.eval_examples=8",
         "data.max_examples=120"]
+# (and setup_cache: the resumed run reads the set-up its interrupted start stored)
 TIMING = {"train_seconds", "wall_seconds", "tokens_per_second", "peak_rss_mb", "derive_seconds",
-          "setup_seconds", "tuning_seconds"}
+          "setup_seconds", "tuning_seconds", "setup_cache"}
 
 
 def _ledger(tmp: Path) -> list[str]:

@@ -117,20 +117,28 @@ class ArrayOps:
 
 
 
-    def attach(self, specs: dict, init: str, seed: int, rule) -> None:
+    def attach(self, specs: dict, init: str, seed: int, rule, frames: dict | None = None) -> None:
         """U, V from W's singular vectors (one compilation per weight shape: the frames are
-        padded to the largest rank among that shape's adapters), S = 0."""
+        padded to the largest rank among that shape's adapters), S = 0. ``frames``: the
+        starting (U, V) by name, computed before for these specs and ``init`` (numpy or CPU
+        torch tensors; else computed here)."""
+        if frames is None:
+            frames = self._initial_frames(specs, init, seed)
+        else:
+            frames = {n: tuple(np.asarray(x) for x in uv) for n, uv in frames.items()}
+        self.adapters = BackendAdapters(specs, self, self.pack(specs, frames))
+        self.seed = seed
+        self.bounds = self.pack_bounds({n: rule.bounds(sp) for n, sp in specs.items()})
+
+    def _initial_frames(self, specs: dict, init: str, seed: int) -> dict:
         weights = self.candidate_weights()
         widths: dict[tuple, int] = {}
         for name, spec in specs.items():
             shape = tuple(weights[name].shape)
             widths[shape] = max(widths.get(shape, 0), spec.rank)
-        frames = {name: initial_frames(self, weights[name], spec, init, seed,
-                                       widths[tuple(weights[name].shape)])
-                  for name, spec in specs.items()}
-        self.adapters = BackendAdapters(specs, self, self.pack(specs, frames))
-        self.seed = seed
-        self.bounds = self.pack_bounds({n: rule.bounds(sp) for n, sp in specs.items()})
+        return {name: initial_frames(self, weights[name], spec, init, seed,
+                                     widths[tuple(weights[name].shape)])
+                for name, spec in specs.items()}
 
     def apply_start(self, rule, seed: int) -> None:
         """Move the adapters from the probe's start (S = 0) to the reading's: the tail start

@@ -137,9 +137,9 @@ class JaxOps(ArrayOps):
         self._frames = fns.frames
         self.grad_norm, self.add = fns.grad_norm, fns.add
 
-    def attach(self, specs: dict, init: str, seed: int, rule) -> None:
+    def attach(self, specs: dict, init: str, seed: int, rule, frames: dict | None = None) -> None:
         self._update = _jax_update(rule)
-        super().attach(specs, init, seed, rule)
+        super().attach(specs, init, seed, rule, frames)
 
     def array(self, x, dtype="float32"):
         return self.jnp.asarray(np.asarray(x), dtype=getattr(self.jnp, dtype))

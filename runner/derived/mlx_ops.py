@@ -151,6 +151,6 @@ class MlxOps(ArrayOps):
     def add(a, b):
         return add_grads(a, b)
 
-    def attach(self, specs: dict, init: str, seed: int, rule) -> None:
+    def attach(self, specs: dict, init: str, seed: int, rule, frames: dict | None = None) -> None:
         self.rule = rule
-        super().attach(specs, init, seed, rule)
+        super().attach(specs, init, seed, rule, frames)

@@ -50,7 +50,8 @@ def run_derived(cfg, loaded, splits, pad_id: int, console: Console) -> TrainOutc
     return TrainOutcome(
         model=peft_model, result=result, hyperparameters=hyperparameters,
         extra_metrics={"derive_seconds": setup.derive_seconds,
-                       "setup_seconds": setup.setup_seconds, "batch_size": trainer.batch_size,
+                       "setup_seconds": setup.setup_seconds, "setup_cache": setup.cache,
+                       "batch_size": trainer.batch_size,
                        "noise_b_simple": noise.b_simple,
                        "max_orth_error": max((s.get("orth_error", 0.0)
                                               for s in result.step_logs), default=0.0),

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import geometry
+from geometry.derivations import LayerGeometry, derive_from_layers
 from geometry.readings import matched_steps
+from runner.derived.cache import SetupCache, tensor_digest
 from runner.derived.certificate import calibration_batch
 from runner.derived.ops import make_ops
 from runner.derived.spec import (
@@ -34,6 +36,8 @@ class DerivedSetup:
     derive_seconds: float  # rows 1-7 and 9-14 from the weights
     setup_seconds: float  # all 15 rows: the weights, the residual scales and the noise scale
     phase_seconds: dict[str, float] = field(default_factory=dict)  # setup_seconds, by step
+    cache: str = "off"  # the seed-independent steps: read from the cache ("hit"), computed
+    #                     ("miss"), some of each ("partial"), or no cache ("off")
 
 
 def enum_value(x) -> str:
@@ -83,10 +87,17 @@ def setup_derived(cfg, loaded, splits, pad_id: int, console) -> DerivedSetup:
     if backend != "torch" and enum_value(cfg.hardware.dtype) != "float32":
         raise ConfigError(f"hardware.dtype={enum_value(cfg.hardware.dtype)}: the {backend} derived "
                           "trainer runs in float32 only")
-    return setup(cfg, make_ops(backend, loaded.model), splits, pad_id, console)
+    cache = SetupCache.for_run(cfg.runs_dir, loaded.model, backend=backend,
+                               device=str(cfg.hardware.device),
+                               dtype=enum_value(cfg.hardware.dtype))
+    return setup(cfg, make_ops(backend, loaded.model), splits, pad_id, console, cache)
 
 
-def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
+def setup(cfg, ops, splits, pad_id: int, console=None,
+          cache: SetupCache | None = None) -> DerivedSetup:
+    """:func:`setup_derived` on ``ops``; with ``cache``, the seed-independent steps (the
+    weights' geometry, the residual scales, the starting frames) are read from it where an
+    earlier run stored them, and stored where not."""
     tcfg, n_train = cfg.trainer, len(splits.train)
     rule = reading(tcfg.name)
     ops.prepare(splits)
@@ -94,8 +105,8 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
     # 1. Derive rows 1-7 and 9-14 from the weights (timed: it must cost < one training step).
     say(console, f"deriving: hyperparameters from the weights ({ops.name})")
     started = time.perf_counter()
-    derived = derive(ops, n_train, math.ceil(n_train / tcfg.micro_batch),
-                     enum_value(cfg.hardware.dtype), tcfg.erank_variant)
+    derived = derive_cached(ops, cache, n_train, math.ceil(n_train / tcfg.micro_batch),
+                            enum_value(cfg.hardware.dtype), tcfg.erank_variant)
     derive_seconds = time.perf_counter() - started
     phases, mark = {"weights": derive_seconds}, time.perf_counter()
 
@@ -108,13 +119,13 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
                  f"{derive_seconds:.1f}s)")
     blocks = target_blocks(derived)
     calib = calibration_batch(splits.train, pad_id, tcfg.micro_batch)
-    scales = {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
+    scales = residual_scales_cached(ops, cache, blocks, calib)
     lap("residual_scales")
 
     # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0; the S~ = c S
     #    readings carry no residual scale).
-    ops.attach(adapter_specs(derived, scales, scaled=rule.scaled), enum_value(tcfg.init),
-               cfg.seed, rule)
+    attach_cached(ops, cache, adapter_specs(derived, scales, scaled=rule.scaled),
+                  enum_value(tcfg.init), cfg.seed, rule)
     lap("attach")
 
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
@@ -149,4 +160,70 @@ def setup(cfg, ops, splits, pad_id: int, console=None) -> DerivedSetup:
                       f"{max(ranks)}, batch {trainer.batch_size} (B_simple {noise.b_simple:.1f}),"
                       f" MASS ceiling {records.mass_ceiling.value:.3g}, derived in "
                       f"{derive_seconds:.2f}s")
-    return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds, phases)
+    return DerivedSetup(trainer, derived, noise, derive_seconds, setup_seconds, phases,
+                        cache.summary if cache is not None else "off")
+
+
+# -- the seed-independent steps, through the cache ----------------------------------------------
+
+
+def derive_cached(ops, cache: SetupCache | None, n_train: int, batches_per_epoch: int,
+                  dtype: str, erank_variant: str) -> geometry.DerivedHyperparameters:
+    """:func:`derive`, its per-matrix geometry read from ``cache`` when stored (the records
+    that follow from it are cheap and rebuilt)."""
+    if cache is None:
+        return derive(ops, n_train, batches_per_epoch, dtype, erank_variant)
+    inputs = {"matrices": list(ops.candidate_weights()), "n_train": n_train,
+              "dtype_eps": DTYPE_EPS[dtype], "erank_variant": erank_variant}
+    layers = cache.lookup("weights", inputs, lambda entry: [
+        LayerGeometry(**{**g, "shape": tuple(g["shape"]), "init_range": tuple(g["init_range"])})
+        for g in entry.records])
+    if layers is not None:
+        return derive_from_layers(layers, n_train=n_train, batches_per_epoch=batches_per_epoch,
+                                  dtype_eps=DTYPE_EPS[dtype], erank_variant=erank_variant)
+    derived = derive(ops, n_train, batches_per_epoch, dtype, erank_variant)
+    cache.store("weights", inputs, [asdict(g) for g in derived.layers])
+    return derived
+
+
+def residual_scales_cached(ops, cache: SetupCache | None, blocks: list[str],
+                           calib) -> dict[str, float]:
+    """Row 15 by block, read from ``cache`` when stored (the calibration batch is the first
+    training examples: the same for every seed); a model whose own forward is random is
+    measured every time."""
+    def measure() -> dict[str, float]:
+        return {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
+
+    if cache is None or cache.random_forward:
+        return measure()
+    inputs = {"blocks": blocks,
+              "calibration": tensor_digest(calib.input_ids, calib.attention_mask)}
+    scales = cache.lookup("residual_scales", inputs,
+                          lambda entry: {b: float(entry.records[b]) for b in blocks})
+    if scales is not None:
+        return scales
+    scales = measure()
+    cache.store("residual_scales", inputs, scales)
+    return scales
+
+
+def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: int,
+                  rule) -> None:
+    """``ops.attach``, the starting frames (U, V per matrix) read from ``cache`` when stored;
+    a random start depends on the seed and is drawn every time. The tail start computes its
+    frames every time: with frames read back (bitwise equal, in other allocations) its
+    certificate's generation statistics differ in the last bits on torch (cause not found), and
+    a resumed run must reproduce an uninterrupted one exactly."""
+    if cache is None or init == "random" or rule.start.value == "tail":
+        ops.attach(specs, init, seed, rule)
+        return
+    inputs = {"init": init, "frames": {n: [s.rank, s.first_index] for n, s in specs.items()}}
+    frames = cache.lookup("frames", inputs, lambda entry: {
+        n: (entry.tensors[f"{n}.U"], entry.tensors[f"{n}.V"]) for n in specs})
+    if frames is not None:
+        ops.attach(specs, init, seed, rule, frames=frames)
+        return
+    ops.attach(specs, init, seed, rule)
+    cache.store("frames", inputs, sorted(specs),
+                {f"{n}.{side}": x for n, (u, _, v) in ops.host_usv().items()
+                 for side, x in (("U", u), ("V", v))})

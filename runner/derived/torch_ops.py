@@ -39,13 +39,14 @@ class FactoredAdapters(nn.Module):
     """U diag(S) V^T adapters applied to their Linears by forward hooks (no module surgery)."""
 
     def __init__(self, linears: dict[str, nn.Linear], specs: dict[str, AdapterSpec],
-                 init: str, seed: int):
+                 init: str, seed: int, frames: dict[str, tuple] | None = None):
         super().__init__()
         self.specs = specs
         self.keys = {name: name.replace(".", "__") for name in specs}
         self.U, self.S, self.V = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
         gen = torch.Generator().manual_seed(seed)
-        frames = self._frames(linears, specs, init, gen)
+        if frames is None:  # (given: the frames an earlier set-up computed for these specs)
+            frames = self._frames(linears, specs, init, gen)
         for name, spec in specs.items():
             u, v = frames[name]
             key = self.keys[name]
@@ -266,12 +267,18 @@ class TorchOps:
             scales[name] = geometry.residual_scale(x2, f2)
         return scales
 
-    def attach(self, specs: dict[str, AdapterSpec], init: str, seed: int, rule=None) -> None:
+    def attach(self, specs: dict[str, AdapterSpec], init: str, seed: int, rule=None,
+               frames: dict[str, tuple] | None = None) -> None:
         """Hook U diag(S) V^T adapters (S = 0) onto the frozen model: backward then computes
-        gradients only for U, S, V."""
+        gradients only for U, S, V. ``frames``: the starting (U, V) by name, computed before
+        for these specs and ``init`` (else computed here)."""
         self.model.requires_grad_(False)
         torch.manual_seed(seed)
-        self.adapters = FactoredAdapters(candidate_linears(self.model), specs, init, seed)
+        linears = candidate_linears(self.model)
+        if frames is not None:
+            frames = {n: tuple(x.to(linears[n].weight.device) for x in uv)
+                      for n, uv in frames.items()}
+        self.adapters = FactoredAdapters(linears, specs, init, seed, frames)
         self.model.train()
         threads = torch.get_num_threads()
         # (one torch thread per worker: see runner.training.runtime.worker_pool for why)

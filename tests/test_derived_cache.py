@@ -1,0 +1,197 @@
+"""The derived set-up's cache (runner.derived.cache): a warm cache gives the set-up of a cold
+one bit for bit without recomputing the cached steps; any change to the weights is another key;
+an unreadable entry is recomputed after one warning line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from support import compose_config
+
+import geometry
+from geometry.derivations import analyze_layer, derive_from_layers
+from runner.app import run_job
+from runner.config.load import to_run_config
+from runner.data import load_splits
+from runner.derived import setup as derived_setup
+from runner.derived.cache import CACHE_DIR, RECORDS, TENSORS
+from runner.derived.setup import setup_derived
+from runner.derived.torch_ops import FactoredAdapters, TorchOps
+from runner.models.loading import load_model
+from runner.tasks.train import resolve_data_path
+
+FAST = ["+experiment=quickstart", "task=train", "hardware.threads=1", "trainer=derived",
+        "budget.max_tokens=800", "budget.eval_every=4", "budget.eval_examples=8",
+        "data.max_examples=60", "model=tiny_llama"]
+
+
+def test_derive_from_layers_is_derive_hyperparameters() -> None:
+    """The records rebuilt from per-matrix geometry equal derive_hyperparameters' own."""
+    rng = np.random.default_rng(0)
+    weights = {f"m{i}": rng.standard_normal((24 + 8 * i, 16)) * (1 + i) for i in range(4)}
+    options = {"n_train": 40, "batches_per_epoch": 10, "dtype_eps": 2.0 ** -23}
+    direct = geometry.derive_hyperparameters(weights, **options)
+    rebuilt = derive_from_layers((analyze_layer(n, w, n_train=40, dtype_eps=2.0 ** -23)
+                                  for n, w in weights.items()), **options)
+    assert rebuilt == direct
+    assert json.dumps(rebuilt.to_dict()) == json.dumps(direct.to_dict())
+
+
+def _inputs(runs_dir: Path, extra: tuple[str, ...] = ()):
+    cfg = to_run_config(compose_config([*FAST, *extra, f"runs_dir={runs_dir}"]))
+    loaded = load_model(cfg.model)
+    splits = load_splits(resolve_data_path(cfg.data.path), loaded.tokenizer,
+                         max_seq_len=cfg.data.max_seq_len, val_fraction=cfg.data.val_fraction,
+                         retention_path=None, max_examples=cfg.data.max_examples)
+    return cfg, loaded, splits, loaded.tokenizer.pad_token_id
+
+
+def _setup(runs_dir: Path, extra: tuple[str, ...] = (), edit=None, use_cache: bool = True):
+    """One set-up on a freshly loaded tiny_llama; what it derived, as comparable values."""
+    cfg, loaded, splits, pad = _inputs(runs_dir, extra)
+    if edit is not None:
+        edit(loaded.model)
+    if use_cache:
+        s = setup_derived(cfg, loaded, splits, pad, None)
+    else:
+        s = derived_setup.setup(cfg, TorchOps(loaded.model), splits, pad)
+    state = s.trainer.ops.save_adapters()
+    s.trainer.ops.detach()
+    return {"cache": s.cache, "phases": s.phase_seconds, "state": state,
+            "derived": json.dumps(s.derived.to_dict(), sort_keys=True),
+            "noise": s.noise, "batch": s.trainer.batch_size}
+
+
+def _assert_same_setup(a: dict, b: dict) -> None:
+    assert a["derived"] == b["derived"]
+    assert a["noise"] == b["noise"] and a["batch"] == b["batch"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:  # bitwise: torch.equal on the same dtype
+        assert a["state"][k].dtype == b["state"][k].dtype and torch.equal(a["state"][k],
+                                                                         b["state"][k]), k
+
+
+def _refuse_recomputation(mp: pytest.MonkeyPatch) -> None:
+    """Make every cached step fail if it is computed instead of read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached set-up step was recomputed")
+
+    mp.setattr(derived_setup, "derive", refuse)
+    mp.setattr(TorchOps, "residual_scales", refuse)
+    mp.setattr(FactoredAdapters, "_frames", staticmethod(refuse))
+
+
+def test_a_warm_cache_gives_the_cold_setup_bitwise(tmp_path: Path) -> None:
+    """Seed 1 after seed 0 reads every seed-independent step; its set-up equals seed 1's
+    without a cache, and the steps it read cost nothing (they are not run)."""
+    runs = tmp_path / "runs"
+    cold = _setup(runs, ("seed=0",))
+    assert cold["cache"] == "miss"
+    assert len(list((runs / CACHE_DIR).iterdir())) == 3  # weights, residual scales, frames
+    uncached = _setup(tmp_path / "other", ("seed=1",), use_cache=False)
+    assert uncached["cache"] == "off"
+    with pytest.MonkeyPatch.context() as mp:
+        _refuse_recomputation(mp)
+        warm = _setup(runs, ("seed=1",))
+    assert warm["cache"] == "hit"
+    _assert_same_setup(warm, uncached)
+    assert warm["phases"]["attach"] < uncached["phases"]["attach"]
+
+
+def test_a_random_start_draws_its_frames_every_time(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _setup(runs, ("trainer.init=random",))
+    assert len(list((runs / CACHE_DIR).iterdir())) == 2  # no frames entry
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(derived_setup, "derive", lambda *a, **k: pytest.fail("recomputed"))
+        again = _setup(runs, ("trainer.init=random", "seed=3"))
+    assert again["cache"] == "hit"
+
+
+def test_one_changed_weight_misses_the_cache(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _setup(runs)
+
+    def nudge(model) -> None:  # the next float after one element of one decoder Linear
+        with torch.no_grad():
+            w = model.model.layers[0].mlp.down_proj.weight
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+
+    changed = _setup(runs, edit=nudge)
+    assert changed["cache"] == "miss"
+    assert len(list((runs / CACHE_DIR).iterdir())) == 6
+
+
+def test_an_unreadable_entry_is_recomputed_after_one_warning(tmp_path: Path, caplog) -> None:
+    runs = tmp_path / "runs"
+    cold = _setup(runs)
+    entries = sorted((runs / CACHE_DIR).iterdir())
+    frames = next(e for e in entries if (e / TENSORS).exists())
+    blob = bytearray((frames / TENSORS).read_bytes())
+    blob[-1] ^= 0x01  # one bit of one frame
+    (frames / TENSORS).write_bytes(bytes(blob))
+    other = next(e for e in entries if not (e / TENSORS).exists())
+    text = (other / RECORDS).read_text()
+    (other / RECORDS).write_text(text[: len(text) // 2])  # a partial entry
+    with caplog.at_level(logging.WARNING, logger="runner.derived.cache"):
+        again = _setup(runs)
+    warnings = [r for r in caplog.records if r.name == "runner.derived.cache"]
+    assert len(warnings) == 2 and all("recomputing" in r.getMessage() for r in warnings)
+    assert again["cache"] == "partial"
+    _assert_same_setup(again, cold)
+    assert _setup(runs)["cache"] == "hit"  # the recomputed entries were stored again
+
+
+def test_trial_rows_record_the_cache_and_stay_bitwise(tmp_path: Path) -> None:
+    """Seed 0 trained after seed 1 filled the cache records the same trial as seed 0 trained
+    cold; the row says which set-up read the cache."""
+    def row(seed: int, runs: str, results: str) -> dict:
+        return run_job(compose_config([*FAST, f"seed={seed}", f"runs_dir={tmp_path / runs}",
+                                       f"results_dir={tmp_path / results}"]))
+
+    cold = row(0, "runs-a", "results-a")
+    assert row(1, "runs-b", "results-b")["metrics"]["setup_cache"] == "miss"
+    warm = row(0, "runs-b", "results-c")
+    assert cold["metrics"]["setup_cache"] == "miss" and warm["metrics"]["setup_cache"] == "hit"
+    assert warm["derived"] == cold["derived"]
+    assert warm["config_hash"] == cold["config_hash"]
+    assert _untimed(warm["curves"]) == _untimed(cold["curves"])
+    assert (_untimed(warm["metrics"], {"setup_cache", "peak_rss_mb"})
+            == _untimed(cold["metrics"], {"setup_cache", "peak_rss_mb"}))
+
+
+def _untimed(value, drop: frozenset | set = frozenset()):
+    """``value`` without its clock readings (keys naming seconds or a rate per second) and the
+    keys in ``drop``."""
+    if isinstance(value, dict):
+        return {k: _untimed(v, drop) for k, v in value.items()
+                if "seconds" not in k and "per_second" not in k and k not in drop}
+    if isinstance(value, list):
+        return [_untimed(v, drop) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("hardware", ["jax_cpu", "mlx"])
+def test_array_backends_read_their_own_entries_bitwise(hardware: str, tmp_path: Path) -> None:
+    """MLX and JAX store and read their own frames (numpy through safetensors) bit for bit."""
+    pytest.importorskip("jax" if hardware == "jax_cpu" else "mlx.core")
+    from runner.hardware import setup_hardware
+
+    runs, seen = tmp_path / "runs", []
+    for _ in range(2):
+        cfg, loaded, splits, pad = _inputs(runs, (f"hardware={hardware}",
+                                                  "trainer.certificate=false"))
+        setup_hardware(cfg.hardware)
+        s = setup_derived(cfg, loaded, splits, pad, None)
+        seen.append((s.cache, json.dumps(s.derived.to_dict(), sort_keys=True), s.noise,
+                     {n: [np.asarray(x) for x in t] for n, t in s.trainer.ops.host_usv().items()}))
+    (cache0, derived0, noise0, usv0), (cache1, derived1, noise1, usv1) = seen
+    assert (cache0, cache1) == ("miss", "hit")
+    assert derived0 == derived1 and noise0 == noise1
+    assert usv0.keys() == usv1.keys()
+    assert all(np.array_equal(a, b) for n in usv0 for a, b in zip(usv0[n], usv1[n], strict=True))
