@@ -73,15 +73,24 @@ def run_job(cfg: DictConfig) -> object:
         raise
 
 
+WHAT_GOES_IN = {"runs_dir": "the adapters and checkpoints", "results_dir": "the ledger",
+                "task.output": "the export", "task.docs_dir": "the pages"}
+
+
 def check_output_dirs(run_cfg) -> None:
-    """Fail before any work if the ledger or the run folder cannot be a writable directory."""
-    for key in ("runs_dir", "results_dir"):  # the ad-hoc ledger lies under runs_dir
-        path = Path(getattr(run_cfg, key))
+    """Fail before any work if a folder the job writes (the ledger, the runs, an export, pages)
+    cannot be a writable directory. (The ad-hoc ledger lies under runs_dir.)"""
+    paths = {"runs_dir": run_cfg.runs_dir, "results_dir": run_cfg.results_dir,
+             "task.output": run_cfg.task.output, "task.docs_dir": run_cfg.task.docs_dir}
+    for key, value in paths.items():
+        if value is None:
+            continue
+        path = Path(value)
         existing = next(p for p in (path, *path.parents) if p.exists() or p == Path(p.anchor))
         if not existing.is_dir():
             what = "" if existing == path else f" ({existing} is a file)"
-            raise ConfigError(f"{key}={path}: not a directory{what}; give a folder for the "
-                              + ("ledger" if key == "results_dir" else "adapters and checkpoints"))
+            raise ConfigError(f"{key}={path}: not a directory{what}; give a folder for "
+                              + WHAT_GOES_IN[key])
         if not os.access(existing, os.W_OK | os.X_OK):
             raise ConfigError(f"{key}={path}: {existing} is not writable")
 

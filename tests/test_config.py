@@ -60,6 +60,8 @@ def test_defaults_are_typed() -> None:
         ("seed=abc", "seed: Value 'abc' of type 'str' could not be converted to Integer"),
         ("hardware.dtype=float64", "hardware.dtype: Invalid value 'float64'"),
         ("data.val_fraction=1.5", "data.val_fraction: must be in (0, 1)"),
+        ("data.generation_examples=-3", "data.generation_examples: must be >= 1"),
+        ("data.max_new_tokens=0", "data.max_new_tokens: must be >= 1"),
         ("model=nope", "Could not find 'model/nope'"),
         ("model=lfm2_350m", "model.path: missing required value"),
     ],
@@ -131,7 +133,7 @@ def test_claim_is_not_a_group_and_says_how_to_test_one() -> None:
     to_run_config(compose_config(["task=claims", "claims=[derived_beats_sgd]"]))  # the way
 
 
-@pytest.mark.parametrize("key", ["results_dir", "runs_dir"])
+@pytest.mark.parametrize("key", ["results_dir", "runs_dir", "task.output", "task.docs_dir"])
 def test_output_folder_that_is_a_file_fails_before_any_work(tmp_path: Path, key: str) -> None:
     afile = tmp_path / "afile"
     afile.write_text("not a folder")

@@ -24,14 +24,26 @@ def test_best_reading_is_provisional_until_every_reading_has_all_seeds() -> None
     rows += [row("adamw_grid", s, 2.95) for s in range(SEEDS)]
     text = readings_block(rows)
     assert "**Provisionally best reading: `derived_matched_mass`**" in text
-    assert "0.1600 nats below the next reading (`derived`)" in text  # 3.48 - 3.32
-    assert "+0.1300 nats against plain SGD" in text
-    assert "-0.3700 nats against the best other baseline (`adamw_grid`)" in text
+    assert "+0.1600 nats over 5 common seed(s) against the next reading (`derived`)" in text
+    assert "+0.1300 nats over 5 common seed(s) against plain SGD" in text
+    assert "-0.3700 nats over 5 common seed(s) against the best other baseline (`adamw_grid`)" \
+        in text
     assert "`derived_uniform` has 0 of 5 seeds" in text
     complete = rows + [row(r, s, 3.5) for r in READINGS
                        if r not in ("derived", "derived_matched_mass") for s in range(SEEDS)]
     text = readings_block(complete)
     assert "**Recommended reading: `derived_matched_mass`**" in text and "Provisional" not in text
+
+
+def test_a_diverged_seed_ranks_last_and_margins_use_common_seeds() -> None:
+    rows = [row("derived_uniform", s, 3.0) for s in range(3)] + [row("derived_uniform", 3,
+                                                                      float("nan"))]
+    rows += [row("derived_tail_start", s, 3.4) for s in range(4)]
+    rows += [row("sgd", s, 3.5) for s in (2, 3, 4)]
+    text = readings_block(rows)
+    assert "**Provisionally best reading: `derived_tail_start`**" in text
+    assert "(1 diverged)" in text
+    assert "+0.1000 nats over 2 common seed(s) against plain SGD" in text  # seeds 2 and 3
 
 
 def test_a_shared_trial_counts_once_and_other_experiments_not_at_all() -> None:
@@ -55,3 +67,21 @@ def test_block_goes_between_markers_in_readme_and_derivations(tmp_path: Path) ->
     assert "(docs/claims.md)" in readme.read_text() and "old" not in readme.read_text()
     assert "(claims.md)" in derivations.read_text()
     assert build_readings(tmp_path, readme, derivations) == []  # byte-stable
+
+
+def test_make_run_and_the_confirmation_name_the_ledgers_reading_once_it_is_decided() -> None:
+    """thesis.yaml (make run), smollm2_confirm.yaml and the bench name one reading; once the
+    fair test is complete it must be the one the ledger recommends."""
+    import yaml
+
+    from runner.report.readings_page import recommendation
+    from runner.tasks.bench import RECOMMENDED
+
+    root = Path(__file__).resolve().parents[1]
+    best, decided = recommendation(
+        [json.loads(p.read_text()) for p in (root / "results" / "trials").glob("*.json")])
+    named = {yaml.safe_load((root / "conf" / "experiment" / f"{x}.yaml").read_text())[
+        "defaults"][2]["override /trainer"] for x in ("thesis", "smollm2_confirm")}
+    assert named == {RECOMMENDED}
+    if decided:
+        assert best == RECOMMENDED, f"the ledger recommends {best}: update thesis/confirm/bench"

@@ -28,7 +28,7 @@ from runner.generation import (
 from runner.ledger import read_trials
 from runner.models.loading import load_model
 from runner.tasks.claims import plan_trials, run_claims
-from runner.tasks.family_geometry import geodesic_excess
+from runner.tasks.family_geometry import curvature_excess, geodesic_excess
 from runner.tasks.measured import MEASURED
 
 TINY = ["model=tiny_llama", "hardware.threads=1", "allow_dirty=true", "verify_adapter=false"]
@@ -175,9 +175,24 @@ def test_family_geometry_measures_two_families(tmp_path: Path) -> None:
     assert len(rows) == 3 and verdict.verdict in (VerdictWord.VALIDATED, VerdictWord.DISPROVEN)
     models = rows[0]["metrics"]["family_geometry"]["models"]
     assert [m["model_type"] for m in models] == ["llama", "qwen2"]
-    assert all(m["weight_excess"] >= 0 and m["activation_excess"] >= 0 for m in models)
+    assert all(math.isfinite(m["weight_excess"]) and math.isfinite(m["activation_excess"])
+               for m in models)
     gaps = [r["metrics"]["family_geometry"]["min_gap"] for r in rows]
     assert (verdict.verdict is VerdictWord.VALIDATED) == all(g >= 0.1 for g in gaps)
+
+
+def test_curvature_excess_is_zero_for_flat_high_dimensional_clouds_only() -> None:
+    """The raw excess grows with dimension on flat data; measured against its flat null the
+    excess of a flat 20-dimensional cloud is about 0 and a curved one (a Swiss roll) stays
+    clearly above it."""
+    rng = np.random.default_rng(0)
+    basis, _ = np.linalg.qr(rng.standard_normal((64, 20)))
+    flat = rng.standard_normal((400, 20)) @ basis.T  # flat, 20 dimensions, in R^64
+    assert geodesic_excess(flat, 10, np.random.default_rng(1)) > 0.3  # the raw bias
+    assert abs(curvature_excess(flat, 10, np.random.default_rng(1))) < 0.1
+    t = 1.5 * np.pi * (1 + 2 * rng.random(400))
+    roll = np.stack([t * np.cos(t), 20 * rng.random(400), t * np.sin(t)], axis=1)
+    assert curvature_excess(roll, 10, np.random.default_rng(1)) > 0.15
 
 
 def test_geodesic_excess_flat_line_and_curved_arc() -> None:

@@ -62,6 +62,10 @@ def _check_values(cfg: RunConfig) -> None:
     checks = [
         ("data.val_fraction", 0.0 < cfg.data.val_fraction < 1.0, "must be in (0, 1)"),
         ("data.max_seq_len", cfg.data.max_seq_len >= 8, "must be >= 8"),
+        ("data.generation_examples", cfg.data.generation_examples is None
+         or cfg.data.generation_examples >= 1, "must be >= 1"),
+        ("data.max_new_tokens", cfg.data.max_new_tokens is None or cfg.data.max_new_tokens >= 1,
+         "must be >= 1"),
         ("budget.max_tokens", cfg.budget.max_tokens > 0, "must be > 0"),
         ("budget.eval_every", cfg.budget.eval_every > 0, "must be > 0"),
         ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),

@@ -28,16 +28,20 @@ TELEMETRY = (("frame_motion", "frame motion"), ("s_at_bound_fraction", "S at a b
 
 
 def arm_trials(rows: list[dict], experiment: str) -> dict[str, list[dict]]:
-    """Finished trials of `experiment` by arm, one per (arm, config): a trial shared with a
-    second claim counts once."""
-    by_arm: dict[str, dict[str, dict]] = defaultdict(dict)
+    """Trained trials of `experiment` by arm, one per seed (a trial shared with a second claim
+    counts once); a run whose final loss is not finite (diverged) is kept and counts as lost."""
+    by_arm: dict[str, dict[int, dict]] = defaultdict(dict)
     for r in rows:
         if (r.get("experiment") != experiment or r.get("status") == "skipped"
-                or not isinstance((r.get("metrics") or {}).get("val_loss_final"), (int, float))):
+                or "val_loss_final" not in (r.get("metrics") or {})):
             continue
-        by_arm[r.get("claim_arm") or r.get("arm")].setdefault(r["config_hash"], r)
-    return {arm: sorted(trials.values(), key=lambda r: r["seed"])
-            for arm, trials in by_arm.items()}
+        by_arm[r.get("claim_arm") or r.get("arm")].setdefault(r["seed"], r)
+    return {arm: [t[s] for s in sorted(t)] for arm, t in by_arm.items()}
+
+
+def _loss(row: dict) -> float:
+    v = row["metrics"]["val_loss_final"]
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.inf
 
 
 def _values(trials: list[dict], key: str) -> list[float]:
@@ -50,8 +54,30 @@ def _values(trials: list[dict], key: str) -> list[float]:
 
 
 def _mean(trials: list[dict], key: str) -> float:
+    """Mean over seeds; the final loss of a diverged seed is infinite, so it ranks last."""
+    if key == "val_loss_final":
+        return math.fsum(map(_loss, trials)) / len(trials) if trials else math.nan
     vals = _values(trials, key)
     return math.fsum(vals) / len(vals) if vals else math.nan
+
+
+def _gap(a: list[dict], b: list[dict]) -> str:
+    """mean over the seeds both arms ran of b's final loss minus a's (positive: a is better)."""
+    la, lb = {r["seed"]: _loss(r) for r in a}, {r["seed"]: _loss(r) for r in b}
+    common = sorted(set(la) & set(lb))
+    if not common:
+        return "no common seed"
+    d = math.fsum(lb[s] - la[s] for s in common) / len(common)
+    return f"{d:+.4f} nats over {len(common)} common seed(s)"
+
+
+def recommendation(rows: list[dict]) -> tuple[str | None, bool]:
+    """(the best reading of the fair test, whether every reading has all its seeds)."""
+    readings = {a: t for a, t in arm_trials(rows, FAIR).items() if is_derived(a)}
+    if not readings:
+        return None, False
+    best = min(readings, key=lambda a: (_mean(readings[a], "val_loss_final"), a))
+    return best, all(len(readings.get(r, [])) >= SEEDS for r in READINGS)
 
 
 def readings_block(rows: list[dict], docs: str = "docs/") -> str:
@@ -62,13 +88,15 @@ def readings_block(rows: list[dict], docs: str = "docs/") -> str:
         return (f"No trials of the fair test (`+experiment={FAIR}`) in the ledger yet, so no "
                 "reading is recommended.")
     ranked = sorted(arms, key=lambda a: (_mean(arms[a], "val_loss_final"), a))
+    diverged = {a: sum(_loss(r) == math.inf for r in t) for a, t in arms.items()}
     header = ["arm", "kind", "seeds", "final val loss (mean ± sd)", "tokens", "train s",
               *[label for _, label in TELEMETRY]]
     body = []
     for arm in ranked:
         t = arms[arm]
         body.append([f"`{arm}`", "reading" if is_derived(arm) else "baseline", str(len(t)),
-                     mean_sd(_values(t, "val_loss_final")),
+                     mean_sd(_values(t, "val_loss_final"))
+                     + (f" ({diverged[arm]} diverged)" if diverged[arm] else ""),
                      num(_mean(t, "tokens"), 0), num(_mean(t, "train_seconds"), 0),
                      *[num(_mean(t, key), 4) if is_derived(arm) else DASH
                        for key, _ in TELEMETRY]])
@@ -90,23 +118,23 @@ def readings_block(rows: list[dict], docs: str = "docs/") -> str:
 def _choice(arms: dict[str, list[dict]], readings: dict[str, list[dict]]) -> list[str]:
     order = sorted(readings, key=lambda a: (_mean(readings[a], "val_loss_final"), a))
     best, loss = order[0], _mean(readings[order[0]], "val_loss_final")
-    missing = [r for r in sorted(READINGS) if len(readings.get(r, [])) < SEEDS]
+    missing = [r for r in sorted(READINGS) if len(readings.get(r, [])) < SEEDS]  # seeds, not rows
     word = "Recommended" if not missing else "Provisionally best"
     text = f"**{word} reading: `{best}`**, mean final validation loss {loss:.4f}"
     gaps = []
     if len(order) > 1:
-        gaps.append(f"{_mean(readings[order[1]], 'val_loss_final') - loss:.4f} nats below the "
-                    f"next reading (`{order[1]}`)")
+        gaps.append(f"{_gap(readings[best], readings[order[1]])} against the next reading "
+                    f"(`{order[1]}`)")
     if BASELINE in arms:
-        gaps.append(f"{_mean(arms[BASELINE], 'val_loss_final') - loss:+.4f} nats against plain "
-                    "SGD (positive: the reading is better)")
+        gaps.append(f"{_gap(readings[best], arms[BASELINE])} against plain SGD")
     baselines = sorted((a for a in arms if not is_derived(a) and a != BASELINE),
                        key=lambda a: (_mean(arms[a], "val_loss_final"), a))
     if baselines:
         top = baselines[0]
-        gaps.append(f"{_mean(arms[top], 'val_loss_final') - loss:+.4f} nats against the best "
-                    f"other baseline (`{top}`)")
-    lines = [text + (": " + "; ".join(gaps) if gaps else "") + "."]
+        gaps.append(f"{_gap(readings[best], arms[top])} against the best other baseline "
+                    f"(`{top}`)")
+    lines = [text + (" (differences: positive means the reading is better): " + "; ".join(gaps)
+                     if gaps else "") + "."]
     if missing:
         lines += ["", "Provisional: " + ", ".join(
             f"`{r}` has {len(readings.get(r, []))} of {SEEDS} seeds" for r in missing) + "."]

@@ -14,12 +14,14 @@ the middle decoder block m = ceil(L / 2):
 and measures each cloud's geodesic excess (`geodesic_excess`): the median over point pairs of
 d_graph / d_euclid - 1, with d_graph the shortest path in the symmetrised k-nearest-neighbour
 graph (k = `task.neighbours`, Isomap's geodesic estimate; Tenenbaum, de Silva & Langford 2000).
-A cloud sampled from a convex, flat set has an excess near 0 (paths hug straight lines); a
-curved or folded manifold gives a larger one. The row records, per model, both excesses and
+The raw excess also grows with the number of dimensions a cloud spreads over, so each cloud is
+measured against a flat null, a Gaussian sample with its own mean and covariance
+(`curvature_excess`): about 0 for a flat cloud, larger for a curved or folded one. The row records, per model, both excesses and
 their gap (activations minus weights), and `min_gap`, the smaller gap of the two families.
 
-Without a second model, or with one of the same model type, the trial cannot run here: it
-raises ModelError and task=claims records it as SKIPPED with that reason.
+Without a second model the trial cannot run here: it raises ModelError and task=claims records
+it as SKIPPED with that reason. A second model that does not load, or one of the same model
+type, is a configuration error (one line, nothing written).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import shortest_path
 
 from runner.config.schema import Architecture, ModelConfig, ModelSource, RunConfig
-from runner.errors import ModelError, UserError
+from runner.errors import ConfigError, ModelError, UserError
 from runner.hardware import setup_hardware
 from runner.ledger import stable_hash, utc_now, write_trial
 from runner.models.loading import LoadedModel, block_linears, load_model
@@ -63,9 +65,13 @@ def family_geometry_trial(cfg: RunConfig, claim: ClaimTag, provenance: Provenanc
 
     # 1. The two models; a second family must be given, and must be another architecture.
     first = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
-    second = load_model(other_model_config(cfg), dtype=hw.dtype, device=hw.torch_device)
+    other = other_model_config(cfg)  # unset: ModelError, a SKIPPED trial
+    try:
+        second = load_model(other, dtype=hw.dtype, device=hw.torch_device)
+    except ModelError as err:  # a given path that does not load is a mistake, not "absent"
+        raise ConfigError(f"task.other_model: {err}") from None
     if second.model_type == first.model_type:
-        raise ModelError(f"task.other_model={cfg.task.other_model}: model type "
+        raise ConfigError(f"task.other_model={cfg.task.other_model}: model type "
                          f"{second.model_type}, the same family as model={cfg.model.id}; "
                          "the claim needs two families")
 
@@ -107,8 +113,8 @@ def measure_model(cfg: RunConfig, loaded: LoadedModel, device: str, progress: Co
     positions = sample_positions(examples, cfg.task.points, cfg.task.pooling, rng)
     states = residual_states(loaded.model, examples, positions,
                              loaded.tokenizer.pad_token_id or 0, device, progress)[layer]
-    w = geodesic_excess(weights, cfg.task.neighbours, rng)
-    a = geodesic_excess(states, cfg.task.neighbours, rng)
+    w = curvature_excess(weights, cfg.task.neighbours, rng)
+    a = curvature_excess(states, cfg.task.neighbours, rng)
     return {"model_id": loaded.model_id, "model_type": loaded.model_type,
             "model_sha256": loaded.sha256, "layer": layer, "weight_points": len(weights),
             "activation_points": len(states), "weight_excess": w, "activation_excess": a,
@@ -129,6 +135,20 @@ def weight_rows(model, layer: int, points: int, rng: np.random.Generator) -> np.
     stacked = torch.cat(rows).numpy()
     chosen = rng.choice(len(stacked), size=min(points, len(stacked)), replace=False)
     return stacked[np.sort(chosen)]
+
+
+def curvature_excess(x: np.ndarray, k: int, rng: np.random.Generator) -> float:
+    """The cloud's geodesic excess above that of a flat cloud like it: a Gaussian sample with
+    the same size, mean and covariance (so the same spread over dimensions).
+
+    The kNN-graph excess grows with the number of dimensions a cloud spreads over even when it
+    is flat (a flat Gaussian of intrinsic dimension 20 in R^576, 1000 points, k = 10, gives
+    about 0.8), so alone it would rank a high-dimensional flat cloud as "curved"; subtracting
+    this null leaves what curvature adds. A flat cloud gives about 0, a curved one more."""
+    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
+    n = len(centred)
+    flat = rng.standard_normal((n, n)) @ centred / math.sqrt(max(n - 1, 1))  # cov = sample cov
+    return geodesic_excess(x, k, rng) - geodesic_excess(flat, k, rng)
 
 
 def geodesic_excess(x: np.ndarray, k: int, rng: np.random.Generator) -> float:

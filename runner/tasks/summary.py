@@ -39,8 +39,15 @@ def summary_lines(cfg: RunConfig, verdicts: list[Verdict]) -> list[str]:
             if row is not None:
                 by_arm.setdefault(row.get("arm", "?"), []).append(row)
         for arm, arm_rows in sorted(by_arm.items()):
-            lines.append("  " + _arm_line(arm, arm_rows))
-            adapters = sorted(r["adapter_path"] for r in arm_rows if r.get("adapter_path"))
+            ran = [r for r in arm_rows if r.get("status") != "skipped"]
+            if not ran:
+                lines.append(f"  {arm}: skipped ({arm_rows[0].get('skip_reason', 'no reason')})")
+                continue
+            if not any("val_loss_final" in (r.get("metrics") or {}) for r in ran):
+                lines.append(f"  {arm}: {len(ran)} measured trial(s), no training")
+                continue
+            lines.append("  " + _arm_line(arm, ran))
+            adapters = sorted(r["adapter_path"] for r in ran if r.get("adapter_path"))
             if adapters:
                 lines.append(f"    adapters: {adapters[0]}"
                              + (f" (+{len(adapters) - 1} more)" if len(adapters) > 1 else ""))
