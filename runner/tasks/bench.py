@@ -493,6 +493,9 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
             "derive_seconds": setup.derive_seconds, "setup_seconds": setup.setup_seconds,
             "derived_batch_size": setup.trainer.batch_size, "rank_total": sum(ranks),
             "setup_phases": setup.phase_seconds,
+            # hit / partial / miss of the seed-independent set-up cache (runner.derived.cache):
+            # a warm set-up is what every seed after the first pays
+            "setup_cache": setup.cache,
         }
     patterns, adapters = None, None
     if arm.derived_shape:  # the shapes come from the derivation (not timed: not this arm's cost)
@@ -616,7 +619,8 @@ def _print_tables(row: dict, path: Path) -> None:
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in derived.get("setup_phases", {}).items())
     out.print(f"{derived['arm']}: rank and targets are derived ({derived['adapters']}), not set "
               f"to the baseline's; set-up of all 15 hyperparameters "
-              f"{derived['setup_seconds']:.2f}s ({phases}); one {step['arm']} step "
+              f"{derived['setup_seconds']:.2f}s (cache {derived.get('setup_cache', '-')}; "
+              f"{phases}); one {step['arm']} step "
               f"{step['step_seconds_median']:.3f}s", highlight=False)
     out.print(f"model FLOPs: {FLOPS_FORMULA}", highlight=False)
     out.print(f"bench row {path}; `make results` renders docs/performance.md", highlight=False)
