@@ -192,6 +192,19 @@ def test_validated_when_significantly_better_than_min_effect(tmp_path: Path) -> 
     assert v.effect_unit == "nats" and not v.is_check and not v.smoke
 
 
+def test_no_verdict_before_every_registered_pair_is_in(tmp_path: Path) -> None:
+    """4 of 5 pre-registered pairs, all clearly better: INCONCLUSIVE until the fifth is in (no
+    optional stopping)."""
+    c = claim(tmp_path)  # trials: 5
+    a = [b - 0.10 for b in BASE]
+    rows = paired_rows(c, a, BASE)
+    last_seed_ids = {r["run_id"] for r in rows if r["seed"] == c.seeds[-1]}
+    v = decide(c, [r for r in rows if r["run_id"] not in last_seed_ids])
+    assert v.verdict is VerdictWord.INCONCLUSIVE and v.n == 4
+    assert v.reason == "4 of 5 paired trials in the ledger so far"
+    assert decide(c, rows).verdict is VerdictWord.VALIDATED
+
+
 def test_validated_is_as_strict_as_disproven(tmp_path: Path) -> None:
     # Better by 0.03 > min_effect 0.02 with p(d > 0) tiny, but not significantly above 0.02:
     # a point estimate past the boundary does not validate, as one short of it does not refute.

@@ -233,7 +233,9 @@ def _paired(claim: Claim, rows: list[dict]) -> dict[str, Any]:
             continue
         pairs.append((seed, va, vb, a["run_id"], b["run_id"]))
     ids = tuple(sorted(i for p in pairs for i in p[3:]))
-    if len(pairs) < 2:
+    # The rule fixes the number of seeds: no verdict before every pair is in (a test repeated as
+    # trials arrive, stopping at the first significant one, would not hold its alpha).
+    if len(pairs) + len(notes) < claim.trials or len(pairs) < 2:
         return {**_not_run(claim, len(pairs), "paired trials"), "trial_ids": ids,
                 "details": {"notes": notes}}
     a_vals = np.array([p[1] for p in pairs])
