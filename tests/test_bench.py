@@ -16,7 +16,8 @@ from runner.app import run_job
 from runner.config.load import to_run_config
 from runner.report import build_all
 from runner.report.performance_page import build_performance
-from runner.tasks.bench import ARMS, QUICK, bench_settings, fixed_batches, summary_line
+from runner.tasks.bench import ARMS, QUICK, bench_settings, fixed_batches
+from runner.tasks.bench_summary import summary_line
 from runner.tasks.train import config_hash
 
 LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+) "

@@ -11,15 +11,10 @@ import torch
 from support import compose_config
 
 from runner.config.load import to_run_config
-from runner.tasks.bench import (
-    best_reference,
-    fixed_batches,
-    quality_target,
-    summarize,
-    time_to_target,
-)
+from runner.tasks.bench import fixed_batches
 from runner.tasks.bench_process import parse_vm_hwm_mb, vm_hwm_mb, whole_process_peak
 from runner.tasks.bench_reference import StockPeftTrainer
+from runner.tasks.bench_summary import best_reference, quality_target, summarize, time_to_target
 
 CURVE = [{"tokens": 0, "seconds": 0.0, "val_loss": 3.0},
          {"tokens": 100, "seconds": 10.0, "val_loss": 2.0},

@@ -75,7 +75,7 @@ def test_make_run_and_the_confirmation_name_the_ledgers_reading_once_it_is_decid
     import yaml
 
     from runner.report.readings_page import recommendation
-    from runner.tasks.bench import RECOMMENDED
+    from runner.tasks.bench_summary import RECOMMENDED
 
     root = Path(__file__).resolve().parents[1]
     best, decided = recommendation(
