@@ -5,9 +5,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
+
+from runner.claims.verdicts import VerdictWord
 from runner.derived.step import READINGS
-from runner.report.readings_page import BEGIN, END, FAIR, SEEDS, build_readings, readings_block
+from runner.report.readings_page import (
+    BEGIN,
+    CURVES,
+    END,
+    FAIR,
+    SEEDS,
+    build_readings,
+    curves_paragraph,
+    fair_matrix,
+    long_run_orderings,
+    readings_block,
+)
 
 
 def row(arm: str, seed: int, loss: float, experiment: str = FAIR, **extra) -> dict:
@@ -85,3 +100,50 @@ def test_make_run_and_the_confirmation_name_the_ledgers_reading_once_it_is_decid
     assert named == {RECOMMENDED}
     if decided:
         assert best == RECOMMENDED, f"the ledger recommends {best}: update thesis/confirm/bench"
+
+
+def curve_row(arm: str, points: list[tuple[int, float]]) -> dict:
+    return {"run_id": f"long-{arm}", "experiment": CURVES, "arm": arm, "seed": 0,
+            "status": "ok", "metrics": {"val_loss_final": points[-1][1]},
+            "curves": {"eval": [{"tokens": t, "val_loss": v} for t, v in points]}}
+
+
+def test_long_runs_say_when_the_ordering_changes_past_the_fair_budget() -> None:
+    # At 16,000 tokens (interpolated between 8,000 and 24,000) a = 3.0 < b = 3.1; at the end
+    # b = 2.5 < a = 2.9: the page must say the ordering changes.
+    rows = [curve_row("a", [(0, 3.5), (8000, 3.2), (24000, 2.8), (140000, 2.9)]),
+            curve_row("b", [(0, 3.5), (8000, 3.3), (24000, 2.9), (140000, 2.5)])]
+    by_mid, by_end, at = long_run_orderings(rows)
+    assert by_mid == ["a", "b"] and by_end == ["b", "a"]
+    assert at["a"][0] == pytest.approx(3.0) and at["b"] == (pytest.approx(3.1), 2.5, 140000)
+    text = "\n".join(curves_paragraph(rows))
+    assert "**The ordering still changes past the fair budget**" in text
+    held = [curve_row("a", [(0, 3.5), (20000, 3.0), (140000, 2.4)]),
+            curve_row("b", [(0, 3.5), (20000, 3.2), (140000, 2.6)])]
+    assert "holds to the end of the long runs" in "\n".join(curves_paragraph(held))
+    short = [curve_row("a", [(0, 3.5), (9000, 3.0)])]  # never reached the fair budget
+    assert "not in the ledger yet" in "\n".join(curves_paragraph(short))
+
+
+def test_the_side_by_side_matrix_shows_each_pair_verdict_or_not_run() -> None:
+    claim = SimpleNamespace(arms=(SimpleNamespace(name="derived_matched_mass"),
+                                  SimpleNamespace(name="sgd")), trials=5)
+    done = SimpleNamespace(claim=claim, verdict=SimpleNamespace(
+        experiment=FAIR, n=5, effect=0.1382, verdict=VerdictWord.VALIDATED))
+    waiting = SimpleNamespace(claim=SimpleNamespace(
+        arms=(SimpleNamespace(name="derived"), SimpleNamespace(name="sgd")), trials=5),
+        verdict=SimpleNamespace(experiment=FAIR, n=2, effect=None,
+                                verdict=VerdictWord.INCONCLUSIVE))
+    elsewhere = SimpleNamespace(claim=SimpleNamespace(
+        arms=(SimpleNamespace(name="derived"), SimpleNamespace(name="muon")), trials=5),
+        verdict=SimpleNamespace(experiment="smollm2_claims", n=5, effect=-0.5,
+                                verdict=VerdictWord.DISPROVEN))
+    rows = [row("derived_matched_mass", s, 3.32) for s in range(SEEDS)]
+    rows += [row("sgd", s, 3.46) for s in range(SEEDS)]
+    text = fair_matrix([done, waiting, elsewhere], rows)
+    line = next(x for x in text.splitlines() if x.startswith("| `derived_matched_mass`"))
+    assert line.split(" | ")[1:3] == ["**VALIDATED** +0.138", "_not run_"]
+    line = next(x for x in text.splitlines() if x.startswith("| `derived` "))
+    assert line.split(" | ")[1] == "**INCONCLUSIVE** (2 of 5 pairs)"
+    assert line.rstrip(" |").endswith("_not run_")  # the other experiment's verdict is not shown
+    assert "vs `sgd` (3.4600 ± 0.0000, 5 seeds)" in text

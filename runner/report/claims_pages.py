@@ -31,6 +31,7 @@ from runner.claims.verdicts import (
     split_by_hardware,
 )
 from runner.ledger import stable_hash
+from runner.report import readings_page
 from runner.report.format import DASH, num, p_value, replace_between, round_floats, table
 from runner.report.ledger import registered_claims
 
@@ -425,6 +426,10 @@ def claims_page(entries: list[Entry], rows: list[dict]) -> str:
                   "trials are never pooled). \"agree\": **no** where two hardware that ran "
                   "reached different verdicts, – where fewer than two ran (SKIPPED does not "
                   "count).", "", per_hardware, ""]
+    if any(e.verdict is not None and e.verdict.experiment == readings_page.FAIR
+           for e in entries):
+        parts += ["## The fair test, side by side", "",
+                  readings_page.fair_matrix(entries, rows), ""]
     parts += [METHOD]
     by_claim: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
