@@ -31,17 +31,18 @@ from runner.report.runs_page import build_runs
 EXPERIMENTS_DIR = "experiments"
 
 
-def build(results_dir: Path, docs_dir: Path, readme: Path) -> list[Path]:
+def build(results_dir: Path, docs_dir: Path, readme: Path,
+          rows: list[dict] | None = None) -> list[Path]:
     """docs/runs.md and the README's results section; return the files that changed."""
-    return build_runs(results_dir, docs_dir, readme)
+    return build_runs(results_dir, docs_dir, readme, rows)
 
 
 def build_claims(results_dir: Path, docs_dir: Path, readme: Path,
                  claims_json_path: Path | None = None,
-                 claim_dir: Path = CLAIM_DIR) -> list[Path]:
+                 claim_dir: Path = CLAIM_DIR, rows: list[dict] | None = None) -> list[Path]:
     """The claims tables, docs/claims.md, results/claims.json and the experiment pages; return
-    the files that changed."""
-    rows = read_trials(results_dir)
+    the files that changed. `rows`: the ledger's trials when the caller has read them."""
+    rows = read_trials(results_dir) if rows is None else rows
     entries = claims_pages.claim_entries(results_dir, rows, claim_dir)
     experiments = experiment_pages.experiment_rows(rows, registered_claims(results_dir))
     outputs: dict[Path, str | bytes] = {
@@ -61,13 +62,15 @@ def build_claims(results_dir: Path, docs_dir: Path, readme: Path,
 
 def build_all(results_dir: Path, docs_dir: Path, readme: Path,
               claims_json: Path | None = None) -> list[Path]:
-    """Every generated document; return the files that changed (or were removed)."""
-    changed = build(results_dir, docs_dir, readme)
-    changed += [p for p in build_claims(results_dir, docs_dir, readme, claims_json)
+    """Every generated document; return the files that changed (or were removed). The ledger
+    is read once and every page is built from those rows."""
+    rows = read_trials(results_dir)
+    changed = build(results_dir, docs_dir, readme, rows)
+    changed += [p for p in build_claims(results_dir, docs_dir, readme, claims_json, rows=rows)
                 if p not in changed]
     changed += build_performance(results_dir, docs_dir)
-    changed += [p for p in build_readings(results_dir, readme, docs_dir / "derivations.md")
-                if p not in changed]
+    readings = build_readings(results_dir, readme, docs_dir / "derivations.md", rows)
+    changed += [p for p in readings if p not in changed]
     return changed
 
 

@@ -238,9 +238,11 @@ def curves_paragraph(rows: list[dict], docs: str = "") -> list[str]:
     return lines
 
 
-def build_readings(results_dir: Path, readme: Path, derivations: Path) -> list[Path]:
-    """The readings block in the README and docs/derivations.md; return the files changed."""
-    rows = read_trials(results_dir)
+def build_readings(results_dir: Path, readme: Path, derivations: Path,
+                   rows: list[dict] | None = None) -> list[Path]:
+    """The readings block in the README and docs/derivations.md; return the files changed.
+    `rows`: the ledger's trials when the caller has read them already."""
+    rows = read_trials(results_dir) if rows is None else rows
     outputs = {}
     for path, docs in ((readme, "docs/"), (derivations, "")):
         if path.exists():

@@ -78,9 +78,11 @@ def summary_table(df: pl.DataFrame) -> str:
     return _markdown(summary)
 
 
-def build_runs(results_dir: Path, docs_dir: Path, readme: Path) -> list[Path]:
-    """Write docs/runs.md and the README's results section; return the files that changed."""
-    df = trials_frame(read_trials(results_dir))
+def build_runs(results_dir: Path, docs_dir: Path, readme: Path,
+               rows: list[dict] | None = None) -> list[Path]:
+    """Write docs/runs.md and the README's results section; return the files that changed.
+    `rows`: the ledger's trials when the caller has read them already."""
+    df = trials_frame(read_trials(results_dir) if rows is None else rows)
     body = ("Mean over trials per experiment, model, trainer (arm) and hardware; every run is in "
             "[docs/runs.md](docs/runs.md).\n\n" + summary_table(df))
     old = readme.read_text() if readme.exists() else ""
