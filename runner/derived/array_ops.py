@@ -21,8 +21,8 @@ import geometry
 from geometry._xp import namespace
 from geometry.readings import adapter_step_telemetry, tail_start
 from runner.data import batches, collate
-from runner.derived.array_frames import initial_frames
 from runner.derived.certificate import ngram_repetition
+from runner.derived.frames import initial_frames
 from runner.errors import ConfigError
 from runner.models.backends import module_names
 
@@ -131,14 +131,27 @@ class ArrayOps:
         self.bounds = self.pack_bounds({n: rule.bounds(sp) for n, sp in specs.items()})
 
     def _initial_frames(self, specs: dict, init: str, seed: int) -> dict:
+        """Every adapter's starting (U, V) (:func:`runner.derived.frames.initial_frames`): the
+        singular-vector frames padded to the largest rank among the adapters of the weight's
+        shape (one JAX compilation for all of them), a random pair drawn by numpy from
+        ``seed`` (so not the torch generator's draw)."""
         weights = self.candidate_weights()
         widths: dict[tuple, int] = {}
         for name, spec in specs.items():
             shape = tuple(weights[name].shape)
             widths[shape] = max(widths.get(shape, 0), spec.rank)
-        return {name: initial_frames(self, weights[name], spec, init, seed,
-                                     widths[tuple(weights[name].shape)])
-                for name, spec in specs.items()}
+
+        def one(name: str, spec):
+            width = widths[tuple(weights[name].shape)]
+
+            def tail(w, start: int, r: int):
+                return self.frames(w, start, r, width)
+
+            normal = np.random.default_rng(seed).standard_normal
+            return tuple(self.array(x)
+                         for x in initial_frames(weights[name], spec, init, normal, tail))
+
+        return {name: one(name, spec) for name, spec in specs.items()}
 
     def apply_start(self, rule, seed: int) -> None:
         """Move the adapters from the probe's start (S = 0) to the reading's: the tail start

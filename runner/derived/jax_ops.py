@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from runner.derived.array_frames import tail_frames
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
@@ -20,6 +19,7 @@ from runner.derived.array_ops import (
     per_token_nll,
     update_one,
 )
+from runner.derived.frames import gathered_eigenpairs, tail_frames
 from runner.models.backends import jax_llama as be
 from runner.models.backends.jax_llama import layer_kinds
 
@@ -63,7 +63,7 @@ def _jax_functions():
         return hidden
 
     def frames(w, start, r, width):
-        return tail_frames(w, start, r, width, jnp.linalg.eigh)
+        return tail_frames(w, start, r, width, gathered_eigenpairs(jnp.linalg.eigh))
 
     return SimpleNamespace(
         value_and_grad=jax.jit(jax.value_and_grad(loss)),

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 import geometry
-from runner.derived.array_frames import tail_frames
 from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
@@ -17,6 +16,7 @@ from runner.derived.array_ops import (
     per_token_nll,
     update_one,
 )
+from runner.derived.frames import gathered_eigenpairs, tail_frames
 from runner.models.backends import mlx_blas, mlx_models
 
 
@@ -120,7 +120,7 @@ class MlxOps(ArrayOps):
 
     def frames(self, w, start: int, r: int, width: int):
         del width  # eager: nothing compiled to share between ranks
-        return tail_frames(w, start, r, r, self.eigh)
+        return tail_frames(w, start, r, r, gathered_eigenpairs(self.eigh))
 
     def pack_per_adapter(self, values: dict):
         return {n: self.array(x) for n, x in values.items()}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import geometry
+from geometry._xp import host_eigh
 from geometry.pullback import pullback_metric_deviation
 from geometry.readings import (
     adapter_step_telemetry,
@@ -21,9 +22,9 @@ from geometry.readings import (
 )
 from runner.data import collate
 from runner.derived.certificate import ngram_repetition
+from runner.derived.frames import gathered_eigenpairs, initial_frames, tail_frames
 from runner.derived.spec import AdapterSpec
 from runner.derived.torch_dropout import dropout_projection
-from runner.derived.torch_frames import initial_frames
 from runner.models.loading import block_linears
 from runner.training.loop import example_losses
 from runner.training.runtime import one_lapack_thread, worker_pool
@@ -33,6 +34,25 @@ def candidate_linears(model) -> dict[str, nn.Linear]:
     """Every Linear inside the decoder blocks (embeddings and lm_head are not adapted); the
     blocks are found from the model's structure, whatever the architecture names them."""
     return block_linears(model)
+
+
+def _tail_frames(w: torch.Tensor, start: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`runner.derived.frames.tail_frames` of ``w`` in float32, r columns, contiguous."""
+    u, v = tail_frames(w.float(), start, r, r, _gram_eigenpairs)
+    return u.contiguous(), v.contiguous()
+
+
+def _gram_eigenpairs(gram: torch.Tensor, start: int, width: int):
+    """Eigenvalues start..start+width-1 of the symmetric ``gram`` counted from the largest, and
+    their eigenvectors, in descending order. On the CPU only those eigenvectors are computed
+    (LAPACK's ``ssyevr``, MRRR, through SciPy: cheaper than a full ``eigh``); on other devices
+    it is torch's full ``eigh``, gathered."""
+    if gram.device.type != "cpu":
+        return gathered_eigenpairs(torch.linalg.eigh)(gram, start, width)
+    q = gram.shape[0]
+    lam, vecs = host_eigh(gram.detach().numpy(), subset=(q - start - width, q - 1 - start))
+    return (torch.from_numpy(lam[::-1].copy()).to(gram.dtype),
+            torch.from_numpy(vecs[:, ::-1].copy()).to(gram.dtype))
 
 
 class FactoredAdapters(nn.Module):
@@ -63,8 +83,13 @@ class FactoredAdapters(nn.Module):
         """Every adapter's initial (U, V). The singular-vector inits are independent per matrix
         (one Gram eigendecomposition each), so they run on as many threads as torch uses (LAPACK
         releases the GIL); a random init draws from one generator, in order."""
+        def normal(shape):
+            return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
         def one(name):
-            return initial_frames(linears[name].weight.detach(), specs[name], init, gen)
+            w = linears[name].weight.detach()
+            u, v = initial_frames(w, specs[name], init, normal, _tail_frames)
+            return u.to(w.dtype), v.to(w.dtype)
 
         threads = torch.get_num_threads()
         if init == "random" or threads < 2 or len(specs) < 2:
