@@ -14,7 +14,13 @@ from runner.config.load import to_run_config
 from runner.tasks.bench import fixed_batches
 from runner.tasks.bench_process import parse_vm_hwm_mb, vm_hwm_mb, whole_process_peak
 from runner.tasks.bench_reference import StockPeftTrainer
-from runner.tasks.bench_summary import best_reference, quality_target, summarize, time_to_target
+from runner.tasks.bench_summary import (
+    best_reference,
+    phase_peaks,
+    quality_target,
+    summarize,
+    time_to_target,
+)
 
 CURVE = [{"tokens": 0, "seconds": 0.0, "val_loss": 3.0},
          {"tokens": 100, "seconds": 10.0, "val_loss": 2.0},
@@ -131,3 +137,9 @@ def test_stock_arm_trains_the_tiny_model() -> None:
     losses = [trainer.step(batch).loss for _ in range(5)]
     assert all(math.isfinite(x) for x in losses)
     assert losses[-1] < losses[0]  # the same batch five times: AdamW fits it
+
+
+def test_phase_peaks_read_load_setup_and_steps() -> None:
+    row = {"load_peak_mb": 981.2, "setup_peak_mb": 2433.6, "steps_peak_mb": 2692.9}
+    assert phase_peaks(row) == "981 / 2434 / 2693"
+    assert phase_peaks({**row, "setup_peak_mb": None}) == "981 / - / 2693"  # not read apart

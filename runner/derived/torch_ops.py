@@ -206,13 +206,20 @@ def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tenso
     """
     if any(bool((s != 0).any()) for _, _, s, _ in adapters.triples()):
         raise ValueError("per-example gradients by this formula need S = 0 (initialisation)")
+    # The formula reads only the captured (x V, delta U): U and V are frozen for the pass, so
+    # the forward saves nothing for their gradients and the backward allocates none (what the
+    # backward computes for S and the activations is unchanged).
+    frames = [(x, x.requires_grad) for _, u, _, v in adapters.triples() for x in (u, v)]
     adapters.capture = {}
     try:
+        for x, _ in frames:
+            x.requires_grad_(False)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         labels = nn.functional.pad(batch.labels[:, 1:], (0, 1), value=-100)  # (b, T): t -> t+1
         ce = nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
             ignore_index=-100, reduction="none").view(labels.shape)  # (b, T)
+        del logits  # (the graph keeps the log-probabilities: the logits go before the backward)
         counted = (labels != -100).sum(dim=1).clamp(min=1)
         (ce.sum(dim=1) / counted).sum().backward()
         rows = [adapters.specs[name].scale
@@ -220,6 +227,8 @@ def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tenso
                 for name, slot in ((n, adapters.capture[n]) for n in adapters.specs)]
     finally:
         adapters.capture = None
+        for x, wanted in frames:
+            x.requires_grad_(wanted)
         for p in adapters.parameters():
             p.grad = None
     return torch.cat(rows, dim=1)
@@ -372,31 +381,35 @@ class TorchOps:
         return torch.stack(per).double().norm(dim=1)
 
     def update(self, grads, eta, rule, *, keep_direction: bool):
-        """One step on every adapter, in place: (direction by name, largest orthogonality
-        error, largest c max(S) / sigma_k, step telemetry by name). ``eta``: one step, or one
-        per adapter in the adapters' order. The adapters are independent: they update on as
-        many threads as torch uses. The direction is always returned (it is a by-product)."""
-        del grads, keep_direction  # the gradients are the parameters' .grad
+        """One step on every adapter, in place: (direction by name if kept, else None;
+        largest orthogonality error, largest c max(S) / sigma_k, step telemetry by name).
+        ``eta``: one step, or one per adapter in the adapters' order. The adapters are
+        independent: they update on as many threads as torch uses. The direction is a
+        by-product, but one the size of the adapters: only the certificate reads it, so it is
+        held only when ``keep_direction`` says so."""
+        del grads  # the gradients are the parameters' .grad
         triples = list(self.adapters.triples())
         etas = [float(e) for e in eta] if hasattr(eta, "__len__") else [eta] * len(triples)
         work = list(zip(triples, etas, strict=True))
         if self._pool is None:
-            updates = [self._update(t, e, rule) for t, e in work]
+            updates = [self._update(t, e, rule, keep_direction) for t, e in work]
         else:
-            updates = list(self._pool.map(lambda te: self._update(te[0], te[1], rule), work))
+            updates = list(self._pool.map(
+                lambda te: self._update(te[0], te[1], rule, keep_direction), work))
         names = [name for name, *_ in triples]
-        direction = {n: up[0] for n, up in zip(names, updates, strict=True)}
+        direction = ({n: up[0] for n, up in zip(names, updates, strict=True)}
+                     if keep_direction else None)
         orth = max((up[1] for up in updates), default=0.0)
         s_ratio = max((up[2] for up in updates), default=0.0)
         telemetry = {n: up[3] for n, up in zip(names, updates, strict=True)}
         return direction, orth, s_ratio, telemetry
 
     @torch.no_grad()  # (grad mode is per thread: the pool's threads need it said here)
-    def _update(self, triple, eta: float, rule):
-        """One adapter's step: (U, S, V) change in place; returns (direction, orthogonality
-        error, c max(S) / sigma_k, telemetry)."""
+    def _update(self, triple, eta: float, rule, keep_direction: bool = True):
+        """One adapter's step: (U, S, V) change in place; returns (direction or None,
+        orthogonality error, c max(S) / sigma_k, telemetry)."""
         if rule.nb_lora:
-            return self._update_free(triple, eta)
+            return self._update_free(triple, eta, keep_direction)
         name, u, s, v = triple
         spec = self.adapters.specs[name]
         # Along -grad for time eta = along grad for time -eta (A is linear in the direction),
@@ -411,12 +424,12 @@ class TorchOps:
         telemetry = adapter_step_telemetry(u, u + du, v, v + dv,
                                            (s - eta * grad_s).clamp(lower, upper), lower, upper,
                                            eta, spec.scale)
-        direction = (du, new_s - s, dv)
+        direction = (du, new_s - s, dv) if keep_direction else None
         u.add_(du), v.add_(dv), s.copy_(new_s)
         orth = max(geometry.orthogonality_error(u), geometry.orthogonality_error(v))
         return direction, orth, spec.scale * float(s.abs().max()) / spec.sigma_k, telemetry
 
-    def _update_free(self, triple, eta: float):
+    def _update_free(self, triple, eta: float, keep_direction: bool = True):
         """derived_seed_code: plain SGD on the free parameters (B~, S_raw, A~), then S_raw
         clamped to [0, sigma_k], as the seed's code stepped them."""
         name, b, s, a = triple
@@ -429,7 +442,8 @@ class TorchOps:
         s.clamp_(0.0, spec.sigma_k)
         u1, _, v1 = self.adapters.factors(name)
         telemetry = adapter_step_telemetry(u0, u1, v0, v1, s, 0.0, spec.sigma_k, eta, 1.0)
-        direction = tuple(x - x0 for x, x0 in zip((b, s, a), old, strict=True))
+        direction = (tuple(x - x0 for x, x0 in zip((b, s, a), old, strict=True))
+                     if keep_direction else None)
         orth = geometry.orthogonality_error(torch.cat([v1, u1]))
         return direction, orth, float(s.max()) / spec.sigma_k, telemetry
 
@@ -533,6 +547,9 @@ class TorchOps:
                 logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
                 ignore_index=-100, reduction="sum",
             ) / total
+            # The graph keeps the log-probabilities, not the logits: a (b, T, vocab) tensor
+            # less through the backward.
+            del logits
             loss.backward()
             loss_sum += loss.detach().double()
         return loss_sum

@@ -374,10 +374,14 @@ def _trainer_config(arm: Arm, model, rows_per_pass: int | None = None,
                     certificate: bool = True):
     """The arm's committed trainer option; all_linear swaps q/v for every block Linear.
 
-    For the derived trainer, ``rows_per_pass`` sets its micro-batch (a memory-only option: rows
-    per forward pass, including its set-up's noise probe) to the rows the peers' steps pass at
-    once, so that peak memories compare passes of the same size; ``certificate=False`` turns its
-    stopping certificate off.
+    For the derived trainer, ``rows_per_pass`` sets its micro-batch (rows per forward pass,
+    including its set-up's noise probe) to the rows the peers' steps pass at once, so that peak
+    memories compare passes of the same size. The gradient of a step is the same sum over its
+    micro-batches up to rounding, but the option is not only a memory one: the residual scales
+    (row 15) are measured on the first ``micro_batch`` training examples, and the dropout masks
+    are drawn pass by pass, so the bench's derived arms differ from the committed trainer there
+    (the row records the micro-batch as ``derived_micro_batch``). ``certificate=False`` turns
+    its stopping certificate off.
     """
     overrides: dict = {}
     if arm.trainer in DERIVED_READINGS:
@@ -404,6 +408,7 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
             "adapters": f"derived: rank {min(ranks)}-{max(ranks)} on {len(ranks)} matrices",
             "derive_seconds": setup.derive_seconds, "setup_seconds": setup.setup_seconds,
             "derived_batch_size": setup.trainer.batch_size, "rank_total": sum(ranks),
+            "derived_micro_batch": setup.trainer.micro_batch,
             "setup_phases": setup.phase_seconds,
             # hit / partial / miss of the seed-independent set-up cache (runner.derived.cache):
             # a warm set-up is what every seed after the first pays

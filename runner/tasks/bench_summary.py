@@ -110,6 +110,13 @@ def add_time_to_target(quality: list[dict]) -> dict:
     return target
 
 
+def phase_peaks(r: dict) -> str:
+    """"load / set-up / steps" peak MB of a throughput row ("-" where a phase was not read
+    apart)."""
+    return " / ".join("-" if r.get(k) is None else f"{r[k]:.0f}"
+                      for k in ("load_peak_mb", "setup_peak_mb", "steps_peak_mb"))
+
+
 def _print_tables(row: dict, path: Path) -> None:
     s, out = row["settings"], Console(file=sys.stdout, width=140)
     out.print(f"bench {row['model_id']} on {row['hardware']} ({row['device']}, {row['dtype']}, "
@@ -121,15 +128,17 @@ def _print_tables(row: dict, path: Path) -> None:
     summary = row["summary"]
     ref = next(r for r in row["throughput"] if r["arm"] == summary["reference"])
     table = Table(title=f"throughput and memory (ratios to {ref['arm']}: {ref['adapters']}, the "
-                        "faster q/v reference; peak MB: the whole process, loading included)")
+                        "faster q/v reference; peak MB: the whole process, loading included; "
+                        "by phase: the peak while loading, setting up (the derived trainer's "
+                        "noise-scale probe included) and stepping)")
     for col in ("trainer", "adapters", "tok/s median", "min-max", "ratio", "peak MB", "ratio",
-                "MFU"):
+                "load / set-up / steps MB", "MFU"):
         table.add_column(col)
     for r in row["throughput"]:
         table.add_row(r["arm"], r["adapters"], f"{r['tok_s_median']:.0f}",
                       f"{r['tok_s_min']:.0f}-{r['tok_s_max']:.0f}",
                       f"{r['tok_s_median'] / ref['tok_s_median']:.3f}", f"{r['peak_mb']:.0f}",
-                      f"{r['peak_mb'] / ref['peak_mb']:.3f}", f"{r['mfu']:.4f}")
+                      f"{r['peak_mb'] / ref['peak_mb']:.3f}", phase_peaks(r), f"{r['mfu']:.4f}")
     out.print(table)
     target = row["quality_target"]
     table = Table(title=f"quality per compute ({s['quality_tokens']} training tokens each; target "
@@ -149,10 +158,15 @@ def _print_tables(row: dict, path: Path) -> None:
     derived = next(r for r in row["throughput"] if r["arm"] == summary["reading"])
     step = next(r for r in row["throughput"] if r["arm"] == summary["step_reference"])
     phases = ", ".join(f"{k} {v:.2f}s" for k, v in derived.get("setup_phases", {}).items())
+    mem = next(r for r in row["throughput"] if r["arm"] == summary["mem_reference"])
     out.print(f"{derived['arm']}: rank and targets are derived ({derived['adapters']}), not set "
               f"to the baseline's; set-up of all 15 hyperparameters "
               f"{derived['setup_seconds']:.2f}s (cache {derived.get('setup_cache', '-')}; "
               f"{phases}); one {step['arm']} step "
-              f"{step['step_seconds_median']:.3f}s", highlight=False)
+              f"{step['step_seconds_median']:.3f}s; whole-process peak "
+              f"{derived['process_peak_mb']:.0f} MB against {mem['arm']}'s "
+              f"{mem['process_peak_mb']:.0f} MB (load / set-up / steps: {phase_peaks(derived)} "
+              f"against {phase_peaks(mem)}); its passes take {derived.get('derived_micro_batch')} "
+              f"rows at a time, the peers' batch", highlight=False)
     out.print(f"model FLOPs: {FLOPS_FORMULA}", highlight=False)
     out.print(f"bench row {path}; `make results` renders docs/performance.md", highlight=False)
