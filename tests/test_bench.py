@@ -103,6 +103,10 @@ def test_performance_page_is_rendered_and_idempotent(bench, tmp_path: Path) -> N
     assert page in changed
     text = page.read_text()
     assert row["run_id"] in text and "6·N·T" in text and "Quality per compute" in text
+    derived = next(t for t in row["throughput"] if t.get("setup_peak_mb") is not None)
+    phases = " / ".join(f"{derived[k]:,.0f}" for k in ("load_peak_mb", "setup_peak_mb",
+                                                       "steps_peak_mb"))
+    assert "load / set-up / steps MB" in text and f"| {phases} |" in text
     pngs = sorted((docs / "performance").glob("*.png"))
     assert len(pngs) == 2
     before = {p: p.read_bytes() for p in [page, *pngs]}

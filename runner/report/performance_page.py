@@ -39,7 +39,9 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   model, setting up the trainer (for the derived readings: the derivation, the residual-scale
   calibration and the noise-scale probe) and the steps, read phase by phase from VmHWM (reset
   between phases) and `ru_maxrss`. The peak after loading (set-up and steps) is in the row as
-  `train_peak_mb`; rows without that field show it as their peak MB.
+  `train_peak_mb`; rows without that field show it as their peak MB. Rows that read the phases
+  apart also show the peak while loading, setting up and stepping ("load / set-up / steps MB";
+  – where an arm has no such phase).
 - **MFU**: achieved model FLOP/s over this machine's peak, measured in the same run as the best
   of several large float32 `torch.matmul`s at the same thread count, timed before and after
   the throughput runs (a shared or throttled machine can run one burst slower than the
@@ -146,12 +148,17 @@ def _section(row: dict) -> list[str]:
             f"mfu={summary['mfu']:.3g}"
             + (f" reading={summary['reading']} reference={summary['reference']}"
                if "reading" in summary else "") + "`", ""]
+    by_phase = any(t.get("steps_peak_mb") is not None for t in row["throughput"])
     throughput = table(
-        ["trainer", "adapters", "tok/s (median)", "min-max", "ratio", "peak MB", "ratio", "MFU"],
+        ["trainer", "adapters", "tok/s (median)", "min-max", "ratio", "peak MB", "ratio",
+         *(["load / set-up / steps MB"] if by_phase else []), "MFU"],
         [[t["arm"], t["adapters"], num(t["tok_s_median"], 0),
           f"{t['tok_s_min']:,.0f}-{t['tok_s_max']:,.0f}",
           num(t["tok_s_median"] / base["tok_s_median"], 3), num(t["peak_mb"], 0),
-          num(t["peak_mb"] / base["peak_mb"], 3), num(t["mfu"], 4)]
+          num(t["peak_mb"] / base["peak_mb"], 3),
+          *([" / ".join(num(t.get(k), 0) for k in ("load_peak_mb", "setup_peak_mb",
+                                                   "steps_peak_mb"))] if by_phase else []),
+          num(t["mfu"], 4)]
          for t in row["throughput"]])
     phases = "; ".join(f"{k.replace('_', ' ')} {v:.3f} s"
                        for k, v in derived.get("setup_phases", {}).items())
