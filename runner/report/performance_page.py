@@ -49,7 +49,12 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
 - **derive steps**: the recommended derived reading's set-up time for all 15 hyperparameters
   (from the weights, the residual-scale calibration and the gradient-noise-scale probe) divided
   by one step of the faster q/v reference; the weights-only part and each set-up phase are shown
-  beside it.
+  beside it. What bounds it from below: the noise-scale probe (row 8) takes per-example
+  gradients of 32 training examples, one forward and backward over eight times the reference
+  step's 4 examples, so the probe alone costs several reference steps; it depends on the seed
+  through the adapters' dropout masks, so it is measured for every trial, while the weights'
+  geometry and the residual scales are computed once and shared across seeds (the set-up cache,
+  runner/derived/cache.py; the row's `setup_cache` says whether this run read them).
 - **time to target**: the training tokens and seconds each quality arm needed to first reach
   the target validation loss (the AdamW grid's final one when the grid ran, else the best
   baseline's final one), interpolated linearly between evaluations, with the derived readings'
