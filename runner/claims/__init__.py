@@ -1,25 +1,21 @@
 """The claims engine: pre-registered claims, their decision rules, and verdicts from the ledger.
 
-- `schema`: `Claim` (+ `Kind`, `Direction`, `StatTest`, `Arm`), `load_claim`, `load_claims`;
-  `Claim.rule_hash` is the stable hash of the decision rule.
-- `paths`: metric paths into trial rows (`metrics.val_loss_final`, `curves.steps[*].x`).
+- `claim`: `Claim` (+ `Kind`, `Direction`, `StatTest`, `Arm`); `Claim.rule_hash` is the stable
+  hash of the decision rule, `core_rule` the rule less what an experiment sets.
+- `loading`: `load_claim`, `load_claims`, `claim_from_record`, with one-line errors.
+- `schema`: all of the above, and the rule syntax, in one import.
+- `paths`: metric paths into trial rows (`metrics.val_loss_final`, `curves.steps[*].x`) and
+  the invariants written over them.
 - `stats`: scipy-backed paired tests, TOST, correlations, trials-needed estimates.
+- `arms`: which arm a trial row belongs to; one configuration per arm.
 - `verdicts`: `decide(claim, rows) -> Verdict` (VALIDATED / DISPROVEN / INCONCLUSIVE /
   PROVEN / SKIPPED, DESIGN.md §5).
 - `checks`: registered computations for by-construction claims.
 """
 
 from runner.claims.checks import CHECKS, CheckResult, register_check
-from runner.claims.schema import (
-    CLAIM_DIR,
-    Arm,
-    Claim,
-    Direction,
-    Kind,
-    StatTest,
-    load_claim,
-    load_claims,
-)
+from runner.claims.claim import Arm, Claim, Direction, Kind, StatTest
+from runner.claims.loading import load_claim, load_claims
 from runner.claims.verdicts import (
     Verdict,
     VerdictWord,
@@ -28,6 +24,7 @@ from runner.claims.verdicts import (
     decide_all,
     decide_on,
 )
+from runner.config.paths import CLAIM_DIR
 
 __all__ = [
     "CHECKS", "CLAIM_DIR", "Arm", "CheckResult", "Claim", "Direction", "Kind", "StatTest",

@@ -1,13 +1,17 @@
-"""Which arm a ledger row belongs to, the one-configuration-per-arm rule, and the labels of a
-verdict (its deciding test, the effect's unit, smoke run or not)."""
+"""Which arm a ledger row belongs to (by the trainer name its trials record), the
+one-configuration-per-arm rule, and the labels of a verdict (its deciding test, the effect's
+unit, smoke run or not)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import yaml
+
+from runner.claims.claim import Arm, Claim, Direction, Kind, StatTest
 from runner.claims.measurements import is_measured, measured_options
-from runner.claims.schema import Arm, Claim, Direction, Kind, StatTest, _trainer_name
 from runner.claims.stats import TEST_NAMES, sidedness
+from runner.config.paths import TRAINER_DIR
 from runner.errors import ConfigError
 from runner.ledger import stable_hash
 from runner.trial import comparable_data, random_init
@@ -15,6 +19,16 @@ from runner.trial import comparable_data, random_init
 
 class MixedConfiguration(ConfigError):
     """Rows of one arm ran under different configurations: a verdict would pool them."""
+
+
+def trainer_name(option: str) -> str:
+    """The `name:` inside conf/trainer/<option>.yaml (what trial rows record as `arm`)."""
+    path = TRAINER_DIR / f"{option}.yaml"
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return str(raw.get("name", option))
+    except (OSError, yaml.YAMLError):
+        return option
 
 
 def arm_of(row: dict, claim: Claim) -> Arm | None:
@@ -27,7 +41,7 @@ def arm_of(row: dict, claim: Claim) -> Arm | None:
         return next((a for a in claim.arms if a.name == row["claim_arm"]), None)
     trainer = ((row.get("config") or {}).get("trainer")) or {}
     for arm in claim.arms:
-        if row.get("arm") == _trainer_name(arm.trainer) and all(
+        if row.get("arm") == trainer_name(arm.trainer) and all(
                 trainer.get(k) == v for k, v in arm.overrides.items()):
             return arm
     return None

@@ -10,6 +10,9 @@ Syntax: dot-separated keys; `key[i]` indexes a list, `key[*]` takes every elemen
 
 `resolve` returns (location, value) pairs; the location names the element, so a broken
 invariant can be reported as `curves.steps[12].update_norm`.
+
+An invariant compares paths elementwise: `PATH OP PATH` or `PATH OP NUMBER`, clauses joined by
+`and`, e.g. `metrics.generation.degenerate_final <= 0 and metrics.retention_loss_increase <= 0.1`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import re
 from typing import Any
 
 _PART = re.compile(r"\[(\*|\d+)\]")
+_SEGMENT = re.compile(r"^(\*|[A-Za-z_][\w-]*)(\[(\*|\d+)\])*$")
+INVARIANT_OPS = ("<=", ">=", "==", "<", ">")
 
 
 class PathMissing(KeyError):
@@ -77,3 +82,31 @@ def _as_float(value: Any) -> float:
         return float(value)
     except (TypeError, ValueError):
         return math.nan
+
+
+def is_metric_path(path: str) -> bool:
+    """Whether `path` follows the syntax above (it may still select nothing in a row)."""
+    return all(_SEGMENT.match(seg) for seg in path.split("."))
+
+
+def invariant_clauses(text: str) -> list[str]:
+    """'A <= B and C <= 0' -> ['A <= B', 'C <= 0']: an invariant may be a conjunction, every
+    clause checked at every element it selects."""
+    return [clause.strip() for clause in re.split(r"\s+and\s+", text.strip())]
+
+
+def parse_invariant(text: str) -> tuple[str, str, str | float]:
+    """'lhs OP rhs' -> (lhs path, op, rhs path or number)."""
+    match = re.fullmatch(r"\s*(\S+)\s*(<=|>=|==|<|>)\s*(\S+)\s*", text)
+    if not match:
+        raise ValueError(f"'{text}' must read 'PATH OP PATH' or 'PATH OP NUMBER' with OP one "
+                         f"of {' '.join(INVARIANT_OPS)}")
+    lhs, op, rhs = match.groups()
+    try:
+        rhs_value: str | float = float(rhs)
+    except ValueError:
+        rhs_value = rhs
+    for path in (lhs, rhs_value):
+        if isinstance(path, str) and not is_metric_path(path):
+            raise ValueError(f"'{path}' is not a metric path")
+    return lhs, op, rhs_value

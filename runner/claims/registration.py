@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from runner.claims.schema import Claim
+from runner.claims.claim import Claim
 from runner.ledger import utc_now
 from runner.trial import Provenance
 

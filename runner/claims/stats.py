@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from runner.claims.schema import StatTest, min_reachable_n
+from runner.claims.claim import StatTest
 
 POWER = 0.8  # the power the trials-needed estimate aims for (the common convention)
 BOOTSTRAP_RESAMPLES = 9999
@@ -51,6 +51,25 @@ TEST_NAMES = {StatTest.paired_t: "paired t", StatTest.wilcoxon: "Wilcoxon signed
 
 def sidedness(sides: int) -> str:
     return "two-sided" if sides == 2 else "one-sided"
+
+
+def smallest_p(test: StatTest, n: int, sides: int) -> float:
+    """The smallest p-value `test` can give with n pairs (0 where it has no floor).
+
+    The exact signed-rank test's smallest p is 2^-n one-sided (every difference on one side),
+    twice that two-sided: with 3 pairs 0.25 two-sided, 0.125 one-sided.
+    """
+    if test is StatTest.wilcoxon:
+        return min(1.0, sides * 0.5 ** n)
+    return 0.0
+
+
+def min_reachable_n(test: StatTest, alpha: float, sides: int) -> int:
+    """The fewest pairs with which `test` can give p < alpha."""
+    n = 2
+    while smallest_p(test, n, sides) >= alpha:
+        n += 1
+    return n
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,7 @@ from runner.claims.arms import (
     effect_unit,
     is_smoke,
 )
-from runner.claims.schema import (
-    Claim,
-    Direction,
-    Kind,
-    invariant_clauses,
-    parse_invariant,
-)
+from runner.claims.claim import Claim, Direction, Kind
 from runner.claims.stats import PairedTest, correlation
 
 
@@ -353,11 +347,11 @@ def invariant_violations(row: dict, text: str, tolerance: float) -> tuple[int, l
 
     The slack is relative: lhs <= rhs holds if lhs <= rhs + tolerance * max(1, |rhs|).
     """
-    clauses = invariant_clauses(text)
+    clauses = paths.invariant_clauses(text)
     if len(clauses) > 1:
         found = [invariant_violations(row, clause, tolerance) for clause in clauses]
         return sum(n for n, _ in found), [b for _, bad in found for b in bad]
-    lhs_path, op, rhs = parse_invariant(text)
+    lhs_path, op, rhs = paths.parse_invariant(text)
     lhs = paths.resolve(row, lhs_path)
     rhs_vals = ([(None, rhs)] * len(lhs) if isinstance(rhs, float)
                 else paths.resolve(row, rhs))
