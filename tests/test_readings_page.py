@@ -21,6 +21,7 @@ from runner.report.readings_page import (
     curves_paragraph,
     fair_matrix,
     long_run_orderings,
+    long_runs,
     readings_block,
 )
 
@@ -102,10 +103,10 @@ def test_make_run_and_the_confirmation_name_the_ledgers_reading_once_it_is_decid
         assert best == RECOMMENDED, f"the ledger recommends {best}: update thesis/confirm/bench"
 
 
-def curve_row(arm: str, points: list[tuple[int, float]]) -> dict:
-    return {"run_id": f"long-{arm}", "experiment": CURVES, "arm": arm, "seed": 0,
-            "status": "ok", "metrics": {"val_loss_final": points[-1][1]},
-            "curves": {"eval": [{"tokens": t, "val_loss": v} for t, v in points]}}
+def curve_row(arm: str, points: list[tuple[int, float]], run: str = "", **extra) -> dict:
+    return {"run_id": f"long-{arm}{run}", "experiment": CURVES, "arm": arm, "seed": 0,
+            "status": "ok", "stop_reason": "budget", "metrics": {"val_loss_final": points[-1][1]},
+            "curves": {"eval": [{"tokens": t, "val_loss": v} for t, v in points]}, **extra}
 
 
 def test_long_runs_say_when_the_ordering_changes_past_the_fair_budget() -> None:
@@ -113,37 +114,78 @@ def test_long_runs_say_when_the_ordering_changes_past_the_fair_budget() -> None:
     # b = 2.5 < a = 2.9: the page must say the ordering changes.
     rows = [curve_row("a", [(0, 3.5), (8000, 3.2), (24000, 2.8), (140000, 2.9)]),
             curve_row("b", [(0, 3.5), (8000, 3.3), (24000, 2.9), (140000, 2.5)])]
-    by_mid, by_end, at = long_run_orderings(rows)
-    assert by_mid == ["a", "b"] and by_end == ["b", "a"]
-    assert at["a"][0] == pytest.approx(3.0) and at["b"] == (pytest.approx(3.1), 2.5, 140000)
+    runs, _ = long_runs(rows)
+    assert runs["a"].at_fair == pytest.approx(3.0) and runs["b"].at_fair == pytest.approx(3.1)
+    assert long_run_orderings(runs) == (["a", "b"], ["b", "a"], 140000)
     text = "\n".join(curves_paragraph(rows))
-    assert "**The ordering still changes past the fair budget**" in text
+    assert "**Within the long runs, the ordering still changes past 16,000 tokens**" in text
     held = [curve_row("a", [(0, 3.5), (20000, 3.0), (140000, 2.4)]),
             curve_row("b", [(0, 3.5), (20000, 3.2), (140000, 2.6)])]
-    assert "holds to the end of the long runs" in "\n".join(curves_paragraph(held))
-    short = [curve_row("a", [(0, 3.5), (9000, 3.0)])]  # never reached the fair budget
-    assert "not in the ledger yet" in "\n".join(curves_paragraph(short))
+    assert "the ordering at 16,000 tokens holds to 140,000 tokens" in "\n".join(
+        curves_paragraph(held))
+
+
+def test_long_runs_compare_on_common_tokens_and_leave_out_diverged_and_short_runs() -> None:
+    # b stopped at 60,000 tokens: a and b are compared there (a 2.9 < b 3.0), not a at 140,000.
+    rows = [curve_row("a", [(0, 3.5), (20000, 3.2), (60000, 2.9), (140000, 1.0)]),
+            curve_row("b", [(0, 3.5), (20000, 3.1), (60000, 3.0)], stop_reason="certificate"),
+            curve_row("c", [(0, 3.5), (20000, 2.0), (30000, 1.5)], diverged_at=31),
+            curve_row("d", [(0, 3.5), (9000, 3.4)], stop_reason="certificate")]
+    runs, _ = long_runs(rows)
+    assert runs["c"].diverged and not runs["b"].diverged
+    assert long_run_orderings(runs) == (["b", "a"], ["a", "b"], 60000)
+    text = "\n".join(curves_paragraph(rows))
+    assert "`d` stopped before 16,000 tokens, 3.4000 at 9,000 (certificate)" in text
+    assert "`c` 2.3000 at 16,000 tokens, 1.5000 at 30,000 (diverged)" in text
+    assert "at 60,000 tokens (the shortest run's end) `a` < `b`" in text
+    only_short = [curve_row("d", [(0, 3.5), (9000, 3.4)], stop_reason="certificate")]
+    text = "\n".join(curves_paragraph(only_short))
+    assert "not in the ledger" not in text and "stopped before 16,000 tokens" in text
+
+
+def test_a_rerun_replaces_the_earlier_long_run_and_baselines_carry_their_lr() -> None:
+    first = curve_row("adamw", [(0, 3.5), (20000, 3.0)], run="1",
+                      config={"trainer": {"lr": 1e-3}})
+    second = curve_row("adamw", [(0, 3.5), (20000, 3.3)], run="2",
+                       config={"trainer": {"lr": 1e-3}})
+    other = curve_row("adamw", [(0, 3.5), (20000, 3.4)], run="3",
+                      config={"trainer": {"lr": 3e-4}})
+    runs, count = long_runs([first, second, other])
+    assert set(runs) == {"adamw (lr 0.001)", "adamw (lr 0.0003)"}
+    assert runs["adamw (lr 0.001)"].final == 3.3 and count["adamw (lr 0.001)"] == 2
+    assert "newest of 2 runs" in "\n".join(curves_paragraph([first, second, other]))
 
 
 def test_the_side_by_side_matrix_shows_each_pair_verdict_or_not_run() -> None:
-    claim = SimpleNamespace(arms=(SimpleNamespace(name="derived_matched_mass"),
-                                  SimpleNamespace(name="sgd")), trials=5)
-    done = SimpleNamespace(claim=claim, verdict=SimpleNamespace(
-        experiment=FAIR, n=5, effect=0.1382, verdict=VerdictWord.VALIDATED))
-    waiting = SimpleNamespace(claim=SimpleNamespace(
-        arms=(SimpleNamespace(name="derived"), SimpleNamespace(name="sgd")), trials=5),
-        verdict=SimpleNamespace(experiment=FAIR, n=2, effect=None,
-                                verdict=VerdictWord.INCONCLUSIVE))
-    elsewhere = SimpleNamespace(claim=SimpleNamespace(
-        arms=(SimpleNamespace(name="derived"), SimpleNamespace(name="muon")), trials=5),
-        verdict=SimpleNamespace(experiment="smollm2_claims", n=5, effect=-0.5,
-                                verdict=VerdictWord.DISPROVEN))
+    def entry(subject, baseline, experiment, n, effect, word, margin=None, **flags):
+        claim = SimpleNamespace(arms=(SimpleNamespace(name=subject),
+                                      SimpleNamespace(name=baseline)), trials=5, margin=margin)
+        return SimpleNamespace(claim=claim, verdict=SimpleNamespace(
+            experiment=experiment, n=n, effect=effect, verdict=word), **flags)
+
+    entries = [
+        entry("derived_matched_mass", "sgd", FAIR, 5, 0.1382, VerdictWord.VALIDATED),
+        # a superseded rule of the same pair must not overwrite the current verdict
+        entry("derived_matched_mass", "sgd", FAIR, 5, -1.0, VerdictWord.DISPROVEN,
+              superseded=True),
+        entry("derived_matched_mass", "adamw_grid", FAIR, 5, -0.4, VerdictWord.DISPROVEN,
+              margin=0.02),
+        entry("derived", "sgd", FAIR, 2, None, VerdictWord.INCONCLUSIVE),
+        entry("derived", "muon", "smollm2_claims", 5, -0.5, VerdictWord.DISPROVEN),
+    ]
     rows = [row("derived_matched_mass", s, 3.32) for s in range(SEEDS)]
     rows += [row("sgd", s, 3.46) for s in range(SEEDS)]
-    text = fair_matrix([done, waiting, elsewhere], rows)
+    rows += [row("derived_uniform", s, 3.5106) for s in range(SEEDS)]
+    for r in rows:
+        r["metrics"]["val_loss_initial"] = 3.5107
+    text = fair_matrix(entries, rows)
     line = next(x for x in text.splitlines() if x.startswith("| `derived_matched_mass`"))
-    assert line.split(" | ")[1:3] == ["**VALIDATED** +0.138", "_not run_"]
+    assert line.split(" | ")[1:4] == [
+        "**VALIDATED** +0.138", "**DISPROVEN** -0.400 (non-inferiority, margin 0.02)",
+        "_not run_"]
     line = next(x for x in text.splitlines() if x.startswith("| `derived` "))
     assert line.split(" | ")[1] == "**INCONCLUSIVE** (2 of 5 pairs)"
     assert line.rstrip(" |").endswith("_not run_")  # the other experiment's verdict is not shown
     assert "vs `sgd` (3.4600 ± 0.0000, 5 seeds)" in text
+    assert "`derived_uniform` (3.5106 ± 0.0000, 5 seeds, did not train" in text
+    assert "`derived_matched_mass` (3.3200 ± 0.0000, 5 seeds)" in text

@@ -50,8 +50,9 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   (from the weights, the residual-scale calibration and the gradient-noise-scale probe) divided
   by one step of the faster q/v reference; the weights-only part and each set-up phase are shown
   beside it. What bounds it from below: the noise-scale probe (row 8) takes per-example
-  gradients of 32 training examples, one forward and backward over eight times the reference
-  step's 4 examples, so the probe alone costs several reference steps; it depends on the seed
+  gradients of 32 training examples, forward and backward in passes of the trainer's
+  micro-batch: eight times the examples of the reference step (4), so the probe alone costs
+  several reference steps; it depends on the seed
   through the adapters' dropout masks, so it is measured for every trial, while the weights'
   geometry and the residual scales are computed once and shared across seeds (the set-up cache,
   runner/derived/cache.py; the row's `setup_cache` says whether this run read them).

@@ -1,5 +1,7 @@
 """The recommended reading, from the ledger: the fair test's table of every derived reading and
-baseline, which reading does best and by how much, and where the choice is confirmed.
+baseline, which reading does best and by how much, and where the choice is confirmed; and for
+docs/claims.md the fair test side by side (every reading against every baseline) with what the
+long runs say about whether the ordering still changes past the fair budget.
 
 Written between markers into the README and docs/derivations.md by `make results`, so the
 recommendation is never typed by hand: it is the reading with the lowest mean final validation
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from runner.derived.step import READINGS, is_derived
@@ -149,30 +152,48 @@ def _choice(arms: dict[str, list[dict]], readings: dict[str, list[dict]]) -> lis
 def fair_matrix(entries, rows: list[dict], docs: str = "") -> str:
     """docs/claims.md's side-by-side view of the fair test: one row per reading (best mean final
     loss first), one column per baseline, each cell the verdict of "reading against baseline"
-    in the fair experiment and its effect (positive favours the reading); then the learning
+    in the fair experiment and its effect (positive favours the reading; a non-inferiority
+    claim says so, since VALIDATED there means "at most the margin worse"); then the learning
     curves and what the long runs say about the ordering. `entries`: the claims page's
-    entries (anything with `.claim.arms` and `.verdict`)."""
+    entries (anything with `.claim`, `.verdict`, `.superseded`, `.smoke`, `.is_check`);
+    superseded rules, smoke runs and implementation checks are left out."""
     arms = arm_trials(rows, FAIR)
     readings = sorted(READINGS, key=lambda a: (_mean(arms.get(a, []), "val_loss_final")
                                                if a in arms else math.inf, a))
-    cells: dict[tuple[str, str], str] = {}
+    cells: dict[tuple[str, str], list[str]] = defaultdict(list)
     for e in entries:
         v = e.verdict
-        if v is None or v.experiment != FAIR or len(e.claim.arms) != 2:
+        if (v is None or v.experiment != FAIR or len(e.claim.arms) != 2
+                or getattr(e, "superseded", False) or getattr(e, "smoke", False)
+                or getattr(e, "is_check", False)):
             continue
-        subject, baseline = (a.name for a in e.claim.arms)
+        names = [a.name for a in e.claim.arms]
+        subject = next((n for n in names if n in READINGS), None)
+        if subject is None:
+            continue
+        baseline = next(n for n in names if n != subject)
         done = f"{v.n} of {e.claim.trials} pairs" if v.n < e.claim.trials else ""
+        notes = [x for x in (done, f"non-inferiority, margin {e.claim.margin:g}"
+                             if e.claim.margin is not None else "",
+                             f"on {v.hardware}" if getattr(v, "hardware", None) else "") if x]
         effect = f" {v.effect:+.3f}" if v.effect is not None else ""
-        cells[subject, baseline] = f"**{v.verdict.value}**{effect}" + (f" ({done})" if done
-                                                                         else "")
+        cells[subject, baseline].append(f"**{v.verdict.value}**{effect}"
+                                        + (f" ({'; '.join(notes)})" if notes else ""))
 
     def loss(arm: str) -> str:
         t = arms.get(arm, [])
-        return f"{mean_sd(_values(t, 'val_loss_final'))}, {len(t)} seeds" if t else "no trials"
+        if not t:
+            return "no trials"
+        lost = sum(_loss(r) == math.inf for r in t)
+        moved = _mean(t, "val_loss_initial") - _mean(t, "val_loss_final")
+        still = (", did not train: |Δ| < 0.001 nats from its start"
+                 if is_derived(arm) and math.isfinite(moved) and abs(moved) < 1e-3 else "")
+        return (f"{mean_sd(_values(t, 'val_loss_final'))}, {len(t)} seeds"
+                + (f", {lost} diverged" if lost else "") + still)
 
     header = ["reading (final val loss)", *[f"vs `{b}` ({loss(b)})" for b in BASELINES]]
-    body = [[f"`{r}` ({loss(r)})", *[cells.get((r, b), "_not run_") for b in BASELINES]]
-            for r in readings]
+    body = [[f"`{r}` ({loss(r)})", *["<br>".join(cells.get((r, b), [])) or "_not run_"
+                                     for b in BASELINES]] for r in readings]
     parts = [f"Every reading of the seed against every baseline in `+experiment={FAIR}` "
              f"(SmolLM2-135M-Instruct, stdlib docstrings, {FAIR_TOKENS:,} training tokens per "
              f"run, {SEEDS} seeds per arm; `adamw_grid` picks its learning rate per seed on "
@@ -196,45 +217,94 @@ def _at(curve: list[dict], tokens: float) -> float:
     return math.nan
 
 
-def long_run_orderings(rows: list[dict]) -> tuple[list[str], list[str], dict[str, tuple]]:
-    """The long runs of the curves experiment: (arms by loss at the fair budget, arms by final
-    loss, {arm: (loss at the fair budget, final loss, final tokens)}); arms whose run did not
-    reach the fair budget are left out."""
-    at: dict[str, tuple] = {}
+def _long_run_label(row: dict) -> str:
+    """A long run's name on the page: its arm, and a baseline's learning rate when it has one
+    (the long AdamW run is `adamw` at the rate the grid picked, not the grid itself)."""
+    arm = str(row.get("arm"))
+    lr = ((row.get("config") or {}).get("trainer") or {}).get("lr")
+    return f"{arm} (lr {lr:g})" if not is_derived(arm) and isinstance(lr, (int, float)) else arm
+
+
+@dataclass(frozen=True)
+class LongRun:
+    """One long run of the curves experiment, as the page compares it."""
+
+    label: str
+    at_fair: float  # validation loss at the fair budget (nan: stopped before it)
+    final: float  # its last evaluation
+    tokens: int  # its last evaluation's tokens
+    stop: str  # why it stopped (budget, certificate, diverged, ...)
+    curve: tuple = ()  # its evaluations
+
+    @property
+    def diverged(self) -> bool:
+        return self.stop == "diverged" or not math.isfinite(self.final)
+
+
+def long_runs(rows: list[dict]) -> tuple[dict[str, LongRun], dict[str, int]]:
+    """The curves experiment's runs by label, the newest run of a label kept; and how many runs
+    each label has (a rerun replaces the earlier one on the page, which says so)."""
+    runs: dict[str, LongRun] = {}
+    count: dict[str, int] = defaultdict(int)
     for r in sorted(rows, key=lambda r: str(r.get("run_id"))):
         evals = (r.get("curves") or {}).get("eval") or []
-        if r.get("experiment") != CURVES or not evals:
+        if r.get("experiment") != CURVES or r.get("status") == "skipped" or not evals:
             continue
-        mid, end = _at(evals, FAIR_TOKENS), evals[-1]
-        if math.isfinite(mid):
-            at[str(r.get("arm"))] = (mid, float(end.get("val_loss", math.nan)),
-                                     int(end.get("tokens", 0)))
-    by_mid = sorted(at, key=lambda a: (at[a][0], a))
-    by_end = sorted(at, key=lambda a: (at[a][1] if math.isfinite(at[a][1]) else math.inf, a))
-    return by_mid, by_end, at
+        label = _long_run_label(r)
+        count[label] += 1
+        stop = "diverged" if r.get("diverged_at") is not None else str(r.get("stop_reason"))
+        runs[label] = LongRun(label, _at(evals, FAIR_TOKENS),
+                              float(evals[-1].get("val_loss", math.nan)),
+                              int(evals[-1].get("tokens", 0)), stop, tuple(evals))
+    return runs, dict(count)
+
+
+def long_run_orderings(runs: dict[str, LongRun]) -> tuple[list[str], list[str], int]:
+    """(labels by loss at the fair budget, labels by loss at the common end, the common end's
+    tokens): the end is the shortest run's last evaluation, so every run is compared on the
+    same tokens; runs that diverged, or stopped before the fair budget, are left out."""
+    ok = {k: r for k, r in runs.items() if not r.diverged and math.isfinite(r.at_fair)}
+    if not ok:
+        return [], [], 0
+    end = min(r.tokens for r in ok.values())
+    by_mid = sorted(ok, key=lambda k: (ok[k].at_fair, k))
+    by_end = sorted(ok, key=lambda k: (_at(list(ok[k].curve), end), k))
+    return by_mid, by_end, end
 
 
 def curves_paragraph(rows: list[dict], docs: str = "") -> list[str]:
-    """What the long runs say: does the ordering at the fair budget hold to their end? `docs`:
-    the path from the page to docs/."""
-    by_mid, by_end, at = long_run_orderings(rows)
-    if not at:
+    """What the long runs say: does the ordering at the fair budget hold to their common end?
+    `docs`: the path from the page to docs/."""
+    runs, count = long_runs(rows)
+    if not runs:
         return [f"The long runs (`+experiment={CURVES}`, about 140,000 tokens per arm) are not "
                 "in the ledger yet, so whether the ordering changes past the fair budget is "
                 "not known."]
+
+    def one(k: str) -> str:
+        r = runs[k]
+        head = (f"{r.at_fair:.4f} at {FAIR_TOKENS:,} tokens, " if math.isfinite(r.at_fair)
+                else f"stopped before {FAIR_TOKENS:,} tokens, ")
+        again = f", newest of {count[k]} runs" if count[k] > 1 else ""
+        return f"`{k}` {head}{r.final:.4f} at {r.tokens:,} ({r.stop}{again})"
+
     lines = [f"![long runs]({docs}experiments/figures/{CURVES}-learning_curves.png)", "",
-             f"Long runs (`+experiment={CURVES}`, [its page]({docs}experiments/{CURVES}.md)), one per "
-             "arm: " + "; ".join(f"`{a}` {at[a][0]:.4f} at {FAIR_TOKENS:,} tokens, "
-                                f"{at[a][1]:.4f} at {at[a][2]:,}" for a in by_end) + "."]
-    if len(at) < 2:
+             f"Long runs (`+experiment={CURVES}`, [its page]({docs}experiments/{CURVES}.md)): "
+             "one seed per arm, 48 validation examples, so their losses are not the fair "
+             "test's; `derived_matched_mass` matches N to the long run's budget, so at "
+             f"{FAIR_TOKENS:,} tokens it has taken smaller steps than in the fair test. "
+             + "; ".join(one(k) for k in sorted(runs)) + "."]
+    by_mid, by_end, end = long_run_orderings(runs)
+    if len(by_mid) < 2:
         return lines
     if by_mid == by_end:
-        lines.append("The ordering at the fair budget holds to the end of the long runs.")
+        lines.append(f"Within the long runs, the ordering at {FAIR_TOKENS:,} tokens holds to "
+                     f"{end:,} tokens (the shortest run's end).")
     else:
-        lines.append("**The ordering still changes past the fair budget**: by loss at "
-                     f"{FAIR_TOKENS:,} tokens " + " < ".join(f"`{a}`" for a in by_mid)
-                     + "; at the end of the long runs " + " < ".join(f"`{a}`" for a in by_end)
-                     + ".")
+        lines.append(f"**Within the long runs, the ordering still changes past "
+                     f"{FAIR_TOKENS:,} tokens**: at {FAIR_TOKENS:,} tokens "
+                     + " < ".join(f"`{a}`" for a in by_mid) + f"; at {end:,} tokens (the "
+                     "shortest run's end) " + " < ".join(f"`{a}`" for a in by_end) + ".")
     return lines
 
 
