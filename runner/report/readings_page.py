@@ -186,7 +186,7 @@ def fair_matrix(entries, rows: list[dict], docs: str = "") -> str:
             return "no trials"
         lost = sum(_loss(r) == math.inf for r in t)
         moved = _mean(t, "val_loss_initial") - _mean(t, "val_loss_final")
-        still = (", did not train: |Δ| < 0.001 nats from its start"
+        still = (", did not train: moved less than 0.001 nats"
                  if is_derived(arm) and math.isfinite(moved) and abs(moved) < 1e-3 else "")
         return (f"{mean_sd(_values(t, 'val_loss_final'))}, {len(t)} seeds"
                 + (f", {lost} diverged" if lost else "") + still)
