@@ -43,8 +43,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geometry._xp import namespace
-
 from . import array_forward as F
 from ._spec import ModelSpec, module_names, spec_from_config, state_dict_to_numpy
 
@@ -110,7 +108,7 @@ def _int32(x):
 
 
 OPS = F.ForwardOps(
-    xp=namespace(jnp.zeros(())),
+    xp=jnp,  # an array-API namespace: what geometry._xp.namespace gives for JAX arrays
     rsqrt=jax.lax.rsqrt,
     sigmoid=jax.nn.sigmoid,
     softmax=jax.nn.softmax,
@@ -119,11 +117,6 @@ OPS = F.ForwardOps(
     float32=_float32,
     int32=_int32,
 )
-
-
-def _adapter_input(x, scale):
-    """:func:`array_forward.adapter_input` on JAX (``scale = (c, keep, key)``: dropout)."""
-    return F.adapter_input(OPS, x, scale)
 
 
 _LAYER = "layer"  # the module-name prefix of the scan body's one layer

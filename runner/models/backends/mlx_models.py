@@ -22,8 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from geometry._xp import namespace
-
 from . import array_forward as F
 from ._spec import ModelSpec, spec_from_config, state_dict_to_numpy
 from .mlx_blas import use_torch_blas
@@ -31,6 +29,8 @@ from .mlx_blas import use_torch_blas
 use_torch_blas()  # before MLX loads: its Linux CPU BLAS is the reference one (see mlx_blas)
 
 import mlx.core as mx  # noqa: E402
+
+from geometry._mlx import mlx_namespace  # noqa: E402
 
 __all__ = [
     "MlxParams",
@@ -106,7 +106,7 @@ def _bernoulli(key, p, shape):
 
 
 OPS = F.ForwardOps(
-    xp=namespace(mx.zeros(())),
+    xp=mlx_namespace,  # geometry._xp.namespace's adapter for MLX arrays
     rsqrt=mx.rsqrt,
     sigmoid=mx.sigmoid,
     softmax=mx.softmax,
@@ -115,11 +115,6 @@ OPS = F.ForwardOps(
     float32=_f32,
     int32=_i32,
 )
-
-
-def _adapter_input(x, scale):
-    """:func:`array_forward.adapter_input` on MLX (``scale = (c, keep, key)``: dropout)."""
-    return F.adapter_input(OPS, x, scale)
 
 
 def _forward(spec: ModelSpec, w, input_ids, attention_mask, usv, scales, position_ids=None,
