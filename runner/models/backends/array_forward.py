@@ -263,6 +263,15 @@ def mask_or_ones(ops: ForwardOps, attention_mask, ids):
     return ops.int32(attention_mask)
 
 
+def logits_inputs(ops: ForwardOps, input_ids, attention_mask, adapters, position_ids):
+    """``(input_ids, attention_mask, usv, scales, position_ids or None)`` of a ``logits`` call on
+    the backend, in :func:`forward`'s order."""
+    usv, scales = prep_adapters(ops, adapters)
+    ids = ops.int32(input_ids)
+    pos = None if position_ids is None else ops.int32(position_ids)
+    return ids, mask_or_ones(ops, attention_mask, ids), usv, scales, pos
+
+
 def batch_inputs(ops: ForwardOps, batch: Mapping[str, Any]):
     """``(input_ids, attention_mask, labels, position_ids or None)`` of a ``loss_and_grads``
     batch as int32 backend arrays; labels default to :func:`default_labels`."""

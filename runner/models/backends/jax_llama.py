@@ -248,11 +248,8 @@ def _logits_jit(params, input_ids, attention_mask, usv, scales, position_ids):
 
 def logits(params: JaxParams, input_ids, attention_mask=None, adapters=None, position_ids=None):
     """Logits ``(B, T, vocab)`` in float32.  Jitted (retraces per shape / adapter set)."""
-    usv, scales = F.prep_adapters(OPS, adapters)
-    ids = _int32(input_ids)
-    am = F.mask_or_ones(OPS, attention_mask, ids)
-    pos = None if position_ids is None else _int32(position_ids)
-    return _logits_jit(params, ids, am, usv, scales, pos)
+    return _logits_jit(params, *F.logits_inputs(OPS, input_ids, attention_mask, adapters,
+                                                 position_ids))
 
 
 def masked_cross_entropy(logits_, labels):

@@ -125,11 +125,8 @@ def _forward(spec: ModelSpec, w, input_ids, attention_mask, usv, scales, positio
 
 def logits(params: MlxParams, input_ids, attention_mask=None, adapters=None, position_ids=None):
     """Logits ``(B, T, vocab)`` in float32 (evaluated)."""
-    usv, scales = F.prep_adapters(OPS, adapters)
-    ids = _i32(input_ids)
-    am = F.mask_or_ones(OPS, attention_mask, ids)
-    pos = None if position_ids is None else _i32(position_ids)
-    out = _forward(params.spec, params.weights, ids, am, usv, scales, pos)
+    inputs = F.logits_inputs(OPS, input_ids, attention_mask, adapters, position_ids)
+    out = _forward(params.spec, params.weights, *inputs)
     mx.eval(out)
     return out
 
