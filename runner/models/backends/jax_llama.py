@@ -36,6 +36,7 @@ derivation and the unrolled path).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -134,10 +135,10 @@ def layer_kinds(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in out.items()}
 
 
-def _llama_layers_scan(p: JaxParams, h, cos, sin, mask, stacked):
+def _llama_layers_scan(p: JaxParams, stacked, h, cos, sin, mask, hidden=None):
     """Every decoder layer by ``jax.lax.scan`` over ``p.stacked`` and the stacked adapters
     ``stacked = (usv, scales)`` (:func:`stack_layer_adapters`); returns the last layer's output
-    and each layer's input (L, B, T, H)."""
+    and appends each layer's input to ``hidden`` (a list)."""
     spec = p.spec
     ad_usv, ad_scales = stacked
 
@@ -148,7 +149,10 @@ def _llama_layers_scan(p: JaxParams, h, cos, sin, mask, stacked):
         lscales = {f"{_LAYER}.{k}": c for k, c in a_scales.items()}
         return F.llama_layer(OPS, spec, w, _LAYER, x, cos, sin, mask, lusv, lscales), x
 
-    return jax.lax.scan(body, h, (p.stacked, ad_usv, ad_scales))
+    h, inputs = jax.lax.scan(body, h, (p.stacked, ad_usv, ad_scales))  # inputs (L, B, T, H)
+    if hidden is not None:
+        hidden.extend(inputs[i] for i in range(spec.num_layers))
+    return h
 
 
 def stack_layer_adapters(p: JaxParams, usv, scales):
@@ -228,12 +232,7 @@ def _forward(p: JaxParams, input_ids, attention_mask, usv, scales, position_ids=
     if p.stacked is not None:
         if stacked is None:
             stacked, usv, scales = stack_layer_adapters(p, usv, scales)
-
-        def layers(h, cos, sin, mask, hidden):
-            h, inputs = _llama_layers_scan(p, h, cos, sin, mask, stacked)
-            if hidden is not None:
-                hidden.extend(inputs[i] for i in range(p.spec.num_layers))
-            return h
+        layers = functools.partial(_llama_layers_scan, p, stacked)
     elif stacked is not None:
         layer_usv, layer_scales = unstack_layer_adapters(p.spec, stacked)
         usv, scales = {**usv, **layer_usv}, {**scales, **layer_scales}
