@@ -564,9 +564,9 @@ def test_adapter_dropout_masks(backend: str) -> None:
     """Inverted dropout on the adapter input: kept entries are x / keep, the kept fraction is
     Bernoulli(keep) within 5 sigma, the same key gives the same mask, another key another."""
     _needs(backend)
-    from runner.models.backends import get_backend
+    from runner.models.backends import array_forward, get_backend
 
-    be = get_backend(backend)
+    ops, adapter_input = get_backend(backend).OPS, array_forward.adapter_input
     keep, n = 0.75, 64 * 64
     if backend == "jax":
         import jax
@@ -578,16 +578,16 @@ def test_adapter_dropout_masks(backend: str) -> None:
 
         x = mx.full((64, 64), 2.0)
         key, other = mx.random.key(0), mx.random.key(1)
-    c, xa = be._adapter_input(x, (0.5, keep, key))
+    c, xa = adapter_input(ops, x, (0.5, keep, key))
     xa = np.array(xa)
     assert c == 0.5
     kept = np.unique(xa[xa != 0])  # one value, 2 / keep in x's dtype (float32, or float64
     assert kept.size == 1 and np.isclose(kept[0], 2.0 / keep, rtol=1e-6)  # when jax runs x64)
     frac = float((xa != 0).mean())
     assert abs(frac - keep) <= 5 * math.sqrt(keep * (1 - keep) / n)
-    np.testing.assert_array_equal(np.array(be._adapter_input(x, (0.5, keep, key))[1]), xa)
-    assert (np.array(be._adapter_input(x, (0.5, keep, other))[1]) != xa).any()
-    assert be._adapter_input(x, 0.5)[1] is x
+    np.testing.assert_array_equal(np.array(adapter_input(ops, x, (0.5, keep, key))[1]), xa)
+    assert (np.array(adapter_input(ops, x, (0.5, keep, other))[1]) != xa).any()
+    assert adapter_input(ops, x, 0.5)[1] is x
 
 
 def test_mlx_runs_torch_blas() -> None:

@@ -10,6 +10,8 @@ Submodules are imported lazily so that a missing optional dependency (``jax``,
 Each backend module exposes ``params_from_torch(state_dict, config)``,
 ``logits(params, input_ids, attention_mask=None, adapters=None)``,
 ``masked_cross_entropy(logits, labels)`` and ``loss_and_grads(params, adapters, batch)``.
+Both run the one model of :mod:`.array_forward`, written against the array API; each module
+holds only its parameters, its :class:`~.array_forward.ForwardOps` and how it compiles.
 
 Importing this package calls :func:`runner.models.backends.mlx_blas.use_torch_blas` (Linux, before
 MLX is imported: MLX's CPU BLAS is the slow reference one; see that module).
