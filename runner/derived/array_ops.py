@@ -406,19 +406,6 @@ class ArrayOps:
         """(The torch model was never touched: nothing to detach.)"""
 
 
-def per_token_nll(xp, logsumexp, take_along_axis, logits, labels):
-    """(nll, valid): next-token cross-entropy per position (B, T-1), 0 where the label is -100."""
-    lg = logits[:, :-1, :].astype(xp.float32)
-    lb = labels[:, 1:]
-    valid = lb != IGNORE
-    safe = xp.where(valid, lb, 0)
-    tgt = take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
-    nll = xp.where(valid, logsumexp(lg, axis=-1) - tgt, 0.0)
-    return nll, valid
-
-
-
-
 def _bucket(n: int, step: int = 32) -> int:
     return max(step, -(-n // step) * step)
 

@@ -16,11 +16,11 @@ from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
     grad_norm,
-    per_token_nll,
     update_one,
 )
 from runner.derived.frames import gathered_eigenpairs, tail_frames
 from runner.models.backends import jax_llama as be
+from runner.models.backends.array_forward import token_nll
 from runner.models.backends.jax_llama import layer_kinds
 
 
@@ -37,7 +37,7 @@ def _jax_functions():
     program compiles one layer body and one adapter step per kind, whatever the depth."""
     def sum_nll(state, params, scales, ids, am, labels):
         logits = be._forward(params, ids, am, {}, {}, stacked=(state, scales))
-        return per_token_nll(jnp, jax.nn.logsumexp, jnp.take_along_axis, logits, labels)
+        return token_nll(be.OPS, logits, labels)
 
     def loss(state, params, scales, ids, am, labels, total):
         nll, _ = sum_nll(state, params, scales, ids, am, labels)

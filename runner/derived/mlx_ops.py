@@ -13,11 +13,11 @@ from runner.derived.array_ops import (
     ArrayOps,
     add_grads,
     grad_norm,
-    per_token_nll,
     update_one,
 )
 from runner.derived.frames import gathered_eigenpairs, tail_frames
 from runner.models.backends import mlx_blas, mlx_models
+from runner.models.backends.array_forward import token_nll
 
 
 class MlxOps(ArrayOps):
@@ -31,12 +31,9 @@ class MlxOps(ArrayOps):
         super().__init__(model)
         spec, be = self.spec, mlx_models
 
-        def take(a, idx, axis):
-            return mx.take_along_axis(a, idx, axis=axis)
-
         def sum_nll(usv, weights, scales, ids, am, labels):
             logits = be._forward(spec, weights, ids, am, usv, scales)
-            return per_token_nll(mx, be.logsumexp, take, logits, labels)
+            return token_nll(be.OPS, logits, labels)
 
         def loss(usv, weights, scales, ids, am, labels, total):
             nll, _ = sum_nll(usv, weights, scales, ids, am, labels)

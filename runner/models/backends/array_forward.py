@@ -225,9 +225,10 @@ def forward(ops: ForwardOps, spec: ModelSpec, w, input_ids, attention_mask, usv,
 # ----------------------------------------------------------------------------- loss and inputs
 
 
-def masked_cross_entropy(ops: ForwardOps, logits, labels):
-    """Mean next-token CE as HF computes it: ``logits[:, :-1]`` vs ``labels[:, 1:]``, -100
-    ignored (``labels`` a backend integer array)."""
+def token_nll(ops: ForwardOps, logits, labels):
+    """(nll, valid): next-token cross-entropy per position (B, T-1) as HF computes it,
+    ``logits[:, :-1]`` vs ``labels[:, 1:]``, 0 where the label is -100 (``labels`` a backend
+    integer array)."""
     xp = ops.xp
     lg = logits[:, :-1, :].astype(xp.float32)
     lb = labels[:, 1:]
@@ -235,8 +236,13 @@ def masked_cross_entropy(ops: ForwardOps, logits, labels):
     safe = xp.where(valid, lb, 0)
     lse = ops.logsumexp(lg, axis=-1)
     tgt = xp.take_along_axis(lg, safe[..., None], axis=-1)[..., 0]
-    nll = xp.where(valid, lse - tgt, 0.0)
-    return nll.sum() / xp.maximum(valid.sum(), 1).astype(xp.float32)
+    return xp.where(valid, lse - tgt, 0.0), valid
+
+
+def masked_cross_entropy(ops: ForwardOps, logits, labels):
+    """Mean next-token CE over the positions whose label is not -100 (:func:`token_nll`)."""
+    nll, valid = token_nll(ops, logits, labels)
+    return nll.sum() / ops.xp.maximum(valid.sum(), 1).astype(ops.xp.float32)
 
 
 def default_labels(input_ids, attention_mask=None):
