@@ -709,3 +709,14 @@ def test_thesis_experiment_ends_with_a_summary_and_its_own_pages(tmp_path: Path,
     assert out.count("    adapters: ") == 2
     assert (docs / "claims.md").exists() and (docs / "experiments" / "thesis.md").exists()
     assert "derived_matched_mass_beats_sgd" in (docs / "claims.md").read_text()
+
+
+def test_a_confirmation_on_other_seeds_is_the_same_claim_not_a_superseded_one() -> None:
+    from dataclasses import replace as _replace
+
+    from runner.claims.schema import CLAIM_DIR, core_rule, load_claims
+
+    claim = next(c for c in load_claims(CLAIM_DIR) if c.id == "derived_matched_mass_beats_sgd")
+    moved = _replace(claim, first_seed=100, trials=5)
+    assert moved.rule_hash != claim.rule_hash  # the seeds are part of the registered rule
+    assert core_rule(moved) == core_rule(claim)  # ... but not of what the claim says

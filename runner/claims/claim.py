@@ -130,6 +130,8 @@ class Claim:
 
 
 def core_rule(claim: Claim) -> dict:
-    """The rule less what an experiment sets (trials, budget, setting)."""
-    return {k: v for k, v in claim.rule().items() if k not in ("trials", "budget", "setting")}
+    """The rule less what an experiment sets (trials, first_seed, budget, setting): a claim run
+    on other seeds by a confirmatory experiment is the same claim, not a superseded one."""
+    return {k: v for k, v in claim.rule().items()
+            if k not in ("trials", "first_seed", "budget", "setting")}
 
