@@ -201,15 +201,28 @@ def test_dropout_mask_drops_at_the_realized_rate(p: float) -> None:
     assert abs(drops / n - realized) <= 5 * (realized * (1 - realized) / n) ** 0.5
 
 
-def test_masked_input_gradient_is_the_mask() -> None:
-    from runner.derived.torch_dropout import _Masked
+@pytest.mark.parametrize("v_grad", [True, False])
+def test_masked_projection_is_autograds_masked_matmul_bitwise(v_grad: bool) -> None:
+    """The dense dropout projection saves x and the mask instead of the masked copy; its
+    values and gradients are bitwise those of autograd through (x * keep) @ v."""
+    from runner.derived.torch_dropout import _MaskedProjection
 
-    x = torch.randn(3, 5, requires_grad=True)
-    keep = torch.rand(3, 5) > 0.5
-    y = _Masked.apply(x, keep)
-    assert torch.equal(y, x.detach() * keep)
-    y.backward(torch.ones_like(y))
-    assert torch.equal(x.grad, keep.float())
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 128, 576, generator=gen)
+    v0 = torch.randn(576, 24, generator=gen)
+    keep = torch.rand(4, 128, 576, generator=gen) > 0.1
+    grad = torch.randn(4, 128, 24, generator=gen)
+    ours = (x0.clone().requires_grad_(), v0.clone().requires_grad_(v_grad))
+    ref = (x0.clone().requires_grad_(), v0.clone().requires_grad_(v_grad))
+    a = _MaskedProjection.apply(ours[0], keep, ours[1])
+    b = (ref[0] * keep.to(ref[0].dtype)) @ ref[1]
+    assert torch.equal(a, b)
+    a.backward(grad)
+    b.backward(grad)
+    assert torch.equal(ours[0].grad, ref[0].grad)
+    assert (ours[1].grad is None) == (not v_grad)
+    if v_grad:
+        assert torch.equal(ours[1].grad, ref[1].grad)
 
 
 @pytest.mark.parametrize("p", [1e-4, 0.01, 0.3])

@@ -33,19 +33,29 @@ def keep_mask(x: torch.Tensor, threshold: int) -> torch.Tensor:
     return keep.reshape(-1)[:n].view(x.shape)
 
 
-class _Masked(torch.autograd.Function):
-    """x * keep that saves the 1-byte mask for backward (``x * keep.float()`` would save a
-    4-byte copy; ``x * keep`` multiplies mixed dtypes, which is slower)."""
+class _MaskedProjection(torch.autograd.Function):
+    """a = (x * keep) V that saves x and the 1-byte mask, not the 4-byte masked copy that
+    ``(x * keep) @ v`` would save for dV: q, k and v share one input, so they save it once
+    (and three masks) instead of three masked copies; when V is frozen (the noise probe) x
+    is not saved at all. The backward recomputes x * keep for dV, one pass over the input,
+    with the same operations autograd would run (bitwise the same gradients)."""
 
     @staticmethod
-    def forward(ctx, x, keep):
-        ctx.save_for_backward(keep)
-        return x * keep.to(x.dtype)
+    def forward(ctx, x, keep, v):
+        masked = x * keep.to(x.dtype)
+        ctx.save_for_backward(x if v.requires_grad else None, keep, v)
+        return masked @ v
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad * keep.to(grad.dtype), None
+        x, keep, v = ctx.saved_tensors
+        dx = dv = None
+        if ctx.needs_input_grad[0]:
+            dx = (grad @ v.T) * keep.to(grad.dtype)
+        if ctx.needs_input_grad[2]:
+            masked = (x * keep.to(x.dtype)).reshape(-1, x.shape[-1])
+            dv = masked.T @ grad.reshape(-1, grad.shape[-1])
+        return dx, None, dv
 
 
 # Sparse dropout (below) when p * r is at most this: its scattered K x r corrections (K ~ p x
@@ -116,4 +126,4 @@ def dropout_projection(x: torch.Tensor, v: torch.Tensor, p: float) -> tuple[torc
         a = _DroppedProjection.apply(x2, v, rows, cols)
         return a.view(*x.shape[:-1], -1), 1.0 / (1.0 - p)
     threshold, p_dense = dropout_threshold(p)
-    return _Masked.apply(x, keep_mask(x, threshold)) @ v, 1.0 / (1.0 - p_dense)
+    return _MaskedProjection.apply(x, keep_mask(x, threshold), v), 1.0 / (1.0 - p_dense)

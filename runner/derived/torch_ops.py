@@ -192,6 +192,53 @@ class NbLoraAdapters(FactoredAdapters):
 
 
 
+# Causal LMs whose logits are exactly the output layer applied to the decoder's last hidden
+# state (no soft-capping, scaling or bias after it): their answer loss is taken in chunks of
+# token rows (answer_loss_backward). Any other model takes the whole-logits path.
+PLAIN_HEAD_MODELS = frozenset({"LlamaForCausalLM", "Lfm2ForCausalLM", "MistralForCausalLM",
+                               "Qwen2ForCausalLM", "Qwen3ForCausalLM"})
+LOSS_CHUNK_ROWS = 128  # token rows per chunk of the output layer (128 x vocab logits at a time)
+
+
+def answer_loss_backward(model, input_ids, attention_mask, labels,
+                         weight: torch.Tensor | float) -> torch.Tensor:
+    """Backward of sum_t weight_t nll_t over next-token positions (gradients accumulated in the
+    parameters' .grad); returns that sum in float64. ``labels``: (b, T), already shifted (t
+    predicts t+1), -100 where a position does not count; ``weight``: a scalar or (b, T).
+
+    For a plain-head model the (b T, vocab) logits never exist at once: the decoder runs once,
+    the output layer, the softmax and their backward run on LOSS_CHUNK_ROWS token rows at a
+    time (the output layer is frozen: only its input needs a gradient), and the decoder's
+    backward takes the gathered gradient of its output. That holds a chunk's logits instead of
+    the whole batch's logits, log-probabilities and their gradient (3 x 96 MB at 512 tokens
+    on a 49k vocabulary). The gradient is the same up to float rounding (the output layer's
+    matmul runs on fewer rows at a time)."""
+    head = model.get_output_embeddings()
+    weight = torch.as_tensor(weight, dtype=torch.float32).expand(labels.shape).reshape(-1)
+    flat_labels = labels.reshape(-1)
+    if type(model).__name__ not in PLAIN_HEAD_MODELS or head.weight.requires_grad:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                          flat_labels, ignore_index=-100, reduction="none")
+        del logits  # (the graph keeps the log-probabilities: the logits go before the backward)
+        loss = (nll * weight).sum()
+        loss.backward()
+        return loss.detach().double()
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+    flat = hidden.detach().reshape(-1, hidden.shape[-1])
+    grad = torch.empty_like(flat)
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, flat.shape[0], LOSS_CHUNK_ROWS):
+        rows = flat[i:i + LOSS_CHUNK_ROWS].detach().requires_grad_()
+        nll = nn.functional.cross_entropy(head(rows).float(), flat_labels[i:i + LOSS_CHUNK_ROWS],
+                                          ignore_index=-100, reduction="none")
+        loss = (nll * weight[i:i + LOSS_CHUNK_ROWS]).sum()
+        (grad[i:i + LOSS_CHUNK_ROWS],) = torch.autograd.grad(loss, rows)
+        total += loss.detach().double()
+    hidden.backward(grad.view_as(hidden))
+    return total
+
+
 def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tensor:
     """Per-example gradients (float64, one row per example) of each example's mean answer-token
     loss with respect to every adapter parameter, from one forward/backward of the batch.
@@ -214,14 +261,11 @@ def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tenso
     try:
         for x, _ in frames:
             x.requires_grad_(False)
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         labels = nn.functional.pad(batch.labels[:, 1:], (0, 1), value=-100)  # (b, T): t -> t+1
-        ce = nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-            ignore_index=-100, reduction="none").view(labels.shape)  # (b, T)
-        del logits  # (the graph keeps the log-probabilities: the logits go before the backward)
-        counted = (labels != -100).sum(dim=1).clamp(min=1)
-        (ce.sum(dim=1) / counted).sum().backward()
+        counted = (labels != -100).sum(dim=1, keepdim=True).clamp(min=1)
+        # sum_i L_i, L_i example i's mean answer-token loss: weight 1 / (its answer tokens)
+        answer_loss_backward(model, batch.input_ids, batch.attention_mask, labels,
+                             1.0 / counted.float())
         rows = [adapters.specs[name].scale
                 * torch.einsum("btr,btr->br", slot["a"].double(), slot["e"].double())
                 for name, slot in ((n, adapters.capture[n]) for n in adapters.specs)]
@@ -540,16 +584,7 @@ class TorchOps:
             ids = batch.input_ids[i:i + micro_batch]
             labels = batch.labels[i:i + micro_batch]
             mask = batch.attention_mask[i:i + micro_batch]
-            logits = self.model(input_ids=ids, attention_mask=mask).logits  # (b, T, V)
             # Position t predicts token t+1: shift the labels (a small copy), not the logits.
             shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]).float(), shifted.reshape(-1),
-                ignore_index=-100, reduction="sum",
-            ) / total
-            # The graph keeps the log-probabilities, not the logits: a (b, T, vocab) tensor
-            # less through the backward.
-            del logits
-            loss.backward()
-            loss_sum += loss.detach().double()
+            loss_sum += answer_loss_backward(self.model, ids, mask, shifted, 1.0 / total)
         return loss_sum
