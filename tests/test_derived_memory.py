@@ -11,9 +11,9 @@ from support import compose_config
 
 from runner.config.load import to_run_config
 from runner.data import collate, load_splits
+from runner.derived import torch_ops
 from runner.derived.spec import AdapterSpec
 from runner.derived.step import reading
-from runner.derived import torch_ops
 from runner.derived.torch_ops import (
     LOSS_CHUNK_ROWS,
     TorchOps,
