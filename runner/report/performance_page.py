@@ -41,7 +41,15 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   between phases) and `ru_maxrss`. The peak after loading (set-up and steps) is in the row as
   `train_peak_mb`; rows without that field show it as their peak MB. Rows that read the phases
   apart also show the peak while loading, setting up and stepping ("load / set-up / steps MB";
-  – where an arm has no such phase).
+  – where an arm has no such phase). What the derived readings hold beyond a q/v reference:
+  adapters on every block matrix, so the input of every adapted projection is kept for its V
+  gradient (q and v share one input; the reference keeps little else of its own), the factors
+  and their gradients, and for the tail start the frozen starting frames. What they do not
+  hold: the whole batch's logits (the output layer's loss runs in chunks of 128 token rows,
+  runner.derived.torch_ops.answer_loss_backward) or masked copies of the inputs (dropout
+  keeps a 1-byte mask). Every arm's peak also holds memory the C allocator keeps after a
+  free; fixing glibc's mmap threshold returns it, but the page faults of each step's
+  reallocation made every arm slower, so the bench runs at the allocator's defaults.
 - **MFU**: achieved model FLOP/s over this machine's peak, measured in the same run as the best
   of several large float32 `torch.matmul`s at the same thread count, timed before and after
   the throughput runs (a shared or throttled machine can run one burst slower than the
