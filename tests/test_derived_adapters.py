@@ -214,7 +214,12 @@ def test_masked_projection_is_autograds_masked_matmul_bitwise(v_grad: bool) -> N
     grad = torch.randn(4, 128, 24, generator=gen)
     ours = (x0.clone().requires_grad_(), v0.clone().requires_grad_(v_grad))
     ref = (x0.clone().requires_grad_(), v0.clone().requires_grad_(v_grad))
-    a = _MaskedProjection.apply(ours[0], keep, ours[1])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        a = _MaskedProjection.apply(ours[0], keep, ours[1])
+    # x is kept for dV only (a frozen V: the probe), never a masked float copy
+    assert [t.dtype for t in saved if t.shape == x0.shape] == ([torch.float32] * v_grad
+                                                               + [torch.bool])
     b = (ref[0] * keep.to(ref[0].dtype)) @ ref[1]
     assert torch.equal(a, b)
     a.backward(grad)

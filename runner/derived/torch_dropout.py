@@ -43,7 +43,7 @@ class _MaskedProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep, v):
         masked = x * keep.to(x.dtype)
-        ctx.save_for_backward(x if v.requires_grad else None, keep, v)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, keep, v)
         return masked @ v
 
     @staticmethod

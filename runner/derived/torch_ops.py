@@ -214,9 +214,12 @@ def answer_loss_backward(model, input_ids, attention_mask, labels,
     on a 49k vocabulary). The gradient is the same up to float rounding (the output layer's
     matmul runs on fewer rows at a time)."""
     head = model.get_output_embeddings()
-    weight = torch.as_tensor(weight, dtype=torch.float32).expand(labels.shape).reshape(-1)
+    weight = torch.as_tensor(weight, dtype=torch.float32, device=input_ids.device)
+    weight = weight.expand(labels.shape).reshape(-1)
     flat_labels = labels.reshape(-1)
-    if type(model).__name__ not in PLAIN_HEAD_MODELS or head.weight.requires_grad:
+    plain = (type(model).__name__ in PLAIN_HEAD_MODELS  # (not remote code reusing the name)
+             and type(model).__module__.startswith("transformers.models."))
+    if not plain or head.weight.requires_grad:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                           flat_labels, ignore_index=-100, reduction="none")
@@ -224,10 +227,11 @@ def answer_loss_backward(model, input_ids, attention_mask, labels,
         loss = (nll * weight).sum()
         loss.backward()
         return loss.detach().double()
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)[0]
+    hidden = model.get_decoder()(input_ids=input_ids,
+                                 attention_mask=attention_mask).last_hidden_state
     flat = hidden.detach().reshape(-1, hidden.shape[-1])
     grad = torch.empty_like(flat)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
     for i in range(0, flat.shape[0], LOSS_CHUNK_ROWS):
         rows = flat[i:i + LOSS_CHUNK_ROWS].detach().requires_grad_()
         nll = nn.functional.cross_entropy(head(rows).float(), flat_labels[i:i + LOSS_CHUNK_ROWS],
