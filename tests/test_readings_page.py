@@ -18,6 +18,7 @@ from runner.report.readings_page import (
     FAIR,
     SEEDS,
     build_readings,
+    confirmation,
     curves_paragraph,
     fair_matrix,
     long_run_orderings,
@@ -83,6 +84,32 @@ def test_block_goes_between_markers_in_readme_and_derivations(tmp_path: Path) ->
     assert "(docs/claims.md)" in readme.read_text() and "old" not in readme.read_text()
     assert "(claims.md)" in derivations.read_text()
     assert build_readings(tmp_path, readme, derivations) == []  # byte-stable
+
+
+def test_the_confirmation_quotes_its_verdict_and_every_arms_loss(tmp_path: Path) -> None:
+    rows = [row("sgd", s, 3.42, experiment="smollm2_confirm") for s in (100, 101)]
+    rows += [row("derived_matched_mass", s, 3.20, experiment="smollm2_confirm")
+             for s in (100, 101)]
+    verdict = {"experiment": "smollm2_confirm", "verdict": "VALIDATED", "n": 2,
+               "reason": "derived_matched_mass better than sgd by 0.22"}
+    other = {**verdict, "experiment": FAIR, "verdict": "DISPROVEN"}
+    text = confirmation(rows, [other, verdict])
+    assert text.startswith("**VALIDATED**: derived_matched_mass better than sgd by 0.22 (n = 2)")
+    assert "DISPROVEN" not in text
+    assert "`derived_matched_mass` 3.2000 ± 0.0000 (2 seeds), `sgd` 3.4200" in text
+    assert confirmation(rows, []).startswith("no verdict yet")
+    assert confirmation([row("sgd", 0, 3.4)], [verdict]) == "not run yet."
+    # build_readings reads the verdicts from the claims ledger, leaving superseded ones out
+    (tmp_path / "trials").mkdir()
+    for i, r in enumerate([*rows, row("derived", 0, 3.4)]):
+        (tmp_path / "trials" / f"{i}.json").write_text(json.dumps(r))
+    (tmp_path / "claims.json").write_text(json.dumps(
+        [{"verdict": verdict, "superseded": False},
+         {"verdict": {**verdict, "verdict": "INCONCLUSIVE"}, "superseded": True}]))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\n{END}\n")
+    build_readings(tmp_path, readme, tmp_path / "absent.md")
+    assert "**VALIDATED**" in readme.read_text() and "INCONCLUSIVE" not in readme.read_text()
 
 
 def test_make_run_and_the_confirmation_name_the_ledgers_reading_once_it_is_decided() -> None:

@@ -11,6 +11,7 @@ full count of seeds and *provisional* before.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -87,8 +88,10 @@ def recommendation(rows: list[dict]) -> tuple[str | None, bool]:
     return best, all(len(readings.get(r, [])) >= SEEDS for r in READINGS)
 
 
-def readings_block(rows: list[dict], docs: str = "docs/") -> str:
-    """The block; `docs` is the path from the page it goes in to docs/ ("" inside docs/)."""
+def readings_block(rows: list[dict], docs: str = "docs/",
+                   verdicts: list[dict] | None = None) -> str:
+    """The block; `docs` is the path from the page it goes in to docs/ ("" inside docs/);
+    `verdicts`: the claims ledger's verdicts (the confirmation's is quoted)."""
     arms = arm_trials(rows, FAIR)
     readings = {a: t for a, t in arms.items() if is_derived(a)}
     if not readings:
@@ -115,12 +118,36 @@ def readings_block(rows: list[dict], docs: str = "docs/") -> str:
              f"[{docs}claims.md]({docs}claims.md).", "", table(header, body), ""]
     parts += _choice(arms, readings)
     parts += [""] + curves_paragraph(rows, docs)
-    confirmed = bool(arm_trials(rows, CONFIRM))
     parts += ["", f"The choice is tested again apart from the data and seeds it was made on by "
               f"`+experiment={CONFIRM}` (WordNet definitions, seeds 100-104): "
-              + (f"[its page]({docs}experiments/{CONFIRM}.md)." if confirmed
-                 else "not run yet.")]
+              + confirmation(rows, verdicts or [], docs)]
     return "\n".join(parts).rstrip("\n")
+
+
+def confirmation(rows: list[dict], verdicts: list[dict], docs: str = "") -> str:
+    """What the confirmatory experiment says: each verdict of its claims (``verdicts``: the
+    claims ledger's verdicts, results/claims.json) with its reason and seeds, and every arm's
+    mean final loss; "not run yet" without trials."""
+    arms = arm_trials(rows, CONFIRM)
+    if not arms:
+        return "not run yet."
+    page = f"[its page]({docs}experiments/{CONFIRM}.md)"
+    losses = ", ".join(f"`{a}` {mean_sd(_values(t, 'val_loss_final'))} ({len(t)} seeds)"
+                       for a, t in sorted(arms.items(), key=lambda kv: _mean(kv[1],
+                                                                             "val_loss_final")))
+    said = [f"**{v['verdict']}**: {v['reason']} (n = {v['n']})"
+            for v in verdicts if v.get("experiment") == CONFIRM]
+    return (("; ".join(said) if said else "no verdict yet")
+            + f". Final validation loss (mean ± sd): {losses}; {page}.")
+
+
+def ledger_verdicts(results_dir: Path) -> list[dict]:
+    """The current (not superseded) verdicts of results/claims.json; [] when it is absent."""
+    path = Path(results_dir) / "claims.json"
+    if not path.exists():
+        return []
+    return [e["verdict"] for e in json.loads(path.read_text())
+            if e.get("verdict") and not e.get("superseded")]
 
 
 def _choice(arms: dict[str, list[dict]], readings: dict[str, list[dict]]) -> list[str]:
@@ -313,9 +340,10 @@ def build_readings(results_dir: Path, readme: Path, derivations: Path,
     """The readings block in the README and docs/derivations.md; return the files changed.
     `rows`: the ledger's trials when the caller has read them already."""
     rows = read_trials(results_dir) if rows is None else rows
+    verdicts = ledger_verdicts(results_dir)
     outputs = {}
     for path, docs in ((readme, "docs/"), (derivations, "")):
         if path.exists():
             outputs[path] = replace_between(path.read_text(), BEGIN, END,
-                                            readings_block(rows, docs))
+                                            readings_block(rows, docs, verdicts))
     return write_all(outputs)
