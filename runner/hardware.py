@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.config.schema import Backend, HardwareConfig, RunConfig
-from runner.errors import HardwareUnavailable
+from runner.errors import ConfigError, HardwareUnavailable
 
 ALL_BACKENDS = ("torch", "mlx", "jax")
 
@@ -74,6 +74,9 @@ def setup_hardware(cfg: HardwareConfig, *, backends: tuple[str, ...] = ALL_BACKE
         raise HardwareUnavailable(
             f"hardware={cfg.name}: task={task} runs on backend {' or '.join(backends)} only, "
             f"not {backend}")
+    if getattr(cfg, "recompute", False) and backend != Backend.torch.value:
+        raise ConfigError(f"hardware.recompute: the torch backend only (hardware={cfg.name} "
+                          f"runs {backend}, which keeps every activation)")
     threads = cfg.threads or usable_cores()
     import torch  # weights and data are loaded through torch on every backend
 

@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # the row needs the result's fields, not the training module'
 HASHED_KEYS = ("model", "data", "hardware", "trainer", "task", "budget", "experiment", "seed",
                "claims", "claim_overrides")
 HASHED_TASK_KEYS = ("name", "top", "adapter", "trials")
-UNHASHED_HARDWARE_KEYS = ("threads",)  # the same trial on more cores: same result
+UNHASHED_HARDWARE_KEYS = ("threads", "recompute")  # more cores, less memory: same result
 # Data options added after the first trials were recorded: hashed and compared only when set.
 LATE_DATA_KEYS = ("replay_fraction", "generation_examples", "max_new_tokens")
 # The same for claim_overrides (first_seed: a confirmatory experiment's seeds).

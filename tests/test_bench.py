@@ -21,9 +21,11 @@ from runner.tasks.bench_summary import summary_line
 from runner.tasks.train import config_hash
 
 LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+) "
-                       r"reading=derived_matched_mass reference=(adamw|peft_stock)")
+                       r"reading=derived_matched_mass reference=(adamw|peft_stock) "
+                       r"recompute: tok_s_ratio=(\S+) mem_ratio=(\S+)")
 THROUGHPUT_ARMS = {"adamw", "peft_stock", "adamw_all_linear", "prodigy", "schedulefree",
-                   "derived", "derived_matched_mass", "adamw_derived_shape"}
+                   "derived", "derived_matched_mass", "derived_matched_mass_recompute",
+                   "adamw_derived_shape"}
 QUALITY_ARMS = {"adamw", "adamw_all_linear", "prodigy", "schedulefree", "derived",
                 "derived_matched_mass", "derived_tail_start", "derived_uniform",
                 "derived_seed_code", "adamw_grid"}
@@ -52,7 +54,7 @@ def test_last_line_is_the_summary(bench) -> None:
     last = stdout.rstrip("\n").splitlines()[-1]
     match = LAST_LINE.fullmatch(last)
     assert match, last
-    values = [float(v) for v in match.groups()[:4]]
+    values = [float(v) for v in (*match.groups()[:4], *match.groups()[5:])]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert last == summary_line(row["summary"])
     assert "fixed batches of 4 x 128 tokens" in stdout  # batch x data.max_seq_len, stated
@@ -82,6 +84,10 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     reading = next(t for t in stored["throughput"] if t["arm"] == "derived_matched_mass")
     assert stored["summary"]["same_shape_tok_s_ratio"] == pytest.approx(
         reading["tok_s_median"] / same["tok_s_median"])
+    # recomputing the blocks in the backward: the same losses, step by step
+    recompute = next(t for t in stored["throughput"]
+                     if t["arm"] == "derived_matched_mass_recompute")
+    assert recompute["losses"] == reading["losses"] and len(reading["losses"]) == 1 + 2 * 2
     assert {q["arm"] for q in stored["quality"]} == QUALITY_ARMS
     for t in stored["throughput"]:  # the whole process's peak spans every phase
         assert t["peak_mb"] == t["process_peak_mb"] >= max(t["load_peak_mb"], t["train_peak_mb"])
@@ -107,6 +113,7 @@ def test_performance_page_is_rendered_and_idempotent(bench, tmp_path: Path) -> N
     phases = " / ".join(f"{derived[k]:,.0f}" for k in ("load_peak_mb", "setup_peak_mb",
                                                        "steps_peak_mb"))
     assert "load / set-up / steps MB" in text and f"| {phases} |" in text
+    assert "Under `hardware.recompute=true` (`derived_matched_mass_recompute`" in text
     pngs = sorted((docs / "performance").glob("*.png"))
     assert len(pngs) == 2
     before = {p: p.read_bytes() for p in [page, *pngs]}

@@ -145,6 +145,10 @@ class HardwareConfig:
     device: str = "cpu"
     dtype: DType = DType.float32
     threads: int = 0  # 0: every core this process may use
+    # torch: keep only each decoder block's input through the forward and recompute the block's
+    # activations in the backward (runner.models.loading.enable_recompute): far less memory for
+    # about one more forward per step, the same numbers bit for bit (not in the config hash)
+    recompute: bool = False
 
 
 @dataclass

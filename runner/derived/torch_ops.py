@@ -115,7 +115,9 @@ class FactoredAdapters(nn.Module):
                 x = args[0].reshape(-1, args[0].shape[-1])
                 flat = torch.addmm(flat, (x @ v_t) * start, u_t.T, alpha=-1.0)
             out = flat.view(output.shape)
-            if self.capture is not None and out.requires_grad:
+            if self.capture is not None and out.requires_grad and name not in self.capture:
+                # (not again when hardware.recompute reruns the block in the backward: the
+                # first forward's output is the one the gradient reaches)
                 slot = self.capture[name] = {"a": (a * rescale).detach()}
                 ud = u.detach()
                 out.register_hook(lambda g: slot.__setitem__("e", (g @ ud).detach()))

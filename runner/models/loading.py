@@ -429,6 +429,17 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
 
 
+def enable_recompute(model) -> None:
+    """hardware.recompute: the decoder keeps only each block's input through the forward and
+    recomputes the block in the backward (transformers' gradient checkpointing, non-reentrant,
+    with the random state restored, so dropout draws the same masks and the gradients are the
+    same bit for bit). Adapters hooked on the block's Linears are recomputed with it."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"hardware.recompute: {type(model).__name__} cannot recompute its "
+                          "blocks (transformers has no gradient checkpointing for it)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def check_finite(model, where: str) -> None:
     """Refuse weights holding NaN or inf: every loss computed from them would be meaningless."""
     import torch

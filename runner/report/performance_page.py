@@ -50,6 +50,10 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   keeps a 1-byte mask). Every arm's peak also holds memory the C allocator keeps after a
   free; fixing glibc's mmap threshold returns it, but the page faults of each step's
   reallocation made every arm slower, so the bench runs at the allocator's defaults.
+  `derived_matched_mass_recompute` is the recommended reading under `hardware.recompute=true`:
+  each decoder block keeps only its input through the forward and is recomputed in the
+  backward (about one more forward per step); its losses are the reading's, step by step
+  (the row records both). Any trainer can run so; the bench measures the derived one.
 - **MFU**: achieved model FLOP/s over this machine's peak, measured in the same run as the best
   of several large float32 `torch.matmul`s at the same thread count, timed before and after
   the throughput runs (a shared or throttled machine can run one burst slower than the
@@ -161,7 +165,10 @@ def _section(row: dict) -> list[str]:
             f"mem_ratio={summary['mem_ratio']:.3g} derive_steps={summary['derive_steps']:.3g} "
             f"mfu={summary['mfu']:.3g}"
             + (f" reading={summary['reading']} reference={summary['reference']}"
-               if "reading" in summary else "") + "`", ""]
+               if "reading" in summary else "")
+            + (f" recompute: tok_s_ratio={summary['recompute_tok_s_ratio']:.3g} "
+               f"mem_ratio={summary['recompute_mem_ratio']:.3g}"
+               if "recompute_tok_s_ratio" in summary else "") + "`", ""]
     by_phase = any(t.get("steps_peak_mb") is not None for t in row["throughput"])
     throughput = table(
         ["trainer", "adapters", "tok/s (median)", "min-max", "ratio", "peak MB", "ratio",
@@ -189,6 +196,11 @@ def _section(row: dict) -> list[str]:
     if derived.get("steps_peak_mb") is not None:
         derive += (f" The derived trainer's peak memory is {derived['setup_peak_mb']:,.0f} MB "
                    f"during its set-up and {derived['steps_peak_mb']:,.0f} MB during its steps.")
+    if "recompute_tok_s_ratio" in summary:
+        derive += (f" Under `hardware.recompute=true` (`{summary['reading']}_recompute`: each "
+                   "decoder block recomputed in the backward, the same losses step by step) it "
+                   f"runs at {summary['recompute_tok_s_ratio']:.3g}x the reference's tokens/s "
+                   f"with {summary['recompute_mem_ratio']:.3g}x its whole-process peak memory.")
     quality = table(
         ["trainer", "tokens", "val initial", "val final", "train s", "tokens incl. tuning",
          "s incl. tuning", *(["to target: tokens", "s (+ set-up)"] if target else []), "stop"],

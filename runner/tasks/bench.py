@@ -49,7 +49,7 @@ from runner.derived import candidate_linears, derive_for_model, setup_derived
 from runner.errors import ConfigError
 from runner.hardware import setup_hardware
 from runner.ledger import new_run_id, utc_now
-from runner.models.loading import load_model
+from runner.models.loading import enable_recompute, load_model
 from runner.tasks.bench_process import (
     reset_peak_rss,
     ru_maxrss_mb,
@@ -63,6 +63,7 @@ from runner.tasks.bench_summary import (
     DERIVED_READINGS,
     FLOPS_FORMULA,
     RECOMMENDED,
+    RECOMMENDED_RECOMPUTE,
     SAME_SHAPE,
     STOCK,
     _print_tables,
@@ -94,6 +95,7 @@ class Arm:
     throughput: bool = True  # adamw_grid's step is AdamW's: measured for quality only
     quality: bool = True  # the derived-shape peer is a throughput and memory reference only
     quick: bool = False  # also run under task.quick=true
+    recompute: bool = False  # hardware.recompute: the decoder blocks recomputed in the backward
 
 
 ARMS = (
@@ -108,6 +110,9 @@ ARMS = (
     # rule's arithmetic, so the throughput phase times the recommended one and `derived`.
     *(Arm(name, name, throughput=name in ("derived", RECOMMENDED), quick=name == RECOMMENDED)
       for name in DERIVED_READINGS),
+    # The recommended reading as hardware.recompute runs it (the same numbers, less memory,
+    # about one more forward per step): what memory the derived trainer needs at the least.
+    Arm(RECOMMENDED_RECOMPUTE, RECOMMENDED, recompute=True, quality=False, quick=True),
     # The derived trainer's own adapter shapes (ranks 1-276 on all 210 matrices of SmolLM2)
     # under PEFT + AdamW: the peer for "at the same rank and targets".
     Arm(SAME_SHAPE, "adamw", derived_shape=True, quality=False, quick=True),
@@ -256,6 +261,8 @@ def _throughput_setup(cfg: RunConfig, arm: Arm, settings: BenchSettings) -> None
     wall = time.perf_counter()
     setup_hardware(cfg.hardware, backends=("torch",), task="bench")
     loaded, splits = _load(cfg)
+    if arm.recompute:
+        enable_recompute(loaded.model)
     pad_id = loaded.tokenizer.pad_token_id
     fixed = fixed_batches(splits.train, settings.steps, settings.batch_size, settings.seq_len)
     load_peak, load_seconds = ru_maxrss_mb(), time.perf_counter() - wall
@@ -313,6 +320,7 @@ def _throughput_report() -> dict:
         "process_peak_mb": process_peak, "load_peak_mb": a["load_peak"],
         "setup_peak_mb": a["setup_peak"], "steps_peak_mb": steps_peak,
         "all_finite": all(math.isfinite(x) for x in a["losses"]),
+        "losses": [round(float(x), 6) for x in a["losses"]],  # (recompute: the same numbers)
         "load_seconds": a["load_seconds"], "wall_seconds": time.perf_counter() - a["wall"],
     }
 

@@ -14,6 +14,7 @@ BASELINE = "adamw"  # PEFT LoRA + AdamW, r=8 alpha=16, q/v: the denominator of t
 STOCK = "peft_stock"  # the stock PEFT + AdamW recipe (runner/tasks/bench_reference.py)
 REFERENCES = (BASELINE, STOCK)  # the q/v references; the summary takes the best of them
 RECOMMENDED = "derived_matched_mass"  # the reading the README recommends: the summary's numerator
+RECOMMENDED_RECOMPUTE = f"{RECOMMENDED}_recompute"  # the same under hardware.recompute=true
 DERIVED_READINGS = ("derived", "derived_matched_mass", "derived_tail_start", "derived_uniform",
                     "derived_seed_code")
 SAME_SHAPE = "adamw_derived_shape"  # PEFT LoRA + AdamW at the derived ranks and targets
@@ -56,6 +57,12 @@ def summarize(by_arm: dict[str, dict]) -> dict:
         "mfu": derived["mfu"],
         **{f"vs_{name}_tok_s_ratio": derived["tok_s_median"] / by_arm[name]["tok_s_median"]
            for name in REFERENCES if name in by_arm},
+        # under hardware.recompute: the same numbers with the blocks recomputed in the backward
+        **({"recompute_tok_s_ratio": by_arm[RECOMMENDED_RECOMPUTE]["tok_s_median"]
+            / by_arm[ref]["tok_s_median"],
+            "recompute_mem_ratio": by_arm[RECOMMENDED_RECOMPUTE]["process_peak_mb"]
+            / by_arm[mem_ref]["process_peak_mb"]}
+           if RECOMMENDED_RECOMPUTE in by_arm else {}),
         **({"same_shape_tok_s_ratio": derived["tok_s_median"] / by_arm[SAME_SHAPE]["tok_s_median"],
             "same_shape_mem_ratio": derived["train_peak_mb"] / by_arm[SAME_SHAPE]["train_peak_mb"]}
            if SAME_SHAPE in by_arm else {}),
@@ -63,9 +70,14 @@ def summarize(by_arm: dict[str, dict]) -> dict:
 
 
 def summary_line(summary: dict) -> str:
-    return ("bench: " + " ".join(f"{k}={summary[k]:.3g}" for k in
+    """The bench's last line; with the recompute arm, its two ratios after ``recompute:``."""
+    line = ("bench: " + " ".join(f"{k}={summary[k]:.3g}" for k in
                                  ("tok_s_ratio", "mem_ratio", "derive_steps", "mfu"))
             + f" reading={summary['reading']} reference={summary['reference']}")
+    if "recompute_tok_s_ratio" in summary:
+        line += (f" recompute: tok_s_ratio={summary['recompute_tok_s_ratio']:.3g} "
+                 f"mem_ratio={summary['recompute_mem_ratio']:.3g}")
+    return line
 
 
 def time_to_target(curve: list[dict], target: float) -> dict | None:

@@ -21,7 +21,13 @@ from runner.generation import generation_metrics, generation_pairs, score_genera
 from runner.hardware import resolved, setup_hardware
 from runner.ledger import new_run_id, utc_now, write_trial
 from runner.models.backends._spec import SUPPORTED_ARCHS
-from runner.models.loading import LoadedModel, check_backend_architecture, load_model, model_id_of
+from runner.models.loading import (
+    LoadedModel,
+    check_backend_architecture,
+    enable_recompute,
+    load_model,
+    model_id_of,
+)
 from runner.training.adapter import base_model_id, save_adapter, write_model_card
 from runner.training.baseline import BaselineTrainer, attach_lora
 from runner.training.checkpoint import Checkpoint, remove_checkpoints
@@ -63,6 +69,8 @@ def train_task(cfg: RunConfig, *, claim: ClaimTag | None = None,
     data_path, retention_path = check_data_paths(cfg)
     with progress.phase(console, f"loading model {model_id_of(cfg.model)}"):
         loaded = load_model(cfg.model, dtype=hw.dtype, device=hw.torch_device)
+    if cfg.hardware.recompute:
+        enable_recompute(loaded.model)
     with progress.phase(console, f"reading data {cfg.data.path}"):
         splits = load_splits(
             data_path, loaded.tokenizer,
