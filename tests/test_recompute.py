@@ -73,20 +73,19 @@ def _saved_bytes(model, ids) -> int:
     return sum(seen.values())
 
 
-def test_recompute_keeps_only_the_blocks_inputs() -> None:
-    cfg = to_run_config(compose_config(["model=tiny_llama"]))
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_lfm2"])
+def test_recompute_keeps_only_the_blocks_inputs(model: str) -> None:
+    cfg = to_run_config(compose_config([f"model={model}"]))
     ids = torch.randint(0, 100, (2, 64), generator=torch.Generator().manual_seed(0))
     held = {}
     for recompute in (False, True):
-        model = load_model(cfg.model).model
-        model.get_output_embeddings().weight.requires_grad_(False)
-        model.train()
+        lm = load_model(cfg.model).model
+        lm.get_output_embeddings().weight.requires_grad_(False)
+        lm.train()
         if recompute:
-            enable_recompute(model)
-        held[recompute] = _saved_bytes(model, ids)
-    blocks = len(model.model.layers)
+            enable_recompute(lm)
+        held[recompute] = _saved_bytes(lm, ids)
     assert held[True] < held[False] / 2, held
-    assert blocks >= 2
 
 
 def test_recompute_is_torch_only() -> None:
