@@ -12,6 +12,7 @@ from pathlib import Path
 from runner.report import figures
 from runner.report.format import num, table, write_all
 from runner.report.ledger import read_bench_rows
+from runner.tasks.bench_summary import summary_line
 
 PAGE = "performance.md"
 FIG_DIR = "performance"
@@ -161,14 +162,7 @@ def _section(row: dict) -> list[str]:
             f"{row['tokens_per_step']:,} tokens per step; measured peak "
             f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s (the best of {len(peak['seconds'])} "
             f"float32 {peak['n']}^3 matmuls).", "",
-            f"`bench: tok_s_ratio={summary['tok_s_ratio']:.3g} "
-            f"mem_ratio={summary['mem_ratio']:.3g} derive_steps={summary['derive_steps']:.3g} "
-            f"mfu={summary['mfu']:.3g}"
-            + (f" reading={summary['reading']} reference={summary['reference']}"
-               if "reading" in summary else "")
-            + (f" recompute: tok_s_ratio={summary['recompute_tok_s_ratio']:.3g} "
-               f"mem_ratio={summary['recompute_mem_ratio']:.3g}"
-               if "recompute_tok_s_ratio" in summary else "") + "`", ""]
+            f"`{summary_line(summary)}`", ""]
     by_phase = any(t.get("steps_peak_mb") is not None for t in row["throughput"])
     throughput = table(
         ["trainer", "adapters", "tok/s (median)", "min-max", "ratio", "peak MB", "ratio",

@@ -70,10 +70,13 @@ def summarize(by_arm: dict[str, dict]) -> dict:
 
 
 def summary_line(summary: dict) -> str:
-    """The bench's last line; with the recompute arm, its two ratios after ``recompute:``."""
+    """The bench's last line (also quoted on the performance page); with the recompute arm,
+    its two ratios after ``recompute:``. Rows from before the summary named its reading and
+    reference give the line without them."""
     line = ("bench: " + " ".join(f"{k}={summary[k]:.3g}" for k in
                                  ("tok_s_ratio", "mem_ratio", "derive_steps", "mfu"))
-            + f" reading={summary['reading']} reference={summary['reference']}")
+            + (f" reading={summary['reading']} reference={summary['reference']}"
+               if "reading" in summary else ""))
     if "recompute_tok_s_ratio" in summary:
         line += (f" recompute: tok_s_ratio={summary['recompute_tok_s_ratio']:.3g} "
                  f"mem_ratio={summary['recompute_mem_ratio']:.3g}")
