@@ -183,6 +183,30 @@ def test_a_rerun_replaces_the_earlier_long_run_and_baselines_carry_their_lr() ->
     assert "newest of 2 runs" in "\n".join(curves_paragraph([first, second, other]))
 
 
+def _mass_run(experiment: str, n: int, step: float, run: str, seed: int = 0,
+              ceiling: int = 3, sps: int = 0) -> dict:
+    steps = [{"delta_step_median": step, "bound_ceiling": ceiling, "bound_sps": sps,
+              "bound_weyl": 0}] * 2
+    return {"run_id": run, "experiment": experiment, "arm": "derived_matched_mass", "seed": seed,
+            "status": "ok", "hyperparameters": {"matched_steps": n},
+            "metrics": {"val_loss_final": 3.0},
+            "curves": {"steps": steps, "eval": [{"tokens": 0, "val_loss": 3.5},
+                                                {"tokens": 20000, "val_loss": 3.0}]}}
+
+
+def test_the_long_runs_show_why_the_matched_reading_slows_from_its_telemetry() -> None:
+    # N 16x larger: a step 4x smaller is what the ceiling's 1/sqrt(N) predicts; the fair run of
+    # the long run's seed is the one compared, not another seed's.
+    rows = [_mass_run(CURVES, 320, 0.01, "long"),
+            _mass_run("smollm2_fair", 20, 0.04, "fair-s0", ceiling=2, sps=1),
+            _mass_run("smollm2_fair", 20, 0.5, "fair-s1", seed=1)]
+    text = "\n".join(curves_paragraph(rows))
+    assert "320 in its long run against 20 in the fair test (seed 0)" in text
+    assert "100.0% of its per-matrix steps in the long run and 66.7% in the fair test" in text
+    assert "was 0.01 against 0.04, 4.00× smaller (√(N ratio) = 4.00)" in text
+    assert "Why" not in "\n".join(curves_paragraph(rows[:1]))  # no fair run: nothing to compare
+
+
 def test_the_side_by_side_matrix_shows_each_pair_verdict_or_not_run() -> None:
     def entry(subject, baseline, experiment, n, effect, word, margin=None, **flags):
         claim = SimpleNamespace(arms=(SimpleNamespace(name=subject),

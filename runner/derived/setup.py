@@ -212,8 +212,13 @@ def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: i
     """``ops.attach``, the starting frames (U, V per matrix) read from ``cache`` when stored;
     a random start depends on the seed and is drawn every time. The tail start computes its
     frames every time: with frames read back (bitwise equal, in other allocations) its
-    certificate's generation statistics differ in the last bits on torch (cause not found), and
-    a resumed run must reproduce an uninterrupted one exactly."""
+    certificate's generation statistics differ in the last bits on torch, and a resumed run must
+    reproduce an uninterrupted one exactly. The cause is MKL: under ``MKL_CBWR=AUTO,STRICT``
+    (its conditional numerical reproducibility, no alignment-dependent code paths) the resumed
+    tail-start run with cached frames is bitwise equal to the uninterrupted one, so some MKL
+    kernel of the one-token generation steps sums in an order that depends on where its
+    buffers lie. STRICT is not set: it changes derived_matched_mass's training losses in the
+    last bits and cost about 15% of its step time on the 2-core machine."""
     if cache is None or init == "random" or rule.start.value == "tail":
         ops.attach(specs, init, seed, rule)
         return
