@@ -62,13 +62,20 @@ def test_defaults_are_typed() -> None:
         ("data.val_fraction=1.5", "data.val_fraction: must be in (0, 1)"),
         ("data.generation_examples=-3", "data.generation_examples: must be >= 1"),
         ("data.max_new_tokens=0", "data.max_new_tokens: must be >= 1"),
+        ("budget.max_steps=0", "budget.max_steps: must be > 0"),
+        ("budget.eval_batch_size=0", "budget.eval_batch_size: must be > 0"),
+        ("trainer=derived_matched_mass trainer.noise_examples=1",
+         "trainer.noise_examples: must be >= 2"),
+        ("trainer=derived trainer.micro_batch=0", "trainer.micro_batch: must be > 0"),
+        ("trainer=derived trainer.erank_variant=roy", "trainer.erank_variant: must be one of "
+         "roy_vetterli, squared"),
         ("model=nope", "Could not find 'model/nope'"),
         ("model=lfm2_350m", "model.path: missing required value"),
     ],
 )
 def test_bad_config_names_the_key(override: str, expected: str) -> None:
     with pytest.raises(UserError) as info:
-        precheck([override])
+        precheck(override.split())
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
 

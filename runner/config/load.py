@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
+from typing import get_args
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from geometry.derivations import ErankVariant
 from runner.config.paths import CONF_DIR
 from runner.config.schema import (
     TRAINER_SCHEMAS,
@@ -56,6 +58,9 @@ def _missing_hint(cfg: DictConfig, key: str) -> str:
     return f"set it in the config or on the command line: {key}=..."
 
 
+ERANK_VARIANTS = get_args(ErankVariant)  # the effective-rank formulas geometry/ implements
+
+
 def _check_values(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     budget_keys = {f.name for f in fields(BudgetConfig)}
@@ -70,6 +75,16 @@ def _check_values(cfg: RunConfig) -> None:
         ("budget.eval_every", cfg.budget.eval_every > 0, "must be > 0"),
         ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),
         ("trainer.batch_size", getattr(cfg.trainer, "batch_size", 1) > 0, "must be > 0"),
+        # the derived trainer's memory and calibration options (the others have none)
+        ("trainer.micro_batch", getattr(cfg.trainer, "micro_batch", 1) > 0, "must be > 0"),
+        ("trainer.noise_examples", getattr(cfg.trainer, "noise_examples", 2) >= 2,
+         "must be >= 2 (the noise-scale estimator compares a mean of per-example gradients "
+         "with their mean)"),
+        ("trainer.erank_variant", getattr(cfg.trainer, "erank_variant", "roy_vetterli")
+         in ERANK_VARIANTS, f"must be one of {', '.join(ERANK_VARIANTS)}"),
+        ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0,
+         "must be > 0 (or null: the token budget alone)"),
+        ("budget.eval_batch_size", cfg.budget.eval_batch_size > 0, "must be > 0"),
         ("hardware.threads", cfg.hardware.threads >= 0, "must be >= 0"),
         ("claims", cfg.task.name.value != "claims" or bool(cfg.claims),
          "task=claims needs at least one claim id (conf/claim/<id>.yaml)"),
