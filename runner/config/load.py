@@ -78,8 +78,7 @@ def _check_values(cfg: RunConfig) -> None:
         # the derived trainer's memory and calibration options (the others have none)
         ("trainer.micro_batch", getattr(cfg.trainer, "micro_batch", 1) > 0, "must be > 0"),
         ("trainer.noise_examples", getattr(cfg.trainer, "noise_examples", 2) >= 2,
-         "must be >= 2 (the noise-scale estimator compares a mean of per-example gradients "
-         "with their mean)"),
+         "must be >= 2 (the noise-scale estimate needs the gradients of at least 2 examples)"),
         ("trainer.erank_variant", getattr(cfg.trainer, "erank_variant", "roy_vetterli")
          in ERANK_VARIANTS, f"must be one of {', '.join(ERANK_VARIANTS)}"),
         ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0,
