@@ -62,6 +62,7 @@ def test_defaults_are_typed() -> None:
         ("data.val_fraction=1.5", "data.val_fraction: must be in (0, 1)"),
         ("data.generation_examples=-3", "data.generation_examples: must be >= 1"),
         ("data.max_new_tokens=0", "data.max_new_tokens: must be >= 1"),
+        ("data.max_examples=0", "data.max_examples: must be >= 1"),
         ("budget.max_steps=0", "budget.max_steps: must be > 0"),
         ("budget.eval_batch_size=0", "budget.eval_batch_size: must be > 0"),
         ("trainer=derived_matched_mass trainer.noise_examples=1",

@@ -71,6 +71,8 @@ def _check_values(cfg: RunConfig) -> None:
          or cfg.data.generation_examples >= 1, "must be >= 1"),
         ("data.max_new_tokens", cfg.data.max_new_tokens is None or cfg.data.max_new_tokens >= 1,
          "must be >= 1"),
+        ("data.max_examples", cfg.data.max_examples is None or cfg.data.max_examples >= 1,
+         "must be >= 1 (or null: every record)"),
         ("budget.max_tokens", cfg.budget.max_tokens > 0, "must be > 0"),
         ("budget.eval_every", cfg.budget.eval_every > 0, "must be > 0"),
         ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),
