@@ -63,6 +63,14 @@ def test_defaults_are_typed() -> None:
         ("data.generation_examples=-3", "data.generation_examples: must be >= 1"),
         ("data.max_new_tokens=0", "data.max_new_tokens: must be >= 1"),
         ("data.max_examples=0", "data.max_examples: must be >= 1"),
+        ("trainer=adamw trainer.lr=-1", "trainer.lr: must be > 0"),
+        ("trainer=adamw trainer.r=0", "trainer.r: must be >= 1"),
+        ("trainer=adamw trainer.optimizer=adam", "trainer.optimizer: must be one of adamw, sgd"),
+        ("trainer=adamw trainer.lora_dropout=1.0", "trainer.lora_dropout: must be in [0, 1)"),
+        ("trainer=adamw trainer.betas=[0.9]", "trainer.betas: must be two values in [0, 1)"),
+        ("trainer=adamw_grid trainer.lr_grid=[1e-3,0]", "trainer.lr_grid: every learning rate"),
+        ("trainer=sgd trainer.max_grad_norm=0", "trainer.max_grad_norm: must be > 0"),
+        ("trainer=adamw trainer.target_modules=[]", "trainer.target_modules: must name at least"),
         ("budget.max_steps=0", "budget.max_steps: must be > 0"),
         ("budget.eval_batch_size=0", "budget.eval_batch_size: must be > 0"),
         ("trainer=derived_matched_mass trainer.noise_examples=1",
@@ -79,6 +87,18 @@ def test_bad_config_names_the_key(override: str, expected: str) -> None:
         precheck(override.split())
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_target_modules_the_model_lacks_are_named_with_the_ones_it_has() -> None:
+    from runner.models.loading import load_model
+    from runner.training.baseline import attach_lora
+
+    cfg = to_run_config(compose_config(["model=tiny_llama", "trainer=adamw",
+                                        "trainer.target_modules=[nope_proj]"]))
+    with pytest.raises(ConfigError) as info:
+        attach_lora(load_model(cfg.model).model, cfg.trainer)
+    assert str(info.value).startswith("trainer.target_modules=['nope_proj']: not in ")
+    assert "q_proj" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_sweep_is_checked_point_by_point() -> None:

@@ -12,8 +12,10 @@ from omegaconf.errors import OmegaConfBaseException
 from geometry.derivations import ErankVariant
 from runner.config.paths import CONF_DIR
 from runner.config.schema import (
+    BASELINE_OPTIMIZERS,
     TRAINER_SCHEMAS,
     BudgetConfig,
+    LoraBaselineConfig,
     RunConfig,
     TrainerConfig,
 )
@@ -61,6 +63,30 @@ def _missing_hint(cfg: DictConfig, key: str) -> str:
 ERANK_VARIANTS = get_args(ErankVariant)  # the effective-rank formulas geometry/ implements
 
 
+def _baseline_checks(t) -> list[tuple[str, bool, str]]:
+    """Ranges of a PEFT LoRA baseline's options (none for the derived trainer)."""
+    if not isinstance(t, LoraBaselineConfig):
+        return []
+    return [
+        ("trainer.optimizer", t.optimizer in BASELINE_OPTIMIZERS,
+         f"must be one of {', '.join(BASELINE_OPTIMIZERS)}"),
+        ("trainer.lr", t.lr > 0, "must be > 0"),
+        ("trainer.lr_grid", all(x > 0 for x in t.lr_grid), "every learning rate must be > 0"),
+        ("trainer.r", t.r >= 1, "must be >= 1"),
+        ("trainer.lora_alpha", t.lora_alpha > 0, "must be > 0"),
+        ("trainer.lora_dropout", 0.0 <= t.lora_dropout < 1.0, "must be in [0, 1)"),
+        ("trainer.target_modules", len(t.target_modules) > 0, "must name at least one module"),
+        ("trainer.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("trainer.betas", len(t.betas) == 2 and all(0.0 <= b < 1.0 for b in t.betas),
+         "must be two values in [0, 1)"),
+        ("trainer.eps", t.eps > 0, "must be > 0"),
+        ("trainer.momentum", 0.0 <= t.momentum < 1.0, "must be in [0, 1)"),
+        ("trainer.warmup_ratio", 0.0 <= t.warmup_ratio < 1.0, "must be in [0, 1)"),
+        ("trainer.max_grad_norm", t.max_grad_norm is None or t.max_grad_norm > 0,
+         "must be > 0 (or null: no clipping)"),
+    ]
+
+
 def _check_values(cfg: RunConfig) -> None:
     """Range checks that types alone cannot express."""
     budget_keys = {f.name for f in fields(BudgetConfig)}
@@ -77,6 +103,7 @@ def _check_values(cfg: RunConfig) -> None:
         ("budget.eval_every", cfg.budget.eval_every > 0, "must be > 0"),
         ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),
         ("trainer.batch_size", getattr(cfg.trainer, "batch_size", 1) > 0, "must be > 0"),
+        *_baseline_checks(cfg.trainer),
         # the derived trainer's memory and calibration options (the others have none)
         ("trainer.micro_batch", getattr(cfg.trainer, "micro_batch", 1) > 0, "must be > 0"),
         ("trainer.noise_examples", getattr(cfg.trainer, "noise_examples", 2) >= 2,

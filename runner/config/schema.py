@@ -158,6 +158,10 @@ class TrainerConfig:
     name: str = MISSING
 
 
+# what runner.training.baseline.build_optimizer builds
+BASELINE_OPTIMIZERS = ("adamw", "sgd", "prodigy", "schedulefree", "muon")
+
+
 @dataclass
 class LoraBaselineConfig(TrainerConfig):
     """A PEFT LoRA baseline: every knob the derived trainer removes is explicit here."""
@@ -167,7 +171,7 @@ class LoraBaselineConfig(TrainerConfig):
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # one of BASELINE_OPTIMIZERS
     lr: float = 2e-4
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

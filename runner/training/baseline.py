@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from runner.config.schema import LoraBaselineConfig, Schedule
+from runner.errors import ConfigError
 from runner.training.loop import StepLog
 
 
@@ -26,7 +27,16 @@ def attach_lora(model, cfg: LoraBaselineConfig, patterns: dict | None = None):
         shape = {k: patterns[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern",
                                           "alpha_pattern")}
     lora = LoraConfig(**shape, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # (peft's NoMatchingPeftModuleError is a ValueError)
+        if "not found in the base model" not in str(err):
+            raise
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"trainer.target_modules={list(shape['target_modules'])}: not in "
+                          f"{type(model).__name__} (its Linear layers: {', '.join(linears)})"
+                          ) from None
 
 
 def build_optimizer(params, cfg: LoraBaselineConfig) -> torch.optim.Optimizer:
