@@ -93,10 +93,12 @@ def setup_hardware(cfg: HardwareConfig, *, backends: tuple[str, ...] = ALL_BACKE
 def _torch_device(cfg: HardwareConfig) -> str:
     import torch
 
+    # the option that asked for the device: the group, or a device set apart from it
+    where = f"hardware={cfg.name}" if cfg.device == cfg.name else f"hardware.device={cfg.device}"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HardwareUnavailable(f"hardware={cfg.name}: no CUDA device on this machine")
+        raise HardwareUnavailable(f"{where}: no CUDA device on this machine")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise HardwareUnavailable(f"hardware={cfg.name}: no Apple MPS device on this machine")
+        raise HardwareUnavailable(f"{where}: no Apple MPS device on this machine")
     return cfg.device
 
 

@@ -95,6 +95,10 @@ def test_setup_hardware_detects_each_backend_or_refuses_with_one_line() -> None:
             with pytest.raises(HardwareUnavailable) as err:
                 setup_hardware(_cfg(f"hardware={hw}").hardware)
             assert str(err.value) == message
+    if not _cuda():  # a device set apart from its group is named as such
+        with pytest.raises(HardwareUnavailable) as err:
+            setup_hardware(_cfg("hardware=cpu", "hardware.device=cuda:0").hardware)
+        assert str(err.value) == "hardware.device=cuda:0: no CUDA device on this machine"
     jax_cpu = setup_hardware(_cfg("hardware=jax_cpu").hardware)
     assert (jax_cpu.backend, jax_cpu.device, jax_cpu.torch_device) == ("jax", "cpu", "cpu")
     with pytest.raises(HardwareUnavailable, match="task=model_info runs on backend torch only"):
