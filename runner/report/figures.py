@@ -21,11 +21,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 STYLE = {"figure.dpi": 100, "savefig.dpi": 100, "font.size": 9, "axes.grid": True,
          "grid.alpha": 0.3, "svg.hashsalt": "modelcypher", "path.simplify": False}
 SIGNIFICANT = 6
 LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # never over the curves
+# token counts on an axis as 20k, 140k (full numbers run into each other past 100,000)
+TOKENS = FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 # The trainers of conf/trainer/ (and the bench's peer) keep these colours on every page.
 KNOWN_ARMS = {
     "derived": "#d62728",  # red: the method under test stands out
@@ -127,11 +134,12 @@ def loss_curves(curves: dict[str, list[Curve]], title: str,
             tokens = _data(np.mean([c.tokens[:length] for c in seeds], axis=0))
             colour = colours[arm]
             ax.plot(tokens, _data(loss.mean(axis=0)), color=colour,
-                    label=f"{arm} ({len(seeds)} seeds)")
+                    label=f"{arm} ({_count(len(seeds), 'seed')})")
             if len(seeds) > 1:
                 ax.fill_between(tokens, loss.min(axis=0), loss.max(axis=0), color=colour,
                                 alpha=0.2, linewidth=0)
         ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title=title)
+        ax.xaxis.set_major_formatter(TOKENS)
         ax.legend(**LEGEND_OUTSIDE)
         return _png(fig)
 
@@ -155,8 +163,10 @@ def learning_curves(curves: dict[str, list[Curve]], title: str,
                 for i, c in enumerate(seeds):
                     ax.plot(_data(getattr(c, axis)), _data(c.val_loss), color=colours[arm],
                             marker=".", markersize=3, linewidth=1.0,
-                            label=f"{arm} ({len(seeds)} runs)" if i == 0 else None)
+                            label=f"{arm} ({_count(len(seeds), 'run')})" if i == 0 else None)
             ax.set(xlabel=label, ylabel="validation loss (nats/token)")
+            if axis == "tokens":
+                ax.xaxis.set_major_formatter(TOKENS)
         axes[0][0].set_title(title)
         axes[0][-1].legend(**LEGEND_OUTSIDE)
         return _png(fig)
@@ -232,6 +242,7 @@ def loss_vs_tokens(curves: dict[str, Curve], title: str,
             ax.plot(_data(c.tokens), _data(c.val_loss), marker=".", color=colours[arm],
                     label=arm)
         ax.set(xlabel="training tokens", ylabel="validation loss (nats/token)", title=title)
+        ax.xaxis.set_major_formatter(TOKENS)
         if curves:
             ax.legend(**LEGEND_OUTSIDE)
         return _png(fig)
