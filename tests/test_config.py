@@ -93,12 +93,38 @@ def test_target_modules_the_model_lacks_are_named_with_the_ones_it_has() -> None
     from runner.models.loading import load_model
     from runner.training.baseline import attach_lora
 
+    for targets in ("[nope_proj]", "[q_proj,v_prj]"):  # none found; one of two misspelt
+        cfg = to_run_config(compose_config(["model=tiny_llama", "trainer=adamw",
+                                            f"trainer.target_modules={targets}"]))
+        with pytest.raises(ConfigError) as info:
+            attach_lora(load_model(cfg.model).model, cfg.trainer)
+        missing = "nope_proj" if "nope" in targets else "v_prj"
+        assert str(info.value).startswith(f"trainer.target_modules: {missing} not in ")
+        assert "q_proj" in str(info.value) and "\n" not in str(info.value)
     cfg = to_run_config(compose_config(["model=tiny_llama", "trainer=adamw",
-                                        "trainer.target_modules=[nope_proj]"]))
-    with pytest.raises(ConfigError) as info:
-        attach_lora(load_model(cfg.model).model, cfg.trainer)
-    assert str(info.value).startswith("trainer.target_modules=['nope_proj']: not in ")
-    assert "q_proj" in str(info.value) and "\n" not in str(info.value)
+                                        "trainer.target_modules=[self_attn.q_proj]"]))
+    attach_lora(load_model(cfg.model).model, cfg.trainer)  # a dotted suffix is a match
+
+
+def test_claim_arms_and_budgets_are_range_checked_like_a_run() -> None:
+    from runner.config.load import load_trainer_option
+
+    with pytest.raises(ConfigError, match=r"^trainer=adamw: trainer.lr: must be > 0$"):
+        load_trainer_option("adamw", {"lr": -1.0})
+    with pytest.raises(ConfigError, match=r"^trainer=derived: trainer.noise_examples: must be"):
+        load_trainer_option("derived", {"noise_examples": 1})
+    assert load_trainer_option("adamw", {"lr": 0.1}).lr == 0.1
+
+    from dataclasses import replace
+
+    from runner.claims.loading import load_claim
+    from runner.tasks.claims import plan_trials
+
+    cfg = to_run_config(compose_config(["model=tiny_llama"]))
+    claim = load_claim("derived_beats_sgd")
+    assert plan_trials(cfg, claim)  # as committed
+    with pytest.raises(ConfigError, match=r"^claim=derived_beats_sgd: budget.max_steps: must"):
+        plan_trials(cfg, replace(claim, budget={**claim.budget, "max_steps": 0}))
 
 
 def test_sweep_is_checked_point_by_point() -> None:

@@ -24,6 +24,7 @@ from runner.report.readings_page import (
     long_run_orderings,
     long_runs,
     readings_block,
+    step_size_evidence,
 )
 
 
@@ -204,7 +205,17 @@ def test_the_long_runs_show_why_the_matched_reading_slows_from_its_telemetry() -
     assert "320 in its long run against 20 in the fair test (seed 0)" in text
     assert "100.0% of its per-matrix steps in the long run and 66.7% in the fair test" in text
     assert "was 0.01 against 0.04, 4.00× smaller (√(N ratio) = 4.00)" in text
+    assert "The long run takes smaller steps from its first" in text
     assert "Why" not in "\n".join(curves_paragraph(rows[:1]))  # no fair run: nothing to compare
+    # A long run whose first step is larger does not get the conclusion; a row without bound
+    # counts or with a zero step is left out instead of giving nan or dividing by zero.
+    larger = [_mass_run(CURVES, 320, 0.08, "long"), rows[1]]
+    text = "\n".join(curves_paragraph(larger))
+    assert "2.00× larger" in text and "does not explain" in text and "smaller steps" not in text
+    no_bounds = _mass_run(CURVES, 320, 0.01, "long2", ceiling=0)
+    zero = _mass_run(CURVES, 320, 0.0, "long3")
+    skipped = {**_mass_run(CURVES, 320, 0.01, "long4"), "status": "skipped"}
+    assert step_size_evidence([no_bounds, zero, skipped, rows[1]]) == []
 
 
 def test_the_side_by_side_matrix_shows_each_pair_verdict_or_not_run() -> None:

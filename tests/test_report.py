@@ -170,3 +170,11 @@ def test_build_all_twice_changes_nothing(tmp_path: Path) -> None:
     readme.write_text("# X\n")
     assert build_all(ROOT / "results", docs, readme, tmp_path / "claims.json")
     assert build_all(ROOT / "results", docs, readme, tmp_path / "claims.json") == []
+
+
+def test_token_axes_and_legend_counts_read_plainly() -> None:
+    from runner.report.figures import TOKENS, _count
+
+    assert [TOKENS(x, None) for x in (0, 500, 20000, 140000, 2500)] == [
+        "0", "500", "20k", "140k", "2.5k"]
+    assert (_count(1, "run"), _count(3, "seed")) == ("1 run", "3 seeds")

@@ -63,10 +63,30 @@ def _missing_hint(cfg: DictConfig, key: str) -> str:
 ERANK_VARIANTS = get_args(ErankVariant)  # the effective-rank formulas geometry/ implements
 
 
-def _baseline_checks(t) -> list[tuple[str, bool, str]]:
-    """Ranges of a PEFT LoRA baseline's options (none for the derived trainer)."""
+def budget_checks(b: BudgetConfig) -> list[tuple[str, bool, str]]:
+    """(key, ok, why) for the budget's ranges."""
+    return [
+        ("budget.max_tokens", b.max_tokens > 0, "must be > 0"),
+        ("budget.max_steps", b.max_steps is None or b.max_steps > 0,
+         "must be > 0 (or null: the token budget alone)"),
+        ("budget.eval_every", b.eval_every > 0, "must be > 0"),
+        ("budget.eval_examples", b.eval_examples > 0, "must be > 0"),
+        ("budget.eval_batch_size", b.eval_batch_size > 0, "must be > 0"),
+    ]
+
+
+def trainer_checks(t: TrainerConfig) -> list[tuple[str, bool, str]]:
+    """(key, ok, why) for every trainer option whose range types cannot express: a PEFT LoRA
+    baseline's, or the derived trainer's memory and calibration options."""
     if not isinstance(t, LoraBaselineConfig):
-        return []
+        return [
+            ("trainer.micro_batch", getattr(t, "micro_batch", 1) > 0, "must be > 0"),
+            ("trainer.noise_examples", getattr(t, "noise_examples", 2) >= 2,
+             "must be >= 2 (the noise-scale estimate needs the gradients of at least 2 "
+             "examples)"),
+            ("trainer.erank_variant", getattr(t, "erank_variant", "roy_vetterli")
+             in ERANK_VARIANTS, f"must be one of {', '.join(ERANK_VARIANTS)}"),
+        ]
     return [
         ("trainer.optimizer", t.optimizer in BASELINE_OPTIMIZERS,
          f"must be one of {', '.join(BASELINE_OPTIMIZERS)}"),
@@ -81,7 +101,7 @@ def _baseline_checks(t) -> list[tuple[str, bool, str]]:
          "must be two values in [0, 1)"),
         ("trainer.eps", t.eps > 0, "must be > 0"),
         ("trainer.momentum", 0.0 <= t.momentum < 1.0, "must be in [0, 1)"),
-        ("trainer.warmup_ratio", 0.0 <= t.warmup_ratio < 1.0, "must be in [0, 1)"),
+        ("trainer.warmup_ratio", 0.0 <= t.warmup_ratio <= 1.0, "must be in [0, 1]"),
         ("trainer.max_grad_norm", t.max_grad_norm is None or t.max_grad_norm > 0,
          "must be > 0 (or null: no clipping)"),
     ]
@@ -99,20 +119,9 @@ def _check_values(cfg: RunConfig) -> None:
          "must be >= 1"),
         ("data.max_examples", cfg.data.max_examples is None or cfg.data.max_examples >= 1,
          "must be >= 1 (or null: every record)"),
-        ("budget.max_tokens", cfg.budget.max_tokens > 0, "must be > 0"),
-        ("budget.eval_every", cfg.budget.eval_every > 0, "must be > 0"),
-        ("budget.eval_examples", cfg.budget.eval_examples > 0, "must be > 0"),
+        *budget_checks(cfg.budget),
         ("trainer.batch_size", getattr(cfg.trainer, "batch_size", 1) > 0, "must be > 0"),
-        *_baseline_checks(cfg.trainer),
-        # the derived trainer's memory and calibration options (the others have none)
-        ("trainer.micro_batch", getattr(cfg.trainer, "micro_batch", 1) > 0, "must be > 0"),
-        ("trainer.noise_examples", getattr(cfg.trainer, "noise_examples", 2) >= 2,
-         "must be >= 2 (the noise-scale estimate needs the gradients of at least 2 examples)"),
-        ("trainer.erank_variant", getattr(cfg.trainer, "erank_variant", "roy_vetterli")
-         in ERANK_VARIANTS, f"must be one of {', '.join(ERANK_VARIANTS)}"),
-        ("budget.max_steps", cfg.budget.max_steps is None or cfg.budget.max_steps > 0,
-         "must be > 0 (or null: the token budget alone)"),
-        ("budget.eval_batch_size", cfg.budget.eval_batch_size > 0, "must be > 0"),
+        *trainer_checks(cfg.trainer),
         ("hardware.threads", cfg.hardware.threads >= 0, "must be >= 0"),
         ("claims", cfg.task.name.value != "claims" or bool(cfg.claims),
          "task=claims needs at least one claim id (conf/claim/<id>.yaml)"),
@@ -204,7 +213,11 @@ def load_trainer_option(name: str, overrides: dict | None = None) -> TrainerConf
     try:
         merged = OmegaConf.merge(OmegaConf.structured(TRAINER_SCHEMAS[trainer_name]), raw,
                                  overrides or {})
-        return OmegaConf.to_object(merged)
+        trainer = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         line = config_error_line(err)
         raise ConfigError(f"trainer={name}: {line}") from None
+    for key, ok, why in trainer_checks(trainer):  # an arm's overrides are checked like a run's
+        if not ok:
+            raise ConfigError(f"trainer={name}: {key}: {why}")
+    return trainer

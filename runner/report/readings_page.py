@@ -318,8 +318,7 @@ def curves_paragraph(rows: list[dict], docs: str = "") -> list[str]:
     lines = [f"![long runs]({docs}experiments/figures/{CURVES}-learning_curves.png)", "",
              f"Long runs (`+experiment={CURVES}`, [its page]({docs}experiments/{CURVES}.md)): "
              "one seed per arm, 48 validation examples, so their losses are not the fair "
-             "test's; `derived_matched_mass` matches N to the long run's budget, so at "
-             f"{FAIR_TOKENS:,} tokens it has taken smaller steps than in the fair test. "
+             "test's; `derived_matched_mass` matches N to each run's own budget. "
              + "; ".join(one(k) for k in sorted(runs)) + "."]
     by_mid, by_end, end = long_run_orderings(runs)
     if len(by_mid) < 2:
@@ -344,9 +343,10 @@ def _step_telemetry(row: dict) -> tuple[int, float, float] | None:
         return None
     bound = {t: sum(int(s.get(f"bound_{t}", 0)) for s in steps)
              for t in ("ceiling", "sps", "weyl")}
-    total = sum(bound.values())
-    share = bound["ceiling"] / total if total else math.nan
-    return n, share, float(steps[0]["delta_step_median"])
+    total, first = sum(bound.values()), steps[0]["delta_step_median"]
+    if not total or not isinstance(first, (int, float)) or not 0 < first < math.inf:
+        return None
+    return n, bound["ceiling"] / total, float(first)
 
 
 def step_size_evidence(rows: list[dict]) -> list[str]:
@@ -357,7 +357,8 @@ def step_size_evidence(rows: list[dict]) -> list[str]:
     missing."""
     def newest(experiment: str, arm: str, seed=None) -> dict | None:
         found = [r for r in rows if r.get("experiment") == experiment and r.get("arm") == arm
-                 and (seed is None or r.get("seed") == seed) and _step_telemetry(r)]
+                 and r.get("status") != "skipped" and (seed is None or r.get("seed") == seed)
+                 and _step_telemetry(r)]
         return max(found, key=lambda r: str(r.get("run_id"))) if found else None
 
     for arm in sorted(a for a in READINGS if READINGS[a].per_matrix_mass):
@@ -367,14 +368,18 @@ def step_size_evidence(rows: list[dict]) -> list[str]:
             continue
         (n_long, share_long, step_long), (n_fair, share_fair, step_fair) = (
             _step_telemetry(long), _step_telemetry(fair))
+        ratio = step_fair / step_long  # > 1: the long run's first step is the smaller
+        size = (f"{ratio:.2f}× smaller" if ratio > 1 else
+                f"{1 / ratio:.2f}× larger" if ratio < 1 else "the same")
+        then = ("The long run takes smaller steps from its first, not only more of them."
+                if ratio > 1 else "So a smaller step does not explain a slower long run.")
         return [f"Why, from the runs' own step telemetry: `{arm}` sets each matrix's MASS "
                 f"ceiling with N the run's steps, {n_long:,} in its long run against "
-                f"{n_fair:,} in the fair test (seed {long.get('seed')}); the ceiling was the binding "
-                f"term in {share_long:.1%} of its per-matrix steps in the long run and "
-                f"{share_fair:.1%} in the fair test, and its median effective step on ΔW at the first step was "
-                f"{step_long:.3g} against {step_fair:.3g}, {step_fair / step_long:.2f}× "
-                f"smaller (√(N ratio) = {math.sqrt(n_long / n_fair):.2f}). The long run takes "
-                "smaller steps from its first, not only more of them."]
+                f"{n_fair:,} in the fair test (seed {long.get('seed')}); the ceiling was the "
+                f"binding term in {share_long:.1%} of its per-matrix steps in the long run and "
+                f"{share_fair:.1%} in the fair test, and its median effective step on ΔW at "
+                f"the first step was {step_long:.3g} against {step_fair:.3g}, {size} "
+                f"(√(N ratio) = {math.sqrt(n_long / n_fair):.2f}). {then}"]
     return []
 
 

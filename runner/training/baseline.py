@@ -26,17 +26,23 @@ def attach_lora(model, cfg: LoraBaselineConfig, patterns: dict | None = None):
     if patterns is not None:
         shape = {k: patterns[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern",
                                           "alpha_pattern")}
+    if patterns is None:
+        check_target_modules(model, list(cfg.target_modules))
     lora = LoraConfig(**shape, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
-    try:
-        return get_peft_model(model, lora)
-    except ValueError as err:  # (peft's NoMatchingPeftModuleError is a ValueError)
-        if "not found in the base model" not in str(err):
-            raise
+    return get_peft_model(model, lora)
+
+
+def check_target_modules(model, targets: list[str]) -> None:
+    """Refuse target modules the model lacks, naming them and the Linear layers it has: PEFT
+    matches each entry as the last part(s) of a module's dotted name, and refuses only when no
+    entry matches, so a misspelt one among correct ones would go unadapted without a word."""
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
         linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
                           if isinstance(m, torch.nn.Linear)})
-        raise ConfigError(f"trainer.target_modules={list(shape['target_modules'])}: not in "
-                          f"{type(model).__name__} (its Linear layers: {', '.join(linears)})"
-                          ) from None
+        raise ConfigError(f"trainer.target_modules: {', '.join(missing)} not in "
+                          f"{type(model).__name__} (its Linear layers: {', '.join(linears)})")
 
 
 def build_optimizer(params, cfg: LoraBaselineConfig) -> torch.optim.Optimizer:
