@@ -63,6 +63,14 @@ def _missing_hint(cfg: DictConfig, key: str) -> str:
 ERANK_VARIANTS = get_args(ErankVariant)  # the effective-rank formulas geometry/ implements
 
 
+def refuse_failed(checks: list[tuple[str, bool, str]], where: str = "") -> None:
+    """Raise a one-line ConfigError for the first (key, ok, why) that is not ok; ``where``
+    prefixes it (the trainer option or claim the values came from)."""
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{where}{key}: {why}")
+
+
 def budget_checks(b: BudgetConfig) -> list[tuple[str, bool, str]]:
     """(key, ok, why) for the budget's ranges."""
     return [
@@ -133,9 +141,7 @@ def _check_values(cfg: RunConfig) -> None:
          f"keys must be among {', '.join(sorted(budget_keys))}"),
     ]
     check_model_config(cfg.model)
-    for key, ok, why in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {why}")
+    refuse_failed(checks)
 
 
 def config_error_line(err: BaseException) -> str:
@@ -217,7 +223,5 @@ def load_trainer_option(name: str, overrides: dict | None = None) -> TrainerConf
     except OmegaConfBaseException as err:
         line = config_error_line(err)
         raise ConfigError(f"trainer={name}: {line}") from None
-    for key, ok, why in trainer_checks(trainer):  # an arm's overrides are checked like a run's
-        if not ok:
-            raise ConfigError(f"trainer={name}: {key}: {why}")
+    refuse_failed(trainer_checks(trainer), f"trainer={name}: ")  # an arm's overrides too
     return trainer

@@ -218,8 +218,8 @@ def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: i
     tail-start run with cached frames is bitwise equal to the uninterrupted one, so some MKL
     kernel of the certificate's greedy generation (one prompt at a time; with or without the
     KV cache) sums in an order that depends on where its buffers lie. Training and validation
-    losses are equal either way. STRICT is not set: it changes derived_matched_mass's training losses in the
-    last bits and cost about 15% of its step time on the 2-core machine."""
+    losses are equal either way. STRICT is not set: it changes derived_matched_mass's training
+    losses in the last bits and cost about 15% of its step time on the 2-core machine."""
     if cache is None or init == "random" or rule.start.value == "tail":
         ops.attach(specs, init, seed, rule)
         return

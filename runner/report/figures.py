@@ -31,7 +31,6 @@ LEGEND_OUTSIDE = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)}  # never o
 TOKENS = FuncFormatter(lambda x, _: f"{x / 1000:g}k" if abs(x) >= 1000 else f"{x:g}")
 
 
-
 def _count(n: int, noun: str) -> str:
     """'1 run', '2 runs'."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

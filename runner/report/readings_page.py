@@ -355,19 +355,21 @@ def step_size_evidence(rows: list[dict]) -> list[str]:
     the same seed (the newest), the steps N each matched, how often the ceiling bound and the
     median effective step at the first step. Empty when either run or its telemetry is
     missing."""
-    def newest(experiment: str, arm: str, seed=None) -> dict | None:
-        found = [r for r in rows if r.get("experiment") == experiment and r.get("arm") == arm
-                 and r.get("status") != "skipped" and (seed is None or r.get("seed") == seed)
-                 and _step_telemetry(r)]
-        return max(found, key=lambda r: str(r.get("run_id"))) if found else None
+    def newest(experiment: str, arm: str, seed=None) -> tuple[dict, tuple] | None:
+        """(the newest such row, its telemetry)."""
+        found = [(r, t) for r in rows if r.get("experiment") == experiment
+                 and r.get("arm") == arm and r.get("status") != "skipped"
+                 and (seed is None or r.get("seed") == seed)
+                 and (t := _step_telemetry(r)) is not None]
+        return max(found, key=lambda rt: str(rt[0].get("run_id"))) if found else None
 
     for arm in sorted(a for a in READINGS if READINGS[a].per_matrix_mass):
         long = newest(CURVES, arm)
-        fair = newest(FAIR, arm, long.get("seed")) if long else None
+        fair = newest(FAIR, arm, long[0].get("seed")) if long else None
         if fair is None:
             continue
-        (n_long, share_long, step_long), (n_fair, share_fair, step_fair) = (
-            _step_telemetry(long), _step_telemetry(fair))
+        (long, (n_long, share_long, step_long)), (_, (n_fair, share_fair, step_fair)) = (
+            long, fair)
         ratio = step_fair / step_long  # > 1: the long run's first step is the smaller
         size = (f"{ratio:.2f}× smaller" if ratio > 1 else
                 f"{1 / ratio:.2f}× larger" if ratio < 1 else "the same")

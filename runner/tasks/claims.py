@@ -46,7 +46,7 @@ from runner.claims import (
 from runner.claims.measurements import is_measured, measured_options
 from runner.claims.registration import RULES_DIR, register_rule, registered_at
 from runner.claims.schema import claim_from_record
-from runner.config.load import budget_checks, load_trainer_option
+from runner.config.load import budget_checks, load_trainer_option, refuse_failed
 from runner.config.schema import RunConfig
 from runner.errors import ConfigError, HardwareUnavailable, ModelError, UserError
 from runner.hardware import in_sweep, resolved, setup_hardware
@@ -229,9 +229,7 @@ def plan_trials(cfg: RunConfig, claim: Claim) -> list[PlannedTrial]:
                              stable_hash({"check": claim.check, "seed": seed}))
                 for seed in claim.seeds]
     budget = replace(cfg.budget, **claim.budget)
-    for key, ok, why in budget_checks(budget):  # the claim's budget, checked like a run's
-        if not ok:
-            raise ConfigError(f"claim={claim.id}: {key}: {why}")
+    refuse_failed(budget_checks(budget), f"claim={claim.id}: ")  # checked like a run's
     plans = []
     for arm in claim.arms:
         if is_measured(arm.trainer):

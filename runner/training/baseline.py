@@ -23,10 +23,10 @@ def attach_lora(model, cfg: LoraBaselineConfig, patterns: dict | None = None):
     targets with per-module ones: the derived trainer's adapter shapes under AdamW.
     """
     shape = {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": list(cfg.target_modules)}
-    if patterns is not None:
+    if patterns is not None:  # (the derivation's own module names: nothing to check)
         shape = {k: patterns[k] for k in ("r", "lora_alpha", "target_modules", "rank_pattern",
                                           "alpha_pattern")}
-    if patterns is None:
+    else:
         check_target_modules(model, list(cfg.target_modules))
     lora = LoraConfig(**shape, lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
