@@ -147,11 +147,14 @@ def test_an_unreadable_entry_is_recomputed_after_one_warning(tmp_path: Path, cap
     assert _setup(runs)["cache"] == "hit"  # the recomputed entries were stored again
 
 
-def test_trial_rows_record_the_cache_and_stay_bitwise(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reading", ["derived", "derived_tail_start"])
+def test_trial_rows_record_the_cache_and_stay_bitwise(reading: str, tmp_path: Path) -> None:
     """Seed 0 trained after seed 1 filled the cache records the same trial as seed 0 trained
-    cold; the row says which set-up read the cache."""
+    cold, its stopping certificate included (one short prompt at a time: the products whose
+    kernel follows the frames' strides); the row says which set-up read the cache."""
     def row(seed: int, runs: str, results: str) -> dict:
-        return run_job(compose_config([*FAST, f"seed={seed}", f"runs_dir={tmp_path / runs}",
+        return run_job(compose_config([*FAST, f"trainer={reading}", f"seed={seed}",
+                                       f"runs_dir={tmp_path / runs}",
                                        f"results_dir={tmp_path / results}"]))
 
     cold = row(0, "runs-a", "results-a")
@@ -160,9 +163,29 @@ def test_trial_rows_record_the_cache_and_stay_bitwise(tmp_path: Path) -> None:
     assert cold["metrics"]["setup_cache"] == "miss" and warm["metrics"]["setup_cache"] == "hit"
     assert warm["derived"] == cold["derived"]
     assert warm["config_hash"] == cold["config_hash"]
+    assert cold["certificate"]["criteria"] and warm["certificate"] == cold["certificate"]
     assert _untimed(warm["curves"]) == _untimed(cold["curves"])
     assert (_untimed(warm["metrics"], {"setup_cache", "peak_rss_mb"})
             == _untimed(cold["metrics"], {"setup_cache", "peak_rss_mb"}))
+
+
+def test_frames_read_back_with_their_computed_strides(tmp_path: Path) -> None:
+    """A rank-1 frame computed as a column of a column-major Q keeps those strides when read
+    from the cache (the kernel of a product follows its operands' strides)."""
+    def strides(runs: Path) -> dict:
+        cfg, loaded, splits, pad = _inputs(runs, ("trainer=derived_tail_start",))
+        s = setup_derived(cfg, loaded, splits, pad, None)
+        out = {n: (u.stride(), v.stride()) for n, (u, _, v) in s.trainer.ops.host_usv().items()}
+        out["tails"] = {n: (u.stride(), v.stride())
+                        for n, (u, _, v) in s.trainer.ops.host_tails().items()}
+        s.trainer.ops.detach()
+        return s.cache, out
+
+    cache_cold, cold = strides(tmp_path / "runs")
+    cache_warm, warm = strides(tmp_path / "runs")
+    assert (cache_cold, cache_warm) == ("miss", "hit")
+    assert warm == cold
+    assert any(u[1] != 1 for n, (u, _) in cold.items() if n != "tails")  # a rank-1 column
 
 
 def _untimed(value, drop: frozenset | set = frozenset()):

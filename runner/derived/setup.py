@@ -6,6 +6,8 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 import geometry
 from geometry.derivations import LayerGeometry, derive_from_layers
 from geometry.readings import matched_steps
@@ -210,26 +212,35 @@ def residual_scales_cached(ops, cache: SetupCache | None, blocks: list[str],
 def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: int,
                   rule) -> None:
     """``ops.attach``, the starting frames (U, V per matrix) read from ``cache`` when stored;
-    a random start depends on the seed and is drawn every time. The tail start computes its
-    frames every time: with frames read back (bitwise equal, in other allocations) its
-    certificate's generation statistics differ in the last bits on torch, and a resumed run must
-    reproduce an uninterrupted one exactly. The cause is MKL: under ``MKL_CBWR=AUTO,STRICT``
-    (its conditional numerical reproducibility, no alignment-dependent code paths) the resumed
-    tail-start run with cached frames is bitwise equal to the uninterrupted one, so some MKL
-    kernel of the certificate's greedy generation (one prompt at a time; with or without the
-    KV cache) sums in an order that depends on where its buffers lie. Training and validation
-    losses are equal either way. STRICT is not set: it changes derived_matched_mass's training
-    losses in the last bits and cost about 15% of its step time on the 2-core machine."""
-    if cache is None or init == "random" or rule.start.value == "tail":
+    a random start depends on the seed and is drawn every time.
+
+    A frame is read back with the strides it was computed with, not only its values: torch
+    picks its matrix-product kernel by the operands' strides, and a rank-1 frame comes out of
+    the QR as a column of a column-major matrix (strides (1, m)) where a contiguous copy has
+    (1, 1). With the other strides the tail start's certificate (its greedy generation and
+    curvature, one short prompt at a time) summed in another order and differed in the last
+    bits from a run that computed its frames; training and validation losses did not."""
+    if cache is None or init == "random":
         ops.attach(specs, init, seed, rule)
         return
     inputs = {"init": init, "frames": {n: [s.rank, s.first_index] for n, s in specs.items()}}
     frames = cache.lookup("frames", inputs, lambda entry: {
-        n: (entry.tensors[f"{n}.U"], entry.tensors[f"{n}.V"]) for n in specs})
+        n: tuple(with_strides(entry.tensors[f"{n}.{side}"], entry.records["strides"][n][i])
+                 for i, side in enumerate("UV"))
+        for n in specs})
     if frames is not None:
         ops.attach(specs, init, seed, rule, frames=frames)
         return
     ops.attach(specs, init, seed, rule)
-    cache.store("frames", inputs, sorted(specs),
-                {f"{n}.{side}": x for n, (u, _, v) in ops.host_usv().items()
+    usv = ops.host_usv()
+    cache.store("frames", inputs,
+                {"strides": {n: [list(u.stride()), list(v.stride())]
+                             for n, (u, _, v) in usv.items()}},
+                {f"{n}.{side}": x for n, (u, _, v) in usv.items()
                  for side, x in (("U", u), ("V", v))})
+
+
+def with_strides(t, strides: list[int]):
+    """A fresh copy of ``t`` (a contiguous torch tensor) laid out with ``strides``."""
+    out = torch.empty_strided(t.shape, tuple(strides), dtype=t.dtype, device=t.device)
+    return out.copy_(t)

@@ -67,8 +67,10 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   micro-batch: eight times the examples of the reference step (4), so the probe alone costs
   several reference steps; it depends on the seed
   through the adapters' dropout masks, so it is measured for every trial, while the weights'
-  geometry and the residual scales are computed once and shared across seeds (the set-up cache,
-  runner/derived/cache.py; the row's `setup_cache` says whether this run read them).
+  geometry, the residual scales and the adapters' starting frames are computed once and shared
+  across seeds (the set-up cache, runner/derived/cache.py; the row's `setup_cache` says
+  whether this run read them; runs before 2026-12-07 computed the tail start's frames, the
+  `attach` phase, every time).
 - **time to target**: the training tokens and seconds each quality arm needed to first reach
   the target validation loss (the AdamW grid's final one when the grid ran, else the best
   baseline's final one), interpolated linearly between evaluations, with the derived readings'
