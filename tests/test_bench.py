@@ -20,7 +20,8 @@ from runner.tasks.bench import ARMS, QUICK, bench_settings, fixed_batches
 from runner.tasks.bench_summary import summary_line
 from runner.tasks.train import config_hash
 
-LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) mfu=(\S+) "
+LAST_LINE = re.compile(r"bench: tok_s_ratio=(\S+) mem_ratio=(\S+) derive_steps=(\S+) "
+                       r"derive_steps_first=(\S+) mfu=(\S+) "
                        r"reading=derived_matched_mass reference=(adamw|peft_stock) "
                        r"recompute: tok_s_ratio=(\S+) mem_ratio=(\S+)")
 THROUGHPUT_ARMS = {"adamw", "peft_stock", "adamw_all_linear", "prodigy", "schedulefree",
@@ -54,7 +55,7 @@ def test_last_line_is_the_summary(bench) -> None:
     last = stdout.rstrip("\n").splitlines()[-1]
     match = LAST_LINE.fullmatch(last)
     assert match, last
-    values = [float(v) for v in (*match.groups()[:4], *match.groups()[5:])]
+    values = [float(v) for v in (*match.groups()[:5], *match.groups()[6:])]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert last == summary_line(row["summary"])
     assert "fixed batches of 4 x 128 tokens" in stdout  # batch x data.max_seq_len, stated
@@ -76,6 +77,12 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     derived = next(t for t in stored["throughput"] if t["arm"] == "derived")
     assert derived["adapters"].startswith("derived:")  # its rank and targets are its own
     assert 0 < derived["derive_seconds"] <= derived["setup_seconds"]
+    # set up as the first seed (an empty cache: everything computed), then as every later seed
+    # (the seed-independent steps, the noise probe included, read back)
+    for t in stored["throughput"]:
+        if t["arm"].startswith("derived"):
+            assert (t["setup_cache_first"], t["setup_cache"]) == ("miss", "hit"), t["arm"]
+            assert t["setup_phases"]["noise_probe"] < t["setup_phases_first"]["noise_probe"]
     # the same-shape peer trains exactly the derived trainer's adapter parameters
     same = next(t for t in stored["throughput"] if t["arm"] == "adamw_derived_shape")
     assert same["adapters"].startswith("derived shape:")

@@ -81,6 +81,9 @@ def test_summary_takes_the_reference_least_flattering_per_metric() -> None:
     assert s["tok_s_ratio"] == pytest.approx(0.8)  # 100 / 125, not 100 / 100
     assert s["mem_ratio"] == pytest.approx(2.0)  # 1800 / 900
     assert s["derive_steps"] == pytest.approx(5.0)  # 5 s over the 1.0 s step
+    assert "derive_steps_first" not in s  # a row that set up once
+    by_arm["derived_matched_mass"]["setup_seconds_first"] = 8.0
+    assert summarize(by_arm)["derive_steps_first"] == pytest.approx(8.0)
     assert s["vs_adamw_tok_s_ratio"] == pytest.approx(1.0)
     # without the stock arm (runs that lack it) the project's baseline is the reference
     del by_arm["peft_stock"]

@@ -169,7 +169,7 @@ def test_batched_noise_probe_matches_per_example_passes(model_name: str) -> None
              for i, name in enumerate(linears)}
     adapters = FactoredAdapters(linears, specs, "random", seed=0)
     model.train()
-    batched = per_example_s_grads(model, adapters, collate(list(examples), pad_id=pad))
+    batched, _ = per_example_s_grads(model, adapters, collate(list(examples), pad_id=pad))
 
     reference = []
     for ex in examples:  # one backward of the example's mean answer-token loss (HF's loss)

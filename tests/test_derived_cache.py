@@ -84,6 +84,7 @@ def _refuse_recomputation(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(derived_setup, "derive", refuse)
     mp.setattr(TorchOps, "residual_scales", refuse)
     mp.setattr(FactoredAdapters, "_frames", staticmethod(refuse))
+    mp.setattr(TorchOps, "example_s_grads", refuse)
 
 
 def test_a_warm_cache_gives_the_cold_setup_bitwise(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_a_warm_cache_gives_the_cold_setup_bitwise(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     cold = _setup(runs, ("seed=0",))
     assert cold["cache"] == "miss"
-    assert len(list((runs / CACHE_DIR).iterdir())) == 3  # weights, residual scales, frames
+    assert len(list((runs / CACHE_DIR).iterdir())) == 4  # weights, scales, frames, probe
     uncached = _setup(tmp_path / "other", ("seed=1",), use_cache=False)
     assert uncached["cache"] == "off"
     with pytest.MonkeyPatch.context() as mp:
@@ -106,11 +107,65 @@ def test_a_warm_cache_gives_the_cold_setup_bitwise(tmp_path: Path) -> None:
 def test_a_random_start_draws_its_frames_every_time(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     _setup(runs, ("trainer.init=random",))
-    assert len(list((runs / CACHE_DIR).iterdir())) == 2  # no frames entry
+    assert len(list((runs / CACHE_DIR).iterdir())) == 2  # no frames entry, no probe entry
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(derived_setup, "derive", lambda *a, **k: pytest.fail("recomputed"))
         again = _setup(runs, ("trainer.init=random", "seed=3"))
     assert again["cache"] == "hit"
+
+
+def test_the_noise_probe_is_the_same_for_every_seed(tmp_path: Path) -> None:
+    """Row 8 draws its dropout masks from the probe's own seed: two seeds measure the same
+    noise scale without a cache (so a cached one is theirs too). The masks matter: the probe
+    under another seed of its own measures another."""
+    a = _setup(tmp_path / "a", ("seed=0",), use_cache=False)
+    b = _setup(tmp_path / "b", ("seed=3",), use_cache=False)
+    assert a["noise"] == b["noise"] and a["batch"] == b["batch"]
+    cfg, loaded, splits, pad = _inputs(tmp_path / "c")
+    ops = TorchOps(loaded.model)
+    derived_setup.setup(cfg, ops, splits, pad)  # (derived: S stays 0, where the probe runs)
+    other = derived_setup.measure_noise_scale(ops, splits.train, pad, len(splits.train),
+                                              cfg.trainer.noise_examples,
+                                              cfg.trainer.micro_batch, seed=1)
+    assert other.b_simple != a["noise"].b_simple
+
+
+def test_the_probe_advances_the_runs_generator_as_if_it_drew_from_it(tmp_path: Path) -> None:
+    """The probe runs on its own stream and then replays its draws on the run's, so training
+    draws the masks it drew when the probe took them from the run's generator (seed 0: the
+    probe's own seed, so the same masks too); a probe read back from the cache replays them
+    alike."""
+    from runner.data import collate
+    from runner.derived.torch_ops import per_example_s_grads
+
+    cfg, loaded, splits, pad = _inputs(tmp_path / "runs")
+    ops = TorchOps(loaded.model)
+    s = derived_setup.setup(cfg, ops, splits, pad)
+    after_setup = torch.get_rng_state()
+    assert any(p > 0 for _, p, _ in ops.probe_draws)
+
+    # The same set-up with the probe drawing from the run's generator, as it once did.
+    cfg2, loaded2, splits2, _ = _inputs(tmp_path / "runs2")
+    ops2 = TorchOps(loaded2.model)
+    with pytest.MonkeyPatch.context() as mp:
+        def on_the_runs_stream(self, examples, pad_id, micro_batch, seed):
+            probe = sorted(examples, key=lambda ex: len(ex.input_ids))
+            return torch.cat([per_example_s_grads(self.model, self.adapters,
+                                                  collate(probe[i:i + micro_batch],
+                                                          pad_id=pad))[0]
+                              for i in range(0, len(probe), micro_batch)])
+        mp.setattr(TorchOps, "example_s_grads", on_the_runs_stream)
+        s2 = derived_setup.setup(cfg2, ops2, splits2, pad)
+    assert torch.equal(torch.get_rng_state(), after_setup)
+    assert s2.noise == s.noise
+
+    # Read back from the cache: the same generator state after the set-up.
+    _setup(tmp_path / "cached")
+    with pytest.MonkeyPatch.context() as mp:
+        _refuse_recomputation(mp)
+        warm = _setup(tmp_path / "cached")
+    assert warm["cache"] == "hit"
+    assert torch.equal(torch.get_rng_state(), after_setup)
 
 
 def test_one_changed_weight_misses_the_cache(tmp_path: Path) -> None:
@@ -124,7 +179,7 @@ def test_one_changed_weight_misses_the_cache(tmp_path: Path) -> None:
 
     changed = _setup(runs, edit=nudge)
     assert changed["cache"] == "miss"
-    assert len(list((runs / CACHE_DIR).iterdir())) == 6
+    assert len(list((runs / CACHE_DIR).iterdir())) == 8
 
 
 def test_an_unreadable_entry_is_recomputed_after_one_warning(tmp_path: Path, caplog) -> None:

@@ -70,7 +70,7 @@ def test_noise_probe_frees_logits_and_keeps_no_frame_gradients(tiny) -> None:
     ops, batch = tiny
     seen, handles = _watch_backward(ops)
     try:
-        grads = per_example_s_grads(ops.model, ops.adapters, batch)
+        grads, _ = per_example_s_grads(ops.model, ops.adapters, batch)
     finally:
         for h in handles:
             h.remove()
@@ -124,7 +124,7 @@ def test_chunked_answer_loss_is_the_whole_logits_loss(monkeypatch, probe: bool) 
 
     def run():
         if probe:
-            return per_example_s_grads(ops.model, ops.adapters, batch), None
+            return per_example_s_grads(ops.model, ops.adapters, batch)[0], None
         loss, grads = ops.forward_backward(batch, 4, 4, step=0)
         return loss, [g.clone() for g in grads]
 

@@ -192,7 +192,8 @@ class ArrayOps:
     def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
         """Per-example S gradients (n, sum r), float64 numpy. Each example's S gets its own row
         (S of shape (B, 1, r) broadcasts in the adapter branch), so one backward of sum_i L_i
-        per micro-batch yields every example's gradient (valid at any S)."""
+        per micro-batch yields every example's gradient (valid at any S). The dropout masks are
+        keyed by (``seed``, step -1, micro-batch): the probe's own keys, apart from training's."""
         rows = []
         for j, i in enumerate(range(0, len(examples), micro_batch)):
             batch = collate(list(examples[i:i + micro_batch]), pad_id=pad_id)
@@ -204,6 +205,11 @@ class ArrayOps:
             rows.append(np.concatenate([g[n] for n in self.adapters.specs], axis=1)[:b]
                         .astype(np.float64))
         return np.concatenate(rows)[:len(examples)]
+
+    probe_draws: tuple = ()  # the masks are keyed by (seed, step, micro-batch): none to replay
+
+    def replay_probe(self, draws: list) -> None:
+        """(Nothing to advance: the probe's masks come from keys of their own.)"""
 
     def warm_up(self, trainer, batch) -> None:
         """Run (and discard) one step's loss, gradients, norm, MASS step, update and telemetry on

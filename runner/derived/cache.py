@@ -1,8 +1,9 @@
 """The derived set-up's seed-independent steps, kept on disk and shared by every later run.
 
-The weights' per-matrix geometry (rows 2, 4, 10-14), the residual scales (row 15) and the
-adapters' starting frames depend on the weights and the run's options, never on its seed; the
-seeds of one experiment compute them once. An entry lives under
+The weights' per-matrix geometry (rows 2, 4, 10-14), the residual scales (row 15), the
+adapters' starting frames and the noise probe (row 8, its masks from a seed of its own) depend
+on the weights, the data and the run's options, never on its seed; the seeds of one experiment
+compute them once. An entry lives under
 ``<runs_dir>/cache/derived/<key>/``: ``records.json`` (the values, with what they were computed
 from) and, for tensors, ``tensors.safetensors``. The key is the sha256 of everything the values
 depend on: this format's version, the source of the code that computes them, the library

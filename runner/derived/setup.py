@@ -16,6 +16,7 @@ from runner.derived.certificate import calibration_batch
 from runner.derived.ops import make_ops
 from runner.derived.spec import (
     DTYPE_EPS,
+    NOISE_PROBE_SEED,
     adapter_specs,
     noise_scale_from_grads,
     target_blocks,
@@ -62,10 +63,10 @@ def derive_for_model(model, n_train: int, batches_per_epoch: int, dtype: str,
 
 
 def measure_noise_scale(ops, examples, pad_id: int, n_train: int, n_probe: int,
-                        micro_batch: int, seed: int) -> geometry.NoiseScale:
-    """Row 8 from per-example gradients of the first ``n_probe`` training examples. At S = 0
-    the gradients with respect to U and V vanish, so each example's gradient is its gradient
-    with respect to S."""
+                        micro_batch: int, seed: int = NOISE_PROBE_SEED) -> geometry.NoiseScale:
+    """Row 8 from per-example gradients of the first ``n_probe`` training examples, their
+    adapters' dropout masks drawn from ``seed`` (the probe's own). At S = 0 the gradients with
+    respect to U and V vanish, so each example's gradient is its gradient with respect to S."""
     n_probe = min(n_probe, len(examples))
     if n_probe < 2:
         raise ValueError(f"the noise-scale probe needs >= 2 training examples (got {n_probe})")
@@ -98,8 +99,8 @@ def setup_derived(cfg, loaded, splits, pad_id: int, console) -> DerivedSetup:
 def setup(cfg, ops, splits, pad_id: int, console=None,
           cache: SetupCache | None = None) -> DerivedSetup:
     """:func:`setup_derived` on ``ops``; with ``cache``, the seed-independent steps (the
-    weights' geometry, the residual scales, the starting frames) are read from it where an
-    earlier run stored them, and stored where not."""
+    weights' geometry, the residual scales, the starting frames, the noise probe) are read from
+    it where an earlier run stored them, and stored where not."""
     tcfg, n_train = cfg.trainer, len(splits.train)
     rule = reading(tcfg.name)
     ops.prepare(splits)
@@ -126,18 +127,17 @@ def setup(cfg, ops, splits, pad_id: int, console=None,
 
     # 3. Attach U diag(S) V^T adapters (S = 0: the model is unchanged at step 0; the S~ = c S
     #    readings carry no residual scale).
-    attach_cached(ops, cache, adapter_specs(derived, scales, scaled=rule.scaled),
-                  enum_value(tcfg.init), cfg.seed, rule)
+    specs = adapter_specs(derived, scales, scaled=rule.scaled)
+    attach_cached(ops, cache, specs, enum_value(tcfg.init), cfg.seed, rule)
     lap("attach")
 
     # 4. Batch size from the measured gradient noise scale (row 8), then the MASS ceiling for
     #    the batches per epoch that batch size gives (row 1). Every reading measures it at
     #    S = 0, then moves to its own start (the tail start leaves the model, so the gradient
     #    with respect to S, unchanged).
-    say(console, f"probing the noise scale: per-example gradients of "
-                 f"{min(tcfg.noise_examples, n_train)} training examples")
-    noise = measure_noise_scale(ops, splits.train, pad_id, n_train, tcfg.noise_examples,
-                                tcfg.micro_batch, cfg.seed)
+    noise = noise_scale_cached(ops, cache, specs, enum_value(tcfg.init), splits.train, pad_id,
+                               n_train, tcfg.noise_examples, tcfg.micro_batch,
+                               recompute=bool(cfg.hardware.recompute), console=console)
     derived = with_measured_records(derived, n_train, noise, scales, blocks)
     records = derived.records
     lap("noise_probe")
@@ -238,6 +238,41 @@ def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: i
                              for n, (u, _, v) in usv.items()}},
                 {f"{n}.{side}": x for n, (u, _, v) in usv.items()
                  for side, x in (("U", u), ("V", v))})
+
+
+def noise_scale_cached(ops, cache: SetupCache | None, specs: dict, init: str, examples,
+                       pad_id: int, n_train: int, n_probe: int, micro_batch: int, *,
+                       recompute: bool, console=None) -> geometry.NoiseScale:
+    """:func:`measure_noise_scale`, read from ``cache`` when stored. Its masks come from the
+    probe's own seed, so it depends on the weights, the probe examples and the adapters, never
+    on the run's seed; a read-back probe advances the run's generator by the draws it stored
+    (``ops.replay_probe``), as the probe does. A random start (the frames follow the seed) or a
+    model whose own forward is random is probed every time."""
+    def measure() -> geometry.NoiseScale:
+        say(console, f"probing the noise scale: per-example gradients of "
+                     f"{min(n_probe, len(examples))} training examples")
+        return measure_noise_scale(ops, examples, pad_id, n_train, n_probe, micro_batch)
+
+    if cache is None or cache.random_forward or init == "random":
+        return measure()
+    probe = list(examples[:n_probe])
+    inputs = {"examples": tensor_digest(*(torch.tensor(x) for e in probe
+                                          for x in (e.input_ids, e.labels))),
+              "n_probe": len(probe), "pad_id": pad_id, "micro_batch": micro_batch,
+              "n_train": n_train, "probe_seed": NOISE_PROBE_SEED, "init": init,
+              "recompute": recompute, "adapters": {n: asdict(s) for n, s in specs.items()}}
+    stored = cache.lookup("noise_scale", inputs, lambda entry: (
+        geometry.NoiseScale(**entry.records["noise"]),
+        [(int(n), float(p), int(r)) for n, p, r in entry.records["draws"]]))
+    if stored is not None:
+        noise, draws = stored
+        say(console, "noise scale: read from the set-up cache (computed by an earlier seed)")
+        ops.replay_probe(draws)
+        return noise
+    noise = measure()
+    cache.store("noise_scale", inputs, {"noise": asdict(noise),
+                                        "draws": [list(d) for d in ops.probe_draws]})
+    return noise
 
 
 def with_strides(t, strides: list[int]):

@@ -8,6 +8,10 @@ from dataclasses import dataclass, replace
 import geometry
 
 DTYPE_EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
+# The noise probe's (row 8) dropout masks come from this seed, whatever the run's: the measured
+# noise scale, and the batch size it gives, are then the same for every seed of an experiment,
+# which computes the probe once (runner.derived.cache).
+NOISE_PROBE_SEED = 0
 
 
 @dataclass(frozen=True)

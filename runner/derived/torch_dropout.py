@@ -21,15 +21,20 @@ def dropout_threshold(p: float) -> tuple[int, float]:
     return levels - DROPOUT_LEVELS // 2, levels / DROPOUT_LEVELS
 
 
-def keep_mask(x: torch.Tensor, threshold: int) -> torch.Tensor:
+def mask_words(n: int, device=None) -> torch.Tensor:
+    """The random words behind a dense mask of n elements (:func:`keep_mask`)."""
+    return torch.empty((n + 2) // 3, dtype=torch.int64, device=device).random_()
+
+
+def keep_mask(x: torch.Tensor, threshold: int, words: torch.Tensor | None = None) -> torch.Tensor:
     """A boolean mask of x's shape, True where the element is kept. The CPU generator's cost
     is per draw, so each 64-bit draw (``random_`` on int64: uniform on [0, 2^63), the low 48
     bits uniform) serves three elements with 16 bits each: a third of ``torch.rand_like``'s
-    draws, and an int16 comparison instead of a float32 one."""
+    draws, and an int16 comparison instead of a float32 one. ``words``: those draws
+    (:func:`mask_words`), drawn here if not given."""
     n = x.numel()
-    words = (n + 2) // 3
-    draws = torch.empty(words, dtype=torch.int64, device=x.device).random_()
-    keep = draws.view(torch.int16).view(words, 4)[:, _LOW_48_BITS] >= threshold
+    draws = mask_words(n, x.device) if words is None else words
+    keep = draws.view(torch.int16).view(-1, 4)[:, _LOW_48_BITS] >= threshold
     return keep.reshape(-1)[:n].view(x.shape)
 
 
@@ -112,18 +117,31 @@ class _DroppedProjection(torch.autograd.Function):
         return dx, dv, None, None
 
 
+def dropout_draws(n: int, p: float, r: int, device=None) -> torch.Tensor | None:
+    """The random draws of :func:`dropout_projection` on an input of n elements and an r-column
+    V, from torch's generator: the dropped positions (sparse, p r <= SPARSE_DROPOUT_MAX_PR), the
+    dense mask's words, or None (p = 0). Drawing them and discarding them advances the generator
+    as the projection would (``TorchOps.replay_probe``)."""
+    if p <= 0:
+        return None
+    if p * r <= SPARSE_DROPOUT_MAX_PR:
+        return dropped_positions(n, p, device)
+    return mask_words(n, device)
+
+
 def dropout_projection(x: torch.Tensor, v: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
     """(dropout_p(x) V without the rescale, the rescale 1/(1-p)): inverted dropout on the
     adapter's input, its rescale left for the caller to apply to the r-wide side. Where few
     inputs drop (p r <= SPARSE_DROPOUT_MAX_PR) only the dropped positions are drawn and x V is
     corrected for them; otherwise a dense mask is drawn (p at 2^-16 resolution)."""
-    if p <= 0:
+    draws = dropout_draws(x.numel(), p, v.shape[1], x.device)
+    if draws is None:
         return x @ v, 1.0
     if p * v.shape[1] <= SPARSE_DROPOUT_MAX_PR:
         x2 = x.reshape(-1, x.shape[-1])
-        pos = dropped_positions(x2.numel(), p, x.device)
-        rows, cols = pos // x2.shape[1], pos % x2.shape[1]
+        rows, cols = draws // x2.shape[1], draws % x2.shape[1]
         a = _DroppedProjection.apply(x2, v, rows, cols)
         return a.view(*x.shape[:-1], -1), 1.0 / (1.0 - p)
     threshold, p_dense = dropout_threshold(p)
-    return _MaskedProjection.apply(x, keep_mask(x, threshold), v), 1.0 / (1.0 - p_dense)
+    return (_MaskedProjection.apply(x, keep_mask(x, threshold, draws), v),
+            1.0 / (1.0 - p_dense))

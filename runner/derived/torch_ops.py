@@ -24,7 +24,7 @@ from runner.data import collate
 from runner.derived.certificate import ngram_repetition
 from runner.derived.frames import gathered_eigenpairs, initial_frames, tail_frames
 from runner.derived.spec import AdapterSpec
-from runner.derived.torch_dropout import dropout_projection
+from runner.derived.torch_dropout import dropout_draws, dropout_projection
 from runner.models.loading import block_linears
 from runner.training.loop import example_losses
 from runner.training.runtime import one_lapack_thread, worker_pool
@@ -118,7 +118,8 @@ class FactoredAdapters(nn.Module):
             if self.capture is not None and out.requires_grad and name not in self.capture:
                 # (not again when hardware.recompute reruns the block in the backward: the
                 # first forward's output is the one the gradient reaches)
-                slot = self.capture[name] = {"a": (a * rescale).detach()}
+                slot = self.capture[name] = {"a": (a * rescale).detach(),
+                                             "draw": (args[0].numel(), p, v.shape[1])}
                 ud = u.detach()
                 out.register_hook(lambda g: slot.__setitem__("e", (g @ ud).detach()))
             return out
@@ -245,9 +246,13 @@ def answer_loss_backward(model, input_ids, attention_mask, labels,
     return total
 
 
-def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tensor:
+def per_example_s_grads(model, adapters: FactoredAdapters,
+                        batch) -> tuple[torch.Tensor, list[tuple[int, float, int]]]:
     """Per-example gradients (float64, one row per example) of each example's mean answer-token
-    loss with respect to every adapter parameter, from one forward/backward of the batch.
+    loss with respect to every adapter parameter, from one forward/backward of the batch; and
+    the adapters' dropout draws in the order the forward made them, as (input elements, p, r)
+    (:func:`runner.derived.torch_dropout.dropout_draws`; a block that hardware.recompute reruns
+    in the backward redraws under the random state it saved, which advances nothing).
 
     Valid at S = 0 (the adapters' initialisation, when the probe runs), where dL/dU and dL/dV
     vanish (both carry a factor S) and the only gradient is
@@ -275,13 +280,14 @@ def per_example_s_grads(model, adapters: FactoredAdapters, batch) -> torch.Tenso
         rows = [adapters.specs[name].scale
                 * torch.einsum("btr,btr->br", slot["a"].double(), slot["e"].double())
                 for name, slot in ((n, adapters.capture[n]) for n in adapters.specs)]
+        draws = [slot["draw"] for slot in adapters.capture.values()]  # (forward order)
     finally:
         adapters.capture = None
         for x, wanted in frames:
             x.requires_grad_(wanted)
         for p in adapters.parameters():
             p.grad = None
-    return torch.cat(rows, dim=1)
+    return torch.cat(rows, dim=1), draws
 
 
 @torch.no_grad()
@@ -309,6 +315,7 @@ class TorchOps:
         self.model = model
         self.adapters: FactoredAdapters | None = None
         self._pool = None
+        self.probe_draws: list[tuple[int, float, int]] = []  # the noise probe's dropout draws
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -382,12 +389,35 @@ class TorchOps:
 
     def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
         """Per-example S gradients (n, sum r), float64, of the probe ``examples``; examples of
-        similar length share a pass (less padding; the estimator does not depend on order)."""
-        del seed  # dropout draws from torch's generator, seeded by attach
+        similar length share a pass (less padding; the estimator does not depend on order).
+
+        The adapters' dropout masks come from torch's generator seeded with ``seed`` (the
+        probe's own, not the run's), so the probe is the same for every seed of a run. The
+        run's generator is then advanced by the same draws (:meth:`replay_probe`, the draws
+        kept in ``probe_draws``), so that training draws the masks it drew when the probe took
+        them from the run's generator, and the same whether the probe ran or was read back."""
         probe = sorted(examples, key=lambda ex: len(ex.input_ids))
-        return torch.cat([per_example_s_grads(self.model, self.adapters,
-                                              collate(probe[i:i + micro_batch], pad_id=pad_id))
-                          for i in range(0, len(probe), micro_batch)])
+        device = next(self.model.parameters()).device
+        grads, draws = [], []
+        # (the CPU generator always; an accelerator's too when the model is on one)
+        devices, kind = ([], "cuda") if device.type == "cpu" else ([device], device.type)
+        with torch.random.fork_rng(devices=devices, device_type=kind):
+            torch.manual_seed(seed)
+            for i in range(0, len(probe), micro_batch):
+                g, d = per_example_s_grads(self.model, self.adapters,
+                                           collate(probe[i:i + micro_batch], pad_id=pad_id))
+                grads.append(g)
+                draws += d
+        self.probe_draws = draws
+        self.replay_probe(draws)
+        return torch.cat(grads)
+
+    def replay_probe(self, draws: list) -> None:
+        """Advance torch's generator by the probe's dropout draws (``probe_draws`` of the probe
+        that ran, or as read back from the set-up cache): the same draws, discarded."""
+        device = next(self.model.parameters()).device
+        for n, p, r in draws:
+            dropout_draws(int(n), float(p), int(r), device)
 
     def warm_up(self, trainer, batch) -> None:
         """(Nothing to compile.)"""

@@ -62,15 +62,16 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
 - **derive steps**: the recommended derived reading's set-up time for all 15 hyperparameters
   (from the weights, the residual-scale calibration and the gradient-noise-scale probe) divided
   by one step of the faster q/v reference; the weights-only part and each set-up phase are shown
-  beside it. What bounds it from below: the noise-scale probe (row 8) takes per-example
-  gradients of 32 training examples, forward and backward in passes of the trainer's
-  micro-batch: eight times the examples of the reference step (4), so the probe alone costs
-  several reference steps; it depends on the seed
-  through the adapters' dropout masks, so it is measured for every trial, while the weights'
-  geometry, the residual scales and the adapters' starting frames are computed once and shared
-  across seeds (the set-up cache, runner/derived/cache.py; the row's `setup_cache` says
-  whether this run read them; runs before 2026-12-07 computed the tail start's frames, the
-  `attach` phase, every time).
+  beside it. Everything in the set-up but the seed's own random state is the same for every
+  seed of an experiment: the weights' geometry, the residual scales, the adapters' starting
+  frames and the noise-scale probe (row 8, whose dropout masks come from a seed of its own) are
+  computed by the first seed and read back by the others (the set-up cache,
+  runner/derived/cache.py). Since 2026-12-07 the bench sets the reading up twice on an empty
+  cache of its own: `derive_steps_first` is the first seed's set-up, `derive_steps` every later
+  seed's. The first seed's is bounded below by the probe: per-example gradients of 32 training
+  examples, forward and backward, several reference steps of work. Earlier runs set up once,
+  on the bench's cache as they found it (the row's `setup_cache`), and computed the tail
+  start's frames and the probe every time, the probe's masks then following the run's seed.
 - **time to target**: the training tokens and seconds each quality arm needed to first reach
   the target validation loss (the AdamW grid's final one when the grid ran, else the best
   baseline's final one), interpolated linearly between evaluations, with the derived readings'
@@ -122,14 +123,16 @@ def performance_page(rows: list[dict], latest: list[dict]) -> str:
               "*vs same shape*: its tokens/s over `adamw_derived_shape`'s; *peak*: the run's "
               "measured matmul GFLOP/s. Runs on the same machine that differ in *peak* ran on a "
               "machine whose speed changed, and a ratio is only as steady as the machine was "
-              "between its two trainers' turns.",
+              "between its two trainers' turns. *derive_steps*: a later seed's set-up, "
+              "*first seed*: the first seed's (– where the run set up once).",
               "", table(["run", "model", "hardware", "threads", "batch x seq", "quick",
-                          "tok_s_ratio", "vs same shape", "mem_ratio", "derive_steps", "mfu",
-                          "peak"],
+                          "tok_s_ratio", "vs same shape", "mem_ratio", "derive_steps",
+                          "first seed", "mfu", "peak"],
                          [[r["run_id"], r["model_id"], r["hardware"], r["threads"],
                            _shape(r), "yes" if r["settings"]["quick"] else "no",
                            num(r["summary"]["tok_s_ratio"], 3), num(_vs_same_shape(r), 3),
-                           *(num(r["summary"][k], 3) for k in ("mem_ratio", "derive_steps")),
+                           *(num(r["summary"].get(k), 3)
+                             for k in ("mem_ratio", "derive_steps", "derive_steps_first")),
                            num(r["summary"]["mfu"], 4),
                            num(r["peak_matmul"]["flops_per_second"] / 1e9, 1)] for r in rows]),
               ""]
@@ -185,6 +188,13 @@ def _section(row: dict) -> list[str]:
               f"against one `{step['arm']}` step of {step['step_seconds_median']:.4f} s: "
               f"{summary['derive_steps']:.3g} steps ({summary['derive_weights_steps']:.3g} for "
               f"the weights alone).")
+    if "derive_steps_first" in summary:
+        first = "; ".join(f"{k.replace('_', ' ')} {v:.3f} s"
+                          for k, v in derived.get("setup_phases_first", {}).items())
+        derive += (f" That is the set-up of every seed after an experiment's first, which reads "
+                   f"the seed-independent steps back from the set-up cache; the first seed, on "
+                   f"an empty cache, took {derived['setup_seconds_first']:.3f} s "
+                   f"({summary['derive_steps_first']:.3g} steps; by phase: {first}).")
     if "same_shape_tok_s_ratio" in summary:
         derive += (f" At the same ranks and targets (`adamw_derived_shape`), the derived trainer "
                    f"runs at {summary['same_shape_tok_s_ratio']:.3g}x its tokens/s with "

@@ -54,6 +54,10 @@ def summarize(by_arm: dict[str, dict]) -> dict:
         "train_mem_ratio": derived["train_peak_mb"] / by_arm[mem_ref]["train_peak_mb"],
         "derive_steps": derived["setup_seconds"] / step,
         "derive_weights_steps": derived["derive_seconds"] / step,
+        # the first seed of an experiment (an empty set-up cache); derive_steps is every later
+        # seed's (rows before 2026-12-07 set up once, on the bench's cache as they found it)
+        **({"derive_steps_first": derived["setup_seconds_first"] / step}
+           if "setup_seconds_first" in derived else {}),
         "mfu": derived["mfu"],
         **{f"vs_{name}_tok_s_ratio": derived["tok_s_median"] / by_arm[name]["tok_s_median"]
            for name in REFERENCES if name in by_arm},
@@ -74,7 +78,8 @@ def summary_line(summary: dict) -> str:
     its two ratios after ``recompute:``. Rows from before the summary named its reading and
     reference give the line without them."""
     line = ("bench: " + " ".join(f"{k}={summary[k]:.3g}" for k in
-                                 ("tok_s_ratio", "mem_ratio", "derive_steps", "mfu"))
+                                 ("tok_s_ratio", "mem_ratio", "derive_steps",
+                                  "derive_steps_first", "mfu") if k in summary)
             + (f" reading={summary['reading']} reference={summary['reference']}"
                if "reading" in summary else ""))
     if "recompute_tok_s_ratio" in summary:
@@ -177,7 +182,8 @@ def _print_tables(row: dict, path: Path) -> None:
     out.print(f"{derived['arm']}: rank and targets are derived ({derived['adapters']}), not set "
               f"to the baseline's; set-up of all 15 hyperparameters "
               f"{derived['setup_seconds']:.2f}s (cache {derived.get('setup_cache', '-')}; "
-              f"{phases}); one {step['arm']} step "
+              f"{phases}; the first seed's, on an empty cache: "
+              f"{derived.get('setup_seconds_first', math.nan):.2f}s); one {step['arm']} step "
               f"{step['step_seconds_median']:.3f}s; whole-process peak "
               f"{derived['process_peak_mb']:.0f} MB against {mem['arm']}'s "
               f"{mem['process_peak_mb']:.0f} MB (load / set-up / steps: {phase_peaks(derived)} "
