@@ -82,7 +82,6 @@ def test_one_row_under_bench_and_none_in_trials(bench) -> None:
     for t in stored["throughput"]:
         if t["arm"].startswith("derived"):
             assert (t["setup_cache_first"], t["setup_cache"]) == ("miss", "hit"), t["arm"]
-            assert t["setup_phases"]["noise_probe"] < t["setup_phases_first"]["noise_probe"]
     # the same-shape peer trains exactly the derived trainer's adapter parameters
     same = next(t for t in stored["throughput"] if t["arm"] == "adamw_derived_shape")
     assert same["adapters"].startswith("derived shape:")

@@ -130,42 +130,63 @@ def test_the_noise_probe_is_the_same_for_every_seed(tmp_path: Path) -> None:
     assert other.b_simple != a["noise"].b_simple
 
 
-def test_the_probe_advances_the_runs_generator_as_if_it_drew_from_it(tmp_path: Path) -> None:
-    """The probe runs on its own stream and then replays its draws on the run's, so training
-    draws the masks it drew when the probe took them from the run's generator (seed 0: the
-    probe's own seed, so the same masks too); a probe read back from the cache replays them
-    alike."""
+def _probe_on_the_runs_stream(self, examples, pad_id, micro_batch, seed):
+    """The probe as it was before it had a seed of its own: drawing from the run's generator."""
     from runner.data import collate
     from runner.derived.torch_ops import per_example_s_grads
 
-    cfg, loaded, splits, pad = _inputs(tmp_path / "runs")
-    ops = TorchOps(loaded.model)
-    s = derived_setup.setup(cfg, ops, splits, pad)
-    after_setup = torch.get_rng_state()
-    assert any(p > 0 for _, p, _ in ops.probe_draws)
+    probe = sorted(examples, key=lambda ex: len(ex.input_ids))
+    return torch.cat([per_example_s_grads(self.model, self.adapters,
+                                          collate(probe[i:i + micro_batch], pad_id=pad_id))[0]
+                      for i in range(0, len(probe), micro_batch)])
 
-    # The same set-up with the probe drawing from the run's generator, as it once did.
-    cfg2, loaded2, splits2, _ = _inputs(tmp_path / "runs2")
-    ops2 = TorchOps(loaded2.model)
-    with pytest.MonkeyPatch.context() as mp:
-        def on_the_runs_stream(self, examples, pad_id, micro_batch, seed):
-            probe = sorted(examples, key=lambda ex: len(ex.input_ids))
-            return torch.cat([per_example_s_grads(self.model, self.adapters,
-                                                  collate(probe[i:i + micro_batch],
-                                                          pad_id=pad))[0]
-                              for i in range(0, len(probe), micro_batch)])
-        mp.setattr(TorchOps, "example_s_grads", on_the_runs_stream)
-        s2 = derived_setup.setup(cfg2, ops2, splits2, pad)
-    assert torch.equal(torch.get_rng_state(), after_setup)
-    assert s2.noise == s.noise
 
-    # Read back from the cache: the same generator state after the set-up.
-    _setup(tmp_path / "cached")
+def _generator_after_setup(runs: Path, seed: int, edit=None, old_probe: bool = False):
+    """(torch's generator state after a set-up at ``seed``, its noise scale, cache outcome)."""
+    cfg, loaded, splits, pad = _inputs(runs, (f"seed={seed}",))
+    if edit is not None:
+        edit(loaded.model)
     with pytest.MonkeyPatch.context() as mp:
-        _refuse_recomputation(mp)
-        warm = _setup(tmp_path / "cached")
-    assert warm["cache"] == "hit"
-    assert torch.equal(torch.get_rng_state(), after_setup)
+        if old_probe:
+            mp.setattr(TorchOps, "example_s_grads", _probe_on_the_runs_stream)
+        s = setup_derived(cfg, loaded, splits, pad, None)
+    state = torch.get_rng_state()
+    s.trainer.ops.detach()
+    return state, s.noise, s.cache
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_the_probe_advances_the_runs_generator_as_if_it_drew_from_it(seed: int,
+                                                                     tmp_path: Path) -> None:
+    """The probe runs on its own stream, then replays its draws on the run's: after the set-up
+    the run's generator is where the probe drawing from it left it, so training draws the same
+    masks; read back from the cache, alike. At seed 0, the probe's own seed, the noise scale
+    is the old one too; at seed 3 it is seed 0's."""
+    old, old_noise, _ = _generator_after_setup(tmp_path / "old", seed, old_probe=True)
+    cold, noise, cache = _generator_after_setup(tmp_path / "runs", seed)
+    warm, warm_noise, warm_cache = _generator_after_setup(tmp_path / "runs", seed)
+    assert (cache, warm_cache) == ("miss", "hit")
+    assert torch.equal(cold, old) and torch.equal(warm, old)
+    assert warm_noise == noise
+    assert (noise == old_noise) == (seed == 0)
+
+
+def test_a_model_that_draws_is_probed_on_the_runs_generator(tmp_path: Path) -> None:
+    """A model whose own forward draws (attention dropout here) cannot have those draws
+    replayed: its probe draws from the run's generator, as before, and is never cached."""
+    def attention_dropout(model) -> None:
+        model.config.attention_dropout = 0.1
+        for module in model.modules():
+            if hasattr(module, "attention_dropout"):
+                module.attention_dropout = 0.1
+
+    old, old_noise, _ = _generator_after_setup(tmp_path / "old", 3, attention_dropout,
+                                               old_probe=True)
+    for _ in range(2):
+        state, noise, _ = _generator_after_setup(tmp_path / "runs", 3, attention_dropout)
+        assert torch.equal(state, old) and noise == old_noise
+    assert not any(json.loads((e / RECORDS).read_text())["step"] == "noise_scale"
+                   for e in (tmp_path / "runs" / CACHE_DIR).iterdir())
 
 
 def test_one_changed_weight_misses_the_cache(tmp_path: Path) -> None:

@@ -55,6 +55,9 @@ class ArrayOps:
         self.seed = 0
         self.bounds = None
         self.tails: dict = {}  # the tail start's frozen (U_t, a, V_t) by name, torch tensors
+        # the noise probe's masks are keyed by (its seed, step -1, micro-batch): no generator
+        # to replay them on, and the model's forward here draws nothing of its own
+        self.probe_stream_own, self.probe_draws = True, []
 
     def weights(self) -> dict[str, Any]:
         return self.params.weights
@@ -205,8 +208,6 @@ class ArrayOps:
             rows.append(np.concatenate([g[n] for n in self.adapters.specs], axis=1)[:b]
                         .astype(np.float64))
         return np.concatenate(rows)[:len(examples)]
-
-    probe_draws: tuple = ()  # the masks are keyed by (seed, step, micro-batch): none to replay
 
     def replay_probe(self, draws: list) -> None:
         """(Nothing to advance: the probe's masks come from keys of their own.)"""

@@ -182,10 +182,11 @@ def run_identity(model, *, backend: str, device: str, dtype: str) -> dict:
     }
 
 
-def random_forward(model) -> bool:
+def random_forward(model, training: bool | None = None) -> bool:
     """Whether the torch model's own forward draws random numbers: dropout (a module or a
-    config probability) in training mode."""
-    if not model.training:
+    config probability) in training mode; ``training``: in that mode (default: the model's
+    current one)."""
+    if not (model.training if training is None else training):
         return False
     config = model.config.to_dict()
     return (any(k.endswith("dropout") and isinstance(v, float) and v > 0

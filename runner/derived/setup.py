@@ -11,6 +11,7 @@ import torch
 import geometry
 from geometry.derivations import LayerGeometry, derive_from_layers
 from geometry.readings import matched_steps
+from runner.data import collate
 from runner.derived.cache import SetupCache, tensor_digest
 from runner.derived.certificate import calibration_batch
 from runner.derived.ops import make_ops
@@ -136,8 +137,7 @@ def setup(cfg, ops, splits, pad_id: int, console=None,
     #    S = 0, then moves to its own start (the tail start leaves the model, so the gradient
     #    with respect to S, unchanged).
     noise = noise_scale_cached(ops, cache, specs, enum_value(tcfg.init), splits.train, pad_id,
-                               n_train, tcfg.noise_examples, tcfg.micro_batch,
-                               recompute=bool(cfg.hardware.recompute), console=console)
+                               n_train, tcfg.noise_examples, tcfg.micro_batch, console=console)
     derived = with_measured_records(derived, n_train, noise, scales, blocks)
     records = derived.records
     lap("noise_probe")
@@ -242,25 +242,28 @@ def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: i
 
 def noise_scale_cached(ops, cache: SetupCache | None, specs: dict, init: str, examples,
                        pad_id: int, n_train: int, n_probe: int, micro_batch: int, *,
-                       recompute: bool, console=None) -> geometry.NoiseScale:
+                       console=None) -> geometry.NoiseScale:
     """:func:`measure_noise_scale`, read from ``cache`` when stored. Its masks come from the
-    probe's own seed, so it depends on the weights, the probe examples and the adapters, never
+    probe's own seed, so it depends on the weights, the probe's batches and the adapters, never
     on the run's seed; a read-back probe advances the run's generator by the draws it stored
     (``ops.replay_probe``), as the probe does. A random start (the frames follow the seed) or a
-    model whose own forward is random is probed every time."""
+    model whose own forward draws random numbers (``ops.probe_stream_own`` false: the probe
+    draws from the run's generator) is probed every time."""
     def measure() -> geometry.NoiseScale:
         say(console, f"probing the noise scale: per-example gradients of "
                      f"{min(n_probe, len(examples))} training examples")
         return measure_noise_scale(ops, examples, pad_id, n_train, n_probe, micro_batch)
 
-    if cache is None or cache.random_forward or init == "random":
+    if cache is None or init == "random" or not ops.probe_stream_own:
         return measure()
-    probe = list(examples[:n_probe])
-    inputs = {"examples": tensor_digest(*(torch.tensor(x) for e in probe
-                                          for x in (e.input_ids, e.labels))),
-              "n_probe": len(probe), "pad_id": pad_id, "micro_batch": micro_batch,
+    # (the torch probe's passes: a function of the examples, the micro-batch and the padding)
+    probe = sorted(examples[:n_probe], key=lambda ex: len(ex.input_ids))
+    batches = [collate(list(probe[i:i + micro_batch]), pad_id=pad_id)
+               for i in range(0, len(probe), micro_batch)]
+    inputs = {"batches": tensor_digest(*(t for b in batches
+                                         for t in (b.input_ids, b.attention_mask, b.labels))),
               "n_train": n_train, "probe_seed": NOISE_PROBE_SEED, "init": init,
-              "recompute": recompute, "adapters": {n: asdict(s) for n, s in specs.items()}}
+              "adapters": {n: asdict(s) for n, s in specs.items()}}
     stored = cache.lookup("noise_scale", inputs, lambda entry: (
         geometry.NoiseScale(**entry.records["noise"]),
         [(int(n), float(p), int(r)) for n, p, r in entry.records["draws"]]))
@@ -269,7 +272,7 @@ def noise_scale_cached(ops, cache: SetupCache | None, specs: dict, init: str, ex
         say(console, "noise scale: read from the set-up cache (computed by an earlier seed)")
         ops.replay_probe(draws)
         return noise
-    noise = measure()
+    noise = measure()  # (the draws it replayed are the ones to store)
     cache.store("noise_scale", inputs, {"noise": asdict(noise),
                                         "draws": [list(d) for d in ops.probe_draws]})
     return noise

@@ -21,6 +21,7 @@ from geometry.readings import (
     tail_start,
 )
 from runner.data import collate
+from runner.derived.cache import random_forward
 from runner.derived.certificate import ngram_repetition
 from runner.derived.frames import gathered_eigenpairs, initial_frames, tail_frames
 from runner.derived.spec import AdapterSpec
@@ -77,6 +78,9 @@ class FactoredAdapters(nn.Module):
         self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
         # name -> {"a": x V, "e": dL/dy U}, filled while `capture` is not None (noise probe)
         self.capture: dict[str, dict[str, torch.Tensor]] | None = None
+        # the dropout draws of the forward passes, (input elements, p, r) in the order made,
+        # recorded while not None (noise probe)
+        self.draws: list[tuple[int, float, int]] | None = None
 
     @staticmethod
     def _frames(linears, specs, init: str, gen: torch.Generator) -> dict[str, tuple]:
@@ -107,6 +111,10 @@ class FactoredAdapters(nn.Module):
             p = spec.dropout if self.training else 0.0
             u, s, v = self.factors(name)
             a, rescale = dropout_projection(args[0], v, p)
+            if self.draws is not None and torch._C._current_graph_task_id() == -1:
+                # (not in the backward, where hardware.recompute reruns a block under the
+                # random state it saved: those draws advance nothing)
+                self.draws.append((args[0].numel(), p, v.shape[1]))
             coef = s * (spec.scale * rescale)
             flat = torch.addmm(output.reshape(-1, output.shape[-1]),
                                (a * coef).reshape(-1, a.shape[-1]), u.T)
@@ -118,8 +126,7 @@ class FactoredAdapters(nn.Module):
             if self.capture is not None and out.requires_grad and name not in self.capture:
                 # (not again when hardware.recompute reruns the block in the backward: the
                 # first forward's output is the one the gradient reaches)
-                slot = self.capture[name] = {"a": (a * rescale).detach(),
-                                             "draw": (args[0].numel(), p, v.shape[1])}
+                slot = self.capture[name] = {"a": (a * rescale).detach()}
                 ud = u.detach()
                 out.register_hook(lambda g: slot.__setitem__("e", (g @ ud).detach()))
             return out
@@ -178,7 +185,7 @@ class NbLoraAdapters(FactoredAdapters):
             self.U[key], self.S[key], self.V[key] = (nn.Parameter(x.to(dt)) for x in (b, s, a))
         self.tails = {}
         self._handles = [linears[name].register_forward_hook(self._hook(name)) for name in specs]
-        self.capture = None
+        self.capture, self.draws = None, None
 
     @torch.no_grad()
     def pullback_deviations(self) -> list[float]:
@@ -251,8 +258,8 @@ def per_example_s_grads(model, adapters: FactoredAdapters,
     """Per-example gradients (float64, one row per example) of each example's mean answer-token
     loss with respect to every adapter parameter, from one forward/backward of the batch; and
     the adapters' dropout draws in the order the forward made them, as (input elements, p, r)
-    (:func:`runner.derived.torch_dropout.dropout_draws`; a block that hardware.recompute reruns
-    in the backward redraws under the random state it saved, which advances nothing).
+    (:func:`runner.derived.torch_dropout.dropout_draws`; not those of a block that
+    hardware.recompute reruns in the backward, which draws under the random state it saved).
 
     Valid at S = 0 (the adapters' initialisation, when the probe runs), where dL/dU and dL/dV
     vanish (both carry a factor S) and the only gradient is
@@ -268,7 +275,7 @@ def per_example_s_grads(model, adapters: FactoredAdapters,
     # the forward saves nothing for their gradients and the backward allocates none (what the
     # backward computes for S and the activations is unchanged).
     frames = [(x, x.requires_grad) for _, u, _, v in adapters.triples() for x in (u, v)]
-    adapters.capture = {}
+    adapters.capture, adapters.draws = {}, []
     try:
         for x, _ in frames:
             x.requires_grad_(False)
@@ -280,9 +287,9 @@ def per_example_s_grads(model, adapters: FactoredAdapters,
         rows = [adapters.specs[name].scale
                 * torch.einsum("btr,btr->br", slot["a"].double(), slot["e"].double())
                 for name, slot in ((n, adapters.capture[n]) for n in adapters.specs)]
-        draws = [slot["draw"] for slot in adapters.capture.values()]  # (forward order)
+        draws = adapters.draws
     finally:
-        adapters.capture = None
+        adapters.capture, adapters.draws = None, None
         for x, wanted in frames:
             x.requires_grad_(wanted)
         for p in adapters.parameters():
@@ -305,6 +312,15 @@ def generation_stats(model, prompts: list[torch.Tensor], new_tokens: int, pad_id
     return sum(entropies) / len(entropies), sum(reps) / len(reps)
 
 
+def seed_generators(device: torch.device, seed: int) -> None:
+    """Seed the CPU generator and ``device``'s (no other device's, unlike torch.manual_seed)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
 class TorchOps:
     """The derived trainer's operations on a torch model (its adapters: :class:`FactoredAdapters`)."""
 
@@ -315,7 +331,8 @@ class TorchOps:
         self.model = model
         self.adapters: FactoredAdapters | None = None
         self._pool = None
-        self.probe_draws: list[tuple[int, float, int]] = []  # the noise probe's dropout draws
+        # the noise probe's dropout draws (None: it drew from the run's generator)
+        self.probe_draws: list[tuple[int, float, int]] | None = []
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -387,30 +404,49 @@ class TorchOps:
             self.adapters = NbLoraAdapters(candidate_linears(self.model), specs, seed)
             self.model.train()
 
+    @property
+    def probe_stream_own(self) -> bool:
+        """Whether the noise probe can draw its masks from a generator of its own: not when the
+        model's own training forward draws random numbers (its dropout), whose draws the probe
+        cannot replay on the run's generator."""
+        return not random_forward(self.model, training=True)
+
     def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
         """Per-example S gradients (n, sum r), float64, of the probe ``examples``; examples of
         similar length share a pass (less padding; the estimator does not depend on order).
 
         The adapters' dropout masks come from torch's generator seeded with ``seed`` (the
-        probe's own, not the run's), so the probe is the same for every seed of a run. The
-        run's generator is then advanced by the same draws (:meth:`replay_probe`, the draws
-        kept in ``probe_draws``), so that training draws the masks it drew when the probe took
-        them from the run's generator, and the same whether the probe ran or was read back."""
+        probe's own, not the run's), so the probe depends on the run's seed only through a
+        random start's frames. The run's generator is then advanced by the same draws
+        (:meth:`replay_probe`; they are kept in ``probe_draws`` for the set-up cache), so that
+        training draws the masks it drew when the probe took them from the run's generator,
+        and the same whether the probe ran or was read back. A model whose own forward draws
+        (``probe_stream_own`` false) is probed on the run's generator, as before; its
+        ``probe_draws`` are then None."""
         probe = sorted(examples, key=lambda ex: len(ex.input_ids))
         device = next(self.model.parameters()).device
-        grads, draws = [], []
-        # (the CPU generator always; an accelerator's too when the model is on one)
-        devices, kind = ([], "cuda") if device.type == "cpu" else ([device], device.type)
-        with torch.random.fork_rng(devices=devices, device_type=kind):
-            torch.manual_seed(seed)
+
+        def passes() -> tuple[torch.Tensor, list]:
+            grads, draws = [], []
             for i in range(0, len(probe), micro_batch):
                 g, d = per_example_s_grads(self.model, self.adapters,
                                            collate(probe[i:i + micro_batch], pad_id=pad_id))
                 grads.append(g)
                 draws += d
+            return torch.cat(grads), draws
+
+        if not self.probe_stream_own:
+            grads, self.probe_draws = passes()[0], None
+            return grads
+        # fork_rng forks the CPU generator always, and the model's device's when it is an
+        # accelerator (its device_type names the accelerator kind; unused with no devices)
+        devices, kind = ([], "cuda") if device.type == "cpu" else ([device], device.type)
+        with torch.random.fork_rng(devices=devices, device_type=kind):
+            seed_generators(device, seed)
+            grads, draws = passes()
         self.probe_draws = draws
         self.replay_probe(draws)
-        return torch.cat(grads)
+        return grads
 
     def replay_probe(self, draws: list) -> None:
         """Advance torch's generator by the probe's dropout draws (``probe_draws`` of the probe

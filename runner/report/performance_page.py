@@ -63,12 +63,13 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   (from the weights, the residual-scale calibration and the gradient-noise-scale probe) divided
   by one step of the faster q/v reference; the weights-only part and each set-up phase are shown
   beside it. Everything in the set-up but the seed's own random state is the same for every
-  seed of an experiment: the weights' geometry, the residual scales, the adapters' starting
+  seed of an experiment (with the adapters' default start; a random start's frames follow the
+  seed): the weights' geometry, the residual scales, the adapters' starting
   frames and the noise-scale probe (row 8, whose dropout masks come from a seed of its own) are
   computed by the first seed and read back by the others (the set-up cache,
   runner/derived/cache.py). Since 2026-12-07 the bench sets the reading up twice on an empty
   cache of its own: `derive_steps_first` is the first seed's set-up, `derive_steps` every later
-  seed's. The first seed's is bounded below by the probe: per-example gradients of 32 training
+  seed's (the set-up's peak memory spans both). The first seed's is bounded below by the probe: per-example gradients of 32 training
   examples, forward and backward, several reference steps of work. Earlier runs set up once,
   on the bench's cache as they found it (the row's `setup_cache`), and computed the tail
   start's frames and the probe every time, the probe's masks then following the run's seed.

@@ -424,6 +424,7 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
             if first_and_later:
                 first = setup_derived(run_cfg, loaded, splits, pad_id, quiet)
                 first.trainer.ops.detach()
+                loaded.model.eval()  # (as loaded: the set-up left it in training mode)
                 first = {"setup_seconds_first": first.setup_seconds,
                          "setup_phases_first": first.phase_seconds,
                          "setup_cache_first": first.cache}
