@@ -69,10 +69,11 @@ How `make bench` measures (runner/tasks/bench.py), all in one run on one machine
   computed by the first seed and read back by the others (the set-up cache,
   runner/derived/cache.py). Since 2026-12-07 the bench sets the reading up twice on an empty
   cache of its own: `derive_steps_first` is the first seed's set-up, `derive_steps` every later
-  seed's (the set-up's peak memory spans both). The first seed's is bounded below by the probe: per-example gradients of 32 training
-  examples, forward and backward, several reference steps of work. Earlier runs set up once,
-  on the bench's cache as they found it (the row's `setup_cache`), and computed the tail
-  start's frames and the probe every time, the probe's masks then following the run's seed.
+  seed's (the set-up's peak memory spans both). The first seed's is bounded below by the
+  probe: per-example gradients of 32 training examples, forward and backward, several
+  reference steps of work. Earlier runs set up once, on the bench's cache as they found it
+  (the row's `setup_cache`), and computed the tail start's frames and the probe every time,
+  the probe's masks then following the run's seed.
 - **time to target**: the training tokens and seconds each quality arm needed to first reach
   the target validation loss (the AdamW grid's final one when the grid ran, else the best
   baseline's final one), interpolated linearly between evaluations, with the derived readings'
