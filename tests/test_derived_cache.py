@@ -171,6 +171,24 @@ def test_the_probe_advances_the_runs_generator_as_if_it_drew_from_it(seed: int,
     assert (noise == old_noise) == (seed == 0)
 
 
+def test_the_probe_records_no_draw_of_a_recomputed_block(tmp_path: Path) -> None:
+    """hardware.recompute reruns each block in the backward, its adapters' hooks and dropout
+    included, under the random state it saved: those draws advance nothing and are not
+    recorded, so the replay is the same with and without it."""
+    from runner.models.loading import enable_recompute
+
+    out = {}
+    for recompute in (False, True):
+        cfg, loaded, splits, pad = _inputs(tmp_path / str(recompute))
+        if recompute:
+            enable_recompute(loaded.model)
+        ops = TorchOps(loaded.model)
+        derived_setup.setup(cfg, ops, splits, pad)
+        out[recompute] = ops.probe_draws, torch.get_rng_state()
+    assert out[False][0] and out[True][0] == out[False][0]
+    assert torch.equal(out[True][1], out[False][1])
+
+
 def test_a_model_that_draws_is_probed_on_the_runs_generator(tmp_path: Path) -> None:
     """A model whose own forward draws (attention dropout here) cannot have those draws
     replayed: its probe draws from the run's generator, as before, and is never cached."""

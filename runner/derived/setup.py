@@ -191,8 +191,9 @@ def derive_cached(ops, cache: SetupCache | None, n_train: int, batches_per_epoch
 def residual_scales_cached(ops, cache: SetupCache | None, blocks: list[str],
                            calib) -> dict[str, float]:
     """Row 15 by block, read from ``cache`` when stored (the calibration batch is the first
-    training examples: the same for every seed); a model whose own forward is random is
-    measured every time."""
+    training examples: the same for every seed); a model whose own forward is random in the
+    mode it is measured in is measured every time (the set-up runs it in eval mode, where
+    dropout draws nothing)."""
     def measure() -> dict[str, float]:
         return {b: float(r.value) for b, r in ops.residual_scales(blocks, calib).items()}
 
@@ -262,6 +263,8 @@ def noise_scale_cached(ops, cache: SetupCache | None, specs: dict, init: str, ex
                for i in range(0, len(probe), micro_batch)]
     inputs = {"batches": tensor_digest(*(t for b in batches
                                          for t in (b.input_ids, b.attention_mask, b.labels))),
+              # (and the examples' order, by which the MLX and JAX probes group them)
+              "order": tensor_digest(*(torch.tensor(e.input_ids) for e in examples[:n_probe])),
               "n_train": n_train, "probe_seed": NOISE_PROBE_SEED, "init": init,
               "adapters": {n: asdict(s) for n, s in specs.items()}}
     stored = cache.lookup("noise_scale", inputs, lambda entry: (

@@ -9,8 +9,10 @@ import geometry
 
 DTYPE_EPS = {"float32": 2.0**-23, "bfloat16": 2.0**-7, "float16": 2.0**-10}
 # The noise probe's (row 8) dropout masks come from this seed, whatever the run's: the measured
-# noise scale, and the batch size it gives, are then the same for every seed of an experiment,
-# which computes the probe once (runner.derived.cache).
+# noise scale, and the batch size it gives, are then the same for every seed of an experiment
+# (with the default tail frames; a random start's frames follow the seed), which computes the
+# probe once (runner.derived.cache). A torch model whose own forward draws random numbers
+# (dropout) is probed on the run's generator instead (TorchOps.probe_stream_own).
 NOISE_PROBE_SEED = 0
 
 
