@@ -5,7 +5,7 @@ adapters' starting frames and the noise probe (row 8, its masks from a seed of i
 on the weights, the data and the run's options, never on its seed; the seeds of one experiment
 compute them once. An entry lives under
 ``<runs_dir>/cache/derived/<key>/``: ``records.json`` (the values, with what they were computed
-from) and, for tensors, ``tensors.safetensors``. The key is the sha256 of everything the values
+from) and, for tensors, ``tensors.safetensors`` (read back with the strides they had). The key is the sha256 of everything the values
 depend on: this format's version, the source of the code that computes them, the library
 versions, the machine (CPU model, BLAS, GPU), torch's thread count, the backend, device and
 dtype, the model's config and the bytes of every weight tensor, and the step's own inputs. A
@@ -142,6 +142,7 @@ def write_entry(folder: Path, step: str, inputs: dict, records: Any,
         path = folder / TENSORS
         save_file({k: t.detach().cpu().contiguous() for k, t in tensors.items()}, str(path))
         meta["tensors_sha256"] = file_sha256(path)
+        meta["tensor_strides"] = {k: list(t.stride()) for k, t in tensors.items()}
     (folder / RECORDS).write_text(json.dumps(meta, sort_keys=True))
 
 
@@ -157,9 +158,15 @@ def read_entry(folder: Path, step: str, inputs: dict) -> CacheEntry:
         path = folder / TENSORS
         if file_sha256(path) != meta["tensors_sha256"]:
             raise ValueError(f"{TENSORS} is not the file that was written")
-        # fresh allocations, as computed tensors are: a kernel may round differently on a view
-        # into the file's buffer at another alignment
-        tensors = {k: t.clone() for k, t in load_file(str(path)).items()}
+        # fresh allocations, as computed tensors are, with the strides they were computed with:
+        # a kernel may round differently on a view into the file's buffer at another alignment,
+        # and torch picks a product's kernel by its operands' strides (a rank-1 frame is a
+        # column of the QR's column-major Q, strides (1, m); a contiguous copy has (1, 1), and
+        # with it the tail start's certificate, one short prompt at a time, summed in another
+        # order than in a run that computed its frames)
+        strides = meta["tensor_strides"]
+        tensors = {k: torch.empty_strided(t.shape, tuple(strides[k]), dtype=t.dtype).copy_(t)
+                   for k, t in load_file(str(path)).items()}
     return CacheEntry(meta["records"], tensors)
 
 

@@ -11,7 +11,6 @@ import torch
 import geometry
 from geometry.derivations import LayerGeometry, derive_from_layers
 from geometry.readings import matched_steps
-from runner.data import collate
 from runner.derived.cache import SetupCache, tensor_digest
 from runner.derived.certificate import calibration_batch
 from runner.derived.ops import make_ops
@@ -24,7 +23,7 @@ from runner.derived.spec import (
     with_measured_records,
 )
 from runner.derived.step import reading
-from runner.derived.torch_ops import TorchOps
+from runner.derived.torch_ops import TorchOps, probe_passes
 from runner.derived.trainer import DerivedTrainer
 from runner.errors import ConfigError
 from runner.progress import say
@@ -212,32 +211,21 @@ def residual_scales_cached(ops, cache: SetupCache | None, blocks: list[str],
 
 def attach_cached(ops, cache: SetupCache | None, specs: dict, init: str, seed: int,
                   rule) -> None:
-    """``ops.attach``, the starting frames (U, V per matrix) read from ``cache`` when stored;
-    a random start depends on the seed and is drawn every time.
-
-    A frame is read back with the strides it was computed with, not only its values: torch
-    picks its matrix-product kernel by the operands' strides, and a rank-1 frame comes out of
-    the QR as a column of a column-major matrix (strides (1, m)) where a contiguous copy has
-    (1, 1). With the other strides the tail start's certificate (its greedy generation and
-    curvature, one short prompt at a time) summed in another order and differed in the last
-    bits from a run that computed its frames; training and validation losses did not."""
+    """``ops.attach``, the starting frames (U, V per matrix) read from ``cache`` when stored
+    (with the strides they were computed with: runner.derived.cache.read_entry); a random start
+    depends on the seed and is drawn every time."""
     if cache is None or init == "random":
         ops.attach(specs, init, seed, rule)
         return
     inputs = {"init": init, "frames": {n: [s.rank, s.first_index] for n, s in specs.items()}}
     frames = cache.lookup("frames", inputs, lambda entry: {
-        n: tuple(with_strides(entry.tensors[f"{n}.{side}"], entry.records["strides"][n][i])
-                 for i, side in enumerate("UV"))
-        for n in specs})
+        n: (entry.tensors[f"{n}.U"], entry.tensors[f"{n}.V"]) for n in specs})
     if frames is not None:
         ops.attach(specs, init, seed, rule, frames=frames)
         return
     ops.attach(specs, init, seed, rule)
-    usv = ops.host_usv()
-    cache.store("frames", inputs,
-                {"strides": {n: [list(u.stride()), list(v.stride())]
-                             for n, (u, _, v) in usv.items()}},
-                {f"{n}.{side}": x for n, (u, _, v) in usv.items()
+    cache.store("frames", inputs, sorted(specs),
+                {f"{n}.{side}": x for n, (u, _, v) in ops.host_usv().items()
                  for side, x in (("U", u), ("V", v))})
 
 
@@ -257,11 +245,8 @@ def noise_scale_cached(ops, cache: SetupCache | None, specs: dict, init: str, ex
 
     if cache is None or init == "random" or not ops.probe_stream_own:
         return measure()
-    # (the torch probe's passes: a function of the examples, the micro-batch and the padding)
-    probe = sorted(examples[:n_probe], key=lambda ex: len(ex.input_ids))
-    batches = [collate(list(probe[i:i + micro_batch]), pad_id=pad_id)
-               for i in range(0, len(probe), micro_batch)]
-    inputs = {"batches": tensor_digest(*(t for b in batches
+    passes = probe_passes(examples[:n_probe], micro_batch, pad_id)
+    inputs = {"batches": tensor_digest(*(t for b in passes
                                          for t in (b.input_ids, b.attention_mask, b.labels))),
               # (and the examples' order, by which the MLX and JAX probes group them)
               "order": tensor_digest(*(torch.tensor(e.input_ids) for e in examples[:n_probe])),
@@ -279,9 +264,3 @@ def noise_scale_cached(ops, cache: SetupCache | None, specs: dict, init: str, ex
     cache.store("noise_scale", inputs, {"noise": asdict(noise),
                                         "draws": [list(d) for d in ops.probe_draws]})
     return noise
-
-
-def with_strides(t, strides: list[int]):
-    """A fresh copy of ``t`` (a contiguous torch tensor) laid out with ``strides``."""
-    out = torch.empty_strided(t.shape, tuple(strides), dtype=t.dtype, device=t.device)
-    return out.copy_(t)

@@ -312,6 +312,14 @@ def generation_stats(model, prompts: list[torch.Tensor], new_tokens: int, pad_id
     return sum(entropies) / len(entropies), sum(reps) / len(reps)
 
 
+def probe_passes(examples, micro_batch: int, pad_id: int) -> list:
+    """The noise probe's batches on torch: examples of similar length share a pass (less
+    padding; the estimator does not depend on order), ``micro_batch`` at a time."""
+    probe = sorted(examples, key=lambda ex: len(ex.input_ids))
+    return [collate(list(probe[i:i + micro_batch]), pad_id=pad_id)
+            for i in range(0, len(probe), micro_batch)]
+
+
 def seed_generators(device: torch.device, seed: int) -> None:
     """Seed the CPU generator and ``device``'s (no other device's, unlike torch.manual_seed)."""
     torch.default_generator.manual_seed(seed)
@@ -412,8 +420,8 @@ class TorchOps:
         return not random_forward(self.model, training=True)
 
     def example_s_grads(self, examples, pad_id: int, micro_batch: int, seed: int):
-        """Per-example S gradients (n, sum r), float64, of the probe ``examples``; examples of
-        similar length share a pass (less padding; the estimator does not depend on order).
+        """Per-example S gradients (n, sum r), float64, of the probe ``examples``, in the passes
+        of :func:`probe_passes`.
 
         The adapters' dropout masks come from torch's generator seeded with ``seed`` (the
         probe's own, not the run's), so the probe depends on the run's seed only through a
@@ -423,14 +431,12 @@ class TorchOps:
         and the same whether the probe ran or was read back. A model whose own forward draws
         (``probe_stream_own`` false) is probed on the run's generator, as before; its
         ``probe_draws`` are then None."""
-        probe = sorted(examples, key=lambda ex: len(ex.input_ids))
         device = next(self.model.parameters()).device
 
         def passes() -> tuple[torch.Tensor, list]:
             grads, draws = [], []
-            for i in range(0, len(probe), micro_batch):
-                g, d = per_example_s_grads(self.model, self.adapters,
-                                           collate(probe[i:i + micro_batch], pad_id=pad_id))
+            for batch in probe_passes(examples, micro_batch, pad_id):
+                g, d = per_example_s_grads(self.model, self.adapters, batch)
                 grads.append(g)
                 draws += d
             return torch.cat(grads), draws

@@ -417,18 +417,20 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
         trainer = StockPeftTrainer(loaded.model, trainer_cfg.lr, rows_per_pass)
         return trainer, {"adapters": trainer.adapters, "optimizer": "adamw", "lr": trainer_cfg.lr}
     if arm.trainer in DERIVED_READINGS:
-        first = None
-        with tempfile.TemporaryDirectory(prefix="bench-setup-cache-") as runs:
-            run_cfg = replace(cfg, trainer=trainer_cfg,
-                              **({"runs_dir": runs} if first_and_later else {}))
-            if first_and_later:
-                first = setup_derived(run_cfg, loaded, splits, pad_id, quiet)
-                first.trainer.ops.detach()
-                loaded.model.eval()  # (as loaded: the set-up left it in training mode)
-                first = {"setup_seconds_first": first.setup_seconds,
-                         "setup_phases_first": first.phase_seconds,
-                         "setup_cache_first": first.cache}
+        run_cfg, first = replace(cfg, trainer=trainer_cfg), {}
+        if not first_and_later:
             setup = setup_derived(run_cfg, loaded, splits, pad_id, quiet)
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench-setup-cache-") as runs:
+                run_cfg = replace(run_cfg, runs_dir=runs)
+                cold = setup_derived(run_cfg, loaded, splits, pad_id, quiet)
+                cold.trainer.ops.detach()
+                loaded.model.eval()  # (as loaded: the set-up left it in training mode)
+                first = {"setup_seconds_first": cold.setup_seconds,
+                         "setup_phases_first": cold.phase_seconds,
+                         "setup_cache_first": cold.cache}
+                del cold
+                setup = setup_derived(run_cfg, loaded, splits, pad_id, quiet)
         ranks = [s.rank for s in setup.trainer.adapters.specs.values()]
         return setup.trainer, {
             "adapters": f"derived: rank {min(ranks)}-{max(ranks)} on {len(ranks)} matrices",
@@ -439,7 +441,7 @@ def _build_trainer(cfg: RunConfig, arm: Arm, loaded, splits, pad_id: int, rows_p
             # hit / partial / miss of the seed-independent set-up cache (runner.derived.cache):
             # a warm set-up is what every seed after the first pays
             "setup_cache": setup.cache,
-            **(first or {}),
+            **first,
         }
     patterns, adapters = None, None
     if arm.derived_shape:  # the shapes come from the derivation (not timed: not this arm's cost)
